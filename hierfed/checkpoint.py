@@ -1,0 +1,91 @@
+"""Cloud checkpoints: the global adapter in PEFT's own format plus the round state, written atomically.
+
+Layout under <out>/checkpoints/:
+  round-0003/adapter_model.safetensors, adapter_config.json   PeftModel.from_pretrained(base, this dir)
+  round-0003/state.npz     exact flat global vector and strategy states (the resume source)
+  round-0003/state.json    round, dim, fingerprint, seed
+  latest                   the name of the newest complete checkpoint
+A checkpoint is written into a temporary directory and renamed into place, and `latest` is replaced
+atomically after it, so a crash at any moment leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from hierfed.errors import HierfedError
+
+
+@dataclass
+class State:
+    round: int
+    params: np.ndarray
+    cloud_state: dict[str, np.ndarray] = field(default_factory=dict)
+    edge_states: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class Checkpoints:
+    def __init__(self, root: Path, keep: int) -> None:
+        self.root = root
+        self.keep = keep
+
+    def save(self, state: State, peft_model, flat, meta: dict) -> Path:
+        """Write round `state.round`; `peft_model` is the cloud's model, loaded with the global params."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        name = f"round-{state.round:04d}"
+        final = self.root / name
+        tmp = self.root / f".tmp-{name}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        flat.set(state.params)
+        peft_model.save_pretrained(str(tmp))
+        arrays = {"params": state.params}
+        arrays.update({f"cloud/{k}": v for k, v in state.cloud_state.items()})
+        for e, st in state.edge_states.items():
+            arrays.update({f"edge{e}/{k}": v for k, v in st.items()})
+        np.savez(tmp / "state.npz", **arrays)
+        (tmp / "state.json").write_text(json.dumps({"round": state.round, "dim": int(state.params.size), **meta}, indent=2))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        _write_text_atomic(self.root / "latest", name + "\n")
+        self._prune()
+        return final
+
+    def _prune(self) -> None:
+        done = sorted(p for p in self.root.glob("round-*") if p.is_dir())
+        for old in done[: -self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def latest(self) -> Path | None:
+        marker = self.root / "latest"
+        if not marker.exists():
+            return None
+        return self.root / marker.read_text().strip()
+
+    def load_latest(self, dim: int, fingerprint: str) -> State:
+        path = self.latest()
+        if path is None or not (path / "state.npz").exists():
+            raise HierfedError(f"--resume: no checkpoint under {self.root}")
+        meta = json.loads((path / "state.json").read_text())
+        if meta.get("dim") != dim or meta.get("fingerprint") != fingerprint:
+            raise HierfedError(f"--resume: {path} holds a different model's adapter ({meta.get('dim')} values, this run has {dim})")
+        with np.load(path / "state.npz") as z:
+            arrays = {k: z[k] for k in z.files}
+        cloud = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("cloud/")}
+        edges: dict[int, dict[str, np.ndarray]] = {}
+        for k, v in arrays.items():
+            if k.startswith("edge"):
+                head, key = k.split("/", 1)
+                edges.setdefault(int(head[4:]), {})[key] = v
+        return State(round=int(meta["round"]), params=arrays["params"], cloud_state=cloud, edge_states=edges)

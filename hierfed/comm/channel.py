@@ -1,0 +1,97 @@
+"""A Channel is one parent-children communicator seen from one rank: the parent is rank 0 in it.
+
+Tensors move as contiguous numpy buffers with mpi4py's upper-case (buffer) calls; only small
+control messages are pickled. Every send is counted in the Ledger by the rank that sends it.
+Waiting ranks either block inside MPI or poll a non-blocking request with a short backoff sleep,
+which leaves the cores to computing ranks when ranks outnumber cores (see RuntimeConfig.wait).
+"""
+
+from __future__ import annotations
+
+import pickle
+import time
+from typing import Any
+
+import numpy as np
+from mpi4py import MPI
+
+from hierfed.comm.ledger import Ledger
+
+_POLL_FIRST_S = 50e-6
+_POLL_MAX_S = 2e-3
+
+
+def wait(request: MPI.Request, poll: bool) -> None:
+    """Complete a non-blocking request; with poll=True sleep between tests instead of spinning."""
+    if not poll:
+        request.Wait()
+        return
+    delay = _POLL_FIRST_S
+    while not request.Test():
+        time.sleep(delay)
+        delay = min(delay * 2, _POLL_MAX_S)
+
+
+class Channel:
+    """Parent (rank 0 of `comm`) <-> children (the other ranks) over one communicator."""
+
+    def __init__(self, comm: MPI.Comm, link: str, ledger: Ledger, poll: bool = True) -> None:
+        self.comm = comm
+        self.link = link  # "device-edge", "edge-cloud" or "device-cloud"
+        self.ledger = ledger
+        self.poll = poll
+        self.is_parent = comm.Get_rank() == 0
+        self.num_children = comm.Get_size() - 1
+        self.seconds = 0.0  # time spent inside this channel's calls (waiting + transfer)
+
+    def _complete(self, request: MPI.Request) -> None:
+        t = time.perf_counter()
+        wait(request, self.poll)
+        self.seconds += time.perf_counter() - t
+
+    def bcast(self, buf: np.ndarray) -> None:
+        """Parent -> every child, in place. Counted once per child link at the parent."""
+        if self.is_parent:
+            self.ledger.record(self.link, "down", buf.nbytes * self.num_children)
+        self._complete(self.comm.Ibcast(buf, root=0))
+
+    def reduce_sum(self, buf: np.ndarray) -> None:
+        """Children -> parent: the parent's `buf` becomes the element-wise sum of the children's.
+
+        The parent contributes nothing (its buf is zeroed first). Counted at each child.
+        """
+        if self.is_parent:
+            buf[...] = 0
+            self._complete(self.comm.Ireduce(MPI.IN_PLACE, buf, op=MPI.SUM, root=0))
+        else:
+            self.ledger.record(self.link, "up", buf.nbytes)
+            self._complete(self.comm.Ireduce(buf, None, op=MPI.SUM, root=0))
+
+    def bcast_obj(self, obj: Any = None) -> Any:
+        """A small control message from the parent to every child (pickled)."""
+        if self.is_parent:
+            data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+            size = np.array([len(data)], dtype=np.int64)
+            self.ledger.record(self.link, "down", (len(data) + 8) * self.num_children, kind="control")
+        else:
+            size = np.zeros(1, dtype=np.int64)
+        self._complete(self.comm.Ibcast(size, root=0))
+        raw = bytearray(data) if self.is_parent else bytearray(int(size[0]))
+        self._complete(self.comm.Ibcast([raw, MPI.BYTE], root=0))
+        return obj if self.is_parent else pickle.loads(raw)
+
+    def gather_obj(self, obj: Any) -> list[Any] | None:
+        """Telemetry from every child to the parent (not counted: not training traffic).
+
+        Returns the children's objects in child order at the parent, None at children.
+        """
+        data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+        sizes = np.zeros(self.comm.Get_size(), dtype=np.int64) if self.is_parent else None
+        self._complete(self.comm.Igather(np.array([len(data)], dtype=np.int64), sizes, root=0))
+        if self.is_parent:
+            recv = bytearray(int(sizes.sum()))
+            displs = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+            self._complete(self.comm.Igatherv(data, [recv, sizes, displs, MPI.BYTE], root=0))
+            return [pickle.loads(recv[d : d + s]) for d, s in zip(displs[1:], sizes[1:])]
+        self._complete(self.comm.Igatherv(data, None, root=0))
+        return None

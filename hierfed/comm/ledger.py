@@ -1,0 +1,49 @@
+"""Counts every byte that crosses a tier, where it is sent.
+
+Bytes are counted per logical link as the link model sees them: a broadcast from an edge to its
+three devices puts three copies on the edge->device links, whatever tree MPI uses underneath.
+Kinds: "payload" (model parameters/updates) and "control" (small pickled protocol messages).
+Telemetry (metrics sent to the cloud for logging) is not training traffic and is not counted.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+Key = tuple[str, str, str]  # (link, direction, kind), e.g. ("device-edge", "up", "payload")
+
+
+class Ledger:
+    def __init__(self) -> None:
+        self._round: dict[Key, int] = defaultdict(int)
+        self._total: dict[Key, int] = defaultdict(int)
+
+    def record(self, link: str, direction: str, nbytes: int, kind: str = "payload") -> None:
+        key = (link, direction, kind)
+        self._round[key] += int(nbytes)
+        self._total[key] += int(nbytes)
+
+    def take_round(self) -> dict[Key, int]:
+        """The bytes counted since the last call (one cloud round), and start a new round."""
+        out, self._round = dict(self._round), defaultdict(int)
+        return out
+
+    @property
+    def total(self) -> dict[Key, int]:
+        return dict(self._total)
+
+
+def merge(counts: list[dict[Key, int]]) -> dict[Key, int]:
+    out: dict[Key, int] = defaultdict(int)
+    for c in counts:
+        for k, v in c.items():
+            out[k] += v
+    return dict(out)
+
+
+def by_link(counts: dict[Key, int]) -> dict[str, dict[str, int]]:
+    """{(link, dir, kind): n} -> {"device-edge": {"up": n, "down": n}} (payload + control)."""
+    out: dict[str, dict[str, int]] = {}
+    for (link, direction, _kind), n in sorted(counts.items()):
+        out.setdefault(link, {"up": 0, "down": 0})[direction] += n
+    return out

@@ -1,0 +1,167 @@
+"""Run settings: one typed, validated object per concern, defaults embedded so `hierfed run` needs none.
+
+A run config is YAML with the sections below; every field has a default. Command-line overrides are
+dotted assignments (`--set schedule.tau1=10`) applied before validation, so they are checked the
+same way as the file.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from hierfed.data import DataConfig
+from hierfed.errors import HierfedError
+from hierfed.validation import first_error
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Section):
+    """Where the model comes from. Nothing is fetched: a packaged model, a local path, or a config."""
+
+    source: Literal["minilm", "gpt2", "llama", "path"] = "minilm"
+    path: str | None = None  # a local transformers directory (source=path)
+    size: Literal["tiny", "small"] = "tiny"  # for models built from a config (gpt2, llama)
+    max_length: int = Field(32, ge=4, le=8192)  # tokens per example (padded/truncated)
+
+    @model_validator(mode="after")
+    def _path_iff_local(self) -> ModelConfig:
+        if self.source == "path" and not self.path:
+            raise ValueError("source=path needs model.path (a local transformers directory)")
+        if self.source != "path" and self.path:
+            raise ValueError(f"model.path is only used with source=path (source is {self.source!r})")
+        return self
+
+
+class PeftConfig(_Section):
+    """The adapter that is trained and travels. Methods map onto peft's own config classes."""
+
+    method: Literal["lora", "loha", "lokr", "ia3"] = "lora"
+    r: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | None = None  # None: peft's default for the architecture
+    options: dict[str, Any] = Field(default_factory=dict)  # passed through to the peft config
+
+
+class TrainConfig(_Section):
+    """The local optimiser each client runs for tau1 steps (fresh every edge round: clients are stateless)."""
+
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(5e-3, gt=0)
+    batch_size: int = Field(16, ge=1)
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = Field(0.0, ge=0, lt=1)  # sgd only
+    max_grad_norm: float | None = Field(1.0, gt=0)
+
+
+class ScheduleConfig(_Section):
+    """Round arithmetic: one cloud round = tau2 edge rounds, one edge round = tau1 local steps."""
+
+    rounds: int = Field(8, ge=1)  # cloud rounds
+    tau1: int = Field(5, ge=1)  # local steps per edge round
+    tau2: int = Field(2, ge=1)  # edge rounds per cloud round (flat topologies aggregate once per round)
+    client_fraction: float = Field(1.0, gt=0, le=1)  # clients sampled per cloud round
+    eval_batch_size: int = Field(64, ge=1)
+
+
+class AggregatorConfig(_Section):
+    """Aggregation at one tier (see hierfed.strategy)."""
+
+    name: Literal["fedavg", "fedavgm"] = "fedavg"
+    server_lr: float = Field(1.0, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)  # fedavgm
+
+
+class AggregationConfig(_Section):
+    edge: AggregatorConfig = AggregatorConfig()
+    cloud: AggregatorConfig = AggregatorConfig()
+
+
+class RuntimeConfig(_Section):
+    threads: int = Field(1, ge=1)  # torch threads per rank (ranks usually outnumber cores)
+    # How a rank waits for a collective: "poll" tests with a short backoff sleep so waiting ranks
+    # leave the cores to ranks that compute (oversubscribed nodes); "block" spins inside MPI.
+    wait: Literal["poll", "block"] = "poll"
+    progress: bool = True  # the cloud prints a line per round and a final table
+
+
+class CheckpointConfig(_Section):
+    every: int = Field(1, ge=1)  # cloud rounds between checkpoints (the last round is always saved)
+    keep: int = Field(2, ge=1)  # checkpoints kept on disk
+
+
+class RunConfig(_Section):
+    topology: str = "default"
+    seed: int = 0
+    out: str | None = None  # default: runs/<topology>-<timestamp>
+    model: ModelConfig = ModelConfig()
+    peft: PeftConfig = PeftConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    aggregation: AggregationConfig = AggregationConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """'schedule.tau1=10' -> (['schedule', 'tau1'], 10); the value is read as YAML."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise HierfedError(f"--set {item!r}: expected KEY=VALUE, e.g. schedule.tau1=10")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    out = copy.deepcopy(data)
+    for item in overrides:
+        path, value = parse_override(item)
+        node = out
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise HierfedError(f"--set {item!r}: '{part}' is not a section")
+            node = child
+        node[path[-1]] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a run config (or the embedded defaults), apply overrides, validate; one-line errors."""
+    data: dict[str, Any] = {}
+    source = "run config"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise HierfedError(f"{source}: cannot read run config ({e.strerror})") from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise HierfedError(f"{source}: not valid YAML{where}") from None
+        if not isinstance(data, dict):
+            raise HierfedError(f"{source}: a run config is a mapping of sections, got {type(data).__name__}")
+    data = apply_overrides(data, overrides or [])
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise HierfedError(first_error(e, source)) from None
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

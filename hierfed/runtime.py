@@ -1,0 +1,95 @@
+"""The MPI side of a run: communicators built once from the Placement, and failure handling.
+
+Communicators (each split once from COMM_WORLD, the parent is rank 0 in each):
+  cloud_comm      the cloud + every edge leader (flat topologies: the cloud + every device)
+  edge_comm[e]    edge e's leader + its device ranks
+  edge_group[e]   edge e's own ranks (a DeepSpeed group when an edge spans several ranks)
+A failure on any rank prints one line naming the rank and its role, then aborts the whole job, so
+no rank is left waiting in a collective.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from mpi4py import MPI
+
+from hierfed.comm import Channel, Ledger
+from hierfed.errors import HierfedError
+from hierfed.topology import Placement, Role
+
+# The rank that prints an error every rank found identically (bad input found before any message
+# is exchanged). This is about not printing a message N times, not about roles.
+REPORTING_RANK = 0
+
+
+@dataclass
+class Runtime:
+    """What a role loop is given: its Role, its channels up and down, and the run's context."""
+
+    placement: Placement
+    role: Role
+    ledger: Ledger
+    up: Channel | None  # to the parent (None at the cloud)
+    down: Channel | None  # to the children (None at devices)
+    edge_group: MPI.Comm | None  # the ranks of this rank's edge (edge ranks only)
+    out: str
+    resume: bool
+    config_text: str
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def build_runtime(placement: Placement, poll: bool, out: str, resume: bool, config_text: str) -> Runtime:
+    world = MPI.COMM_WORLD
+    role = placement.role(world.Get_rank())
+    undefined = MPI.UNDEFINED
+    is_leader = role.kind == "edge" and role.group_index == 0
+
+    if placement.flat:
+        in_cloud_comm = role.kind in ("cloud", "device")
+    else:
+        in_cloud_comm = role.kind == "cloud" or is_leader
+    cloud_comm = world.Split(0 if in_cloud_comm else undefined, key=world.Get_rank())
+
+    in_edge_comm = is_leader or (role.kind == "device" and not placement.flat)
+    edge_comm = world.Split(role.edge if in_edge_comm else undefined, key=0 if is_leader else 1 + world.Get_rank())
+    edge_group = world.Split(role.edge if role.kind == "edge" else undefined, key=role.group_index)
+
+    ledger = Ledger()
+    up = down = None
+    if role.kind == "cloud":
+        down = Channel(cloud_comm, "device-cloud" if placement.flat else "edge-cloud", ledger, poll)
+    elif is_leader:
+        up = Channel(cloud_comm, "edge-cloud", ledger, poll)
+        down = Channel(edge_comm, "device-edge", ledger, poll)
+    elif role.kind == "device":
+        up = Channel(cloud_comm, "device-cloud", ledger, poll) if placement.flat else Channel(edge_comm, "device-edge", ledger, poll)
+    return Runtime(placement, role, ledger, up, down, None if edge_group == MPI.COMM_NULL else edge_group, out, resume, config_text)
+
+
+def report_once(message: str) -> None:
+    """Print an error every rank found identically, from one rank only."""
+    if MPI.COMM_WORLD.Get_rank() == REPORTING_RANK:
+        print(f"hierfed: error: {message}", file=sys.stderr, flush=True)
+
+
+def guarded(role_name: str, body: Callable[[], None]) -> None:
+    """Run a rank's work; on any exception print one line and abort every rank of the job."""
+    try:
+        body()
+    except BaseException as e:  # noqa: BLE001 - every failure must end the whole job
+        rank = MPI.COMM_WORLD.Get_rank()
+        if isinstance(e, HierfedError):
+            line = str(e)
+        elif isinstance(e, KeyboardInterrupt):
+            line = "interrupted"
+        else:
+            line = f"{type(e).__name__}: {e}".splitlines()[0]
+        print(f"hierfed: error: rank {rank} ({role_name}): {line}", file=sys.stderr, flush=True)
+        if os.environ.get("HIERFED_DEBUG"):
+            traceback.print_exc()
+        MPI.COMM_WORLD.Abort(getattr(e, "exit_code", 1))

@@ -1,0 +1,23 @@
+"""Aggregation strategies on flat float32 vectors: pure numpy, no MPI, no models.
+
+Every tier (edge and cloud) runs the same protocol with a Strategy:
+  each child contributes `contribution(delta, weight)`; the contributions are SUM-reduced over the
+  tier's communicator (associative, so hierarchies compose); the parent calls `aggregate(params,
+  reduced)` to get its new parameters. New algorithms are one file each, registered below.
+"""
+
+from __future__ import annotations
+
+from hierfed.strategy.base import Strategy, weighted_mean
+from hierfed.strategy.fedavg import FedAvg, FedAvgM
+
+STRATEGIES: dict[str, type[Strategy]] = {"fedavg": FedAvg, "fedavgm": FedAvgM}
+
+
+def build_strategy(cfg) -> Strategy:
+    """From an AggregatorConfig (hierfed.config)."""
+    cls = STRATEGIES[cfg.name]
+    return cls.from_config(cfg)
+
+
+__all__ = ["STRATEGIES", "FedAvg", "FedAvgM", "Strategy", "build_strategy", "weighted_mean"]

@@ -1,0 +1,52 @@
+"""FedAvg (McMahan et al. 2017) and FedAvg with server momentum (Hsu et al. 2019)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from hierfed.strategy.base import Strategy
+
+
+class FedAvg(Strategy):
+    """params + server_lr * weighted-mean delta; server_lr = 1 is plain federated averaging."""
+
+    name = "fedavg"
+
+    def __init__(self, server_lr: float = 1.0) -> None:
+        self.server_lr = server_lr
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> FedAvg:
+        return cls(server_lr=cfg.server_lr)
+
+    def step(self, params: np.ndarray, mean_delta: np.ndarray) -> np.ndarray:
+        return params + self.server_lr * mean_delta
+
+
+class FedAvgM(Strategy):
+    """Server momentum: v = beta * v + delta; params += server_lr * v. State is checkpointed."""
+
+    name = "fedavgm"
+
+    def __init__(self, server_lr: float = 1.0, momentum: float = 0.9) -> None:
+        self.server_lr = server_lr
+        self.momentum = momentum
+        self.velocity: np.ndarray | None = None
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> FedAvgM:
+        return cls(server_lr=cfg.server_lr, momentum=cfg.momentum)
+
+    def step(self, params: np.ndarray, mean_delta: np.ndarray) -> np.ndarray:
+        if self.velocity is None:
+            self.velocity = np.zeros_like(mean_delta)
+        self.velocity = self.momentum * self.velocity + mean_delta
+        return params + self.server_lr * self.velocity
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return {} if self.velocity is None else {"velocity": self.velocity}
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        self.velocity = state.get("velocity")

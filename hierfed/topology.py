@@ -1,0 +1,458 @@
+"""Topology files: schema, validation and rank placement (pure: no MPI, no torch).
+
+A topology YAML says how many cloud/edge/device ranks a job has and how they are linked; the
+`Placement` built from it maps every MPI rank to a `Role` once, so no code ever asks `rank == 0`.
+
+Rank order: cloud = 0; then per edge in file order its edge ranks followed by its device ranks
+(an edge and its devices are contiguous); a flat topology puts its devices right after the cloud.
+Virtual client ids are handed out in device-rank order, `clients` consecutive ids per rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from hierfed.errors import HierfedError
+
+DEFAULT_DIR = "topologies"
+EMBEDDED_DEFAULT = Path(__file__).parent / "defaults" / "topology.yaml"
+DEFAULT_MEMORY_GB = 16.0
+DEFAULT_SPEED = 1.0
+
+
+# ---------------------------------------------------------------- resolved, immutable model ---
+
+
+@dataclass(frozen=True)
+class LinkModel:
+    """A point-to-point link: fixed latency plus size / bandwidth."""
+
+    bandwidth_mbps: float
+    latency_ms: float
+
+    def __post_init__(self) -> None:
+        if not self.bandwidth_mbps > 0 or not self.latency_ms >= 0:
+            raise ValueError(f"bad link {self}: need bandwidth_mbps > 0 and latency_ms >= 0")
+
+    def seconds(self, nbytes: int) -> float:
+        """Modelled transfer time of `nbytes` over this link."""
+        return self.latency_ms / 1e3 + 8 * nbytes / (self.bandwidth_mbps * 1e6)
+
+    def __str__(self) -> str:
+        return f"{self.bandwidth_mbps:g} Mb/s, {self.latency_ms:g} ms"
+
+
+DEFAULT_LINKS = {
+    "edge_cloud": LinkModel(1000.0, 20.0),
+    "device_edge": LinkModel(100.0, 10.0),
+    "device_cloud": LinkModel(50.0, 40.0),
+}
+
+
+@dataclass(frozen=True)
+class DeviceGroup:
+    """A validated device group: `ranks` identical ranks, each simulating `clients` clients."""
+
+    ranks: int
+    clients: int
+    device_class: str | None
+    memory_gb: float
+    speed: float
+    split_layers: int | str | None  # None = whole model ("all" is normalised to None)
+    link: LinkModel
+
+
+@dataclass(frozen=True)
+class EdgeGroup:
+    """A validated edge: `ranks` edge ranks (one ZeRO group) and its device groups."""
+
+    name: str
+    ranks: int
+    link: LinkModel
+    groups: tuple[DeviceGroup, ...]
+
+    @property
+    def device_ranks(self) -> int:
+        return sum(g.ranks for g in self.groups)
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    rank: int
+    edge: int | None  # edge index, None in a flat topology
+    index: int  # index among its edge's devices (or among all devices when flat)
+    name: str  # "edge0/d1" (flat: "d3")
+    clients: tuple[int, ...]  # global virtual client ids simulated by this rank
+    memory_gb: float
+    speed: float
+    device_class: str | None
+    split_layers: int | str | None
+    link: LinkModel  # link to its parent (edge, or cloud when flat)
+
+
+@dataclass(frozen=True)
+class EdgeSpec:
+    index: int
+    name: str
+    ranks: tuple[int, ...]  # ranks[0] is the leader (talks to the cloud and to its devices)
+    devices: tuple[DeviceSpec, ...]
+    link: LinkModel  # link to the cloud
+
+    @property
+    def leader(self) -> int:
+        return self.ranks[0]
+
+    @property
+    def device_ranks(self) -> tuple[int, ...]:
+        return tuple(d.rank for d in self.devices)
+
+    @property
+    def num_clients(self) -> int:
+        return sum(len(d.clients) for d in self.devices)
+
+
+@dataclass(frozen=True)
+class Role:
+    kind: Literal["cloud", "edge", "device"]
+    rank: int
+    name: str  # "cloud", "edge0", "edge0/d1"
+    edge: int | None  # edge index for edge and device ranks in hierarchical topologies
+    device: DeviceSpec | None  # for device ranks
+    group_index: int  # position within the edge's ranks (0 = leader); 0 for cloud/devices
+
+
+@dataclass(frozen=True)
+class Topology:
+    """A validated topology file; `placement()` turns it into ranks."""
+
+    name: str
+    description: str
+    source: str
+    flat: bool
+    edges: tuple[EdgeGroup, ...]  # hierarchical; empty when flat
+    devices: tuple[DeviceGroup, ...]  # flat; empty when hierarchical
+
+    @property
+    def world_size(self) -> int:
+        if self.flat:
+            return 1 + sum(g.ranks for g in self.devices)
+        return 1 + sum(e.ranks + e.device_ranks for e in self.edges)
+
+    @property
+    def num_clients(self) -> int:
+        groups = self.devices if self.flat else tuple(g for e in self.edges for g in e.groups)
+        return sum(g.ranks * g.clients for g in groups)
+
+    def arithmetic(self) -> str:
+        """The rank arithmetic, e.g. "1 cloud + 2 edges × (1 + 2 devices) = 7 ranks"."""
+        n = self.world_size
+        if self.flat:
+            return f"1 cloud + {_plural(n - 1, 'device')} = {n} ranks"
+        shapes = [(e.ranks, e.device_ranks) for e in self.edges]
+        if len(set(shapes)) == 1:
+            r, d = shapes[0]
+            return f"1 cloud + {_plural(len(shapes), 'edge')} × ({r} + {_plural(d, 'device')}) = {n} ranks"
+        parts = " + ".join(f"({r} + {_plural(d, 'device')})" for r, d in shapes)
+        return f"1 cloud + edges {parts} = {n} ranks"
+
+    def placement(self) -> Placement:
+        return Placement.build(self)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Every rank's role, built once from a Topology."""
+
+    topology: Topology = field(repr=False)
+    world_size: int
+    cloud_rank: int
+    edges: tuple[EdgeSpec, ...]  # empty when flat
+    devices: tuple[DeviceSpec, ...]  # all device ranks in rank order
+    flat: bool
+    num_clients: int
+    roles: tuple[Role, ...] = field(repr=False)  # roles[rank]
+
+    @classmethod
+    def build(cls, topo: Topology) -> Placement:
+        next_rank, next_client = 1, 0
+        edges: list[EdgeSpec] = []
+        devices: list[DeviceSpec] = []
+
+        def place(groups: tuple[DeviceGroup, ...], edge: int | None, prefix: str) -> list[DeviceSpec]:
+            nonlocal next_rank, next_client
+            out: list[DeviceSpec] = []
+            for g in groups:
+                for _ in range(g.ranks):
+                    ids = tuple(range(next_client, next_client + g.clients))
+                    out.append(DeviceSpec(next_rank, edge, len(out), f"{prefix}d{len(out)}", ids,
+                                          g.memory_gb, g.speed, g.device_class, g.split_layers, g.link))
+                    next_rank, next_client = next_rank + 1, next_client + g.clients
+            return out
+
+        if topo.flat:
+            devices = place(topo.devices, None, "")
+        for i, e in enumerate(topo.edges):
+            ranks = tuple(range(next_rank, next_rank + e.ranks))
+            next_rank += e.ranks
+            devs = place(e.groups, i, f"{e.name}/")
+            edges.append(EdgeSpec(i, e.name, ranks, tuple(devs), e.link))
+            devices += devs
+
+        roles = [Role("cloud", 0, "cloud", None, None, 0)]
+        roles += [Role("edge", r, e.name, e.index, None, j) for e in edges for j, r in enumerate(e.ranks)]
+        roles += [Role("device", d.rank, d.name, d.edge, d, 0) for d in devices]
+        roles.sort(key=lambda r: r.rank)
+        assert [r.rank for r in roles] == list(range(topo.world_size)), "placement is not contiguous"
+        return cls(topo, topo.world_size, 0, tuple(edges), tuple(devices), topo.flat,
+                   next_client, tuple(roles))
+
+    def role(self, rank: int) -> Role:
+        if not 0 <= rank < self.world_size:
+            raise ValueError(f"rank {rank} is outside topology '{self.topology.name}' "
+                             f"(world size {self.world_size})")
+        return self.roles[rank]
+
+    def check_world_size(self, size: int) -> None:
+        """Fail with one line when the job was started with the wrong number of ranks."""
+        if size != self.world_size:
+            raise HierfedError(f"{self.topology.source}: needs {self.topology.arithmetic()}, "
+                               f"but the job has {size} ranks (use mpiexec -n {self.world_size})")
+
+    def summary(self) -> str:
+        return f"{self.topology.name}: {self.topology.arithmetic()}, {_plural(self.num_clients, 'client')}"
+
+
+# ----------------------------------------------------------------------- YAML schema ---
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, data: Any) -> Any:
+        # Same check as extra="forbid", but the message lists the allowed keys.
+        if isinstance(data, dict):
+            allowed = [f.alias or n for n, f in cls.model_fields.items()]
+            unknown = [k for k in data if k not in allowed]
+            if unknown:
+                raise ValueError(f"unknown field {unknown[0]!r} (allowed: {', '.join(allowed)})")
+        return data
+
+
+def _positive() -> Any:
+    return Field(default=None, gt=0, allow_inf_nan=False)
+
+
+class _Link(_Strict):
+    bandwidth_mbps: Optional[float] = _positive()
+    latency_ms: Optional[float] = Field(default=None, ge=0, allow_inf_nan=False)
+
+
+class _Links(_Strict):
+    edge_cloud: _Link = _Link()
+    device_edge: _Link = _Link()
+    device_cloud: _Link = _Link()
+
+
+class _DeviceClass(_Strict):
+    memory_gb: Optional[float] = _positive()
+    speed: Optional[float] = _positive()
+
+
+class _Group(_DeviceClass):
+    ranks: int = Field(default=1, ge=1)
+    clients: int = Field(default=1, ge=1)
+    device_class: Optional[str] = Field(default=None, alias="class")
+    split_layers: Union[int, str, None] = None
+    link: _Link = _Link()
+
+    @field_validator("split_layers", mode="before")
+    @classmethod
+    def _split(cls, v: Any) -> Any:
+        ok = v is None or v in ("all", "auto") or (type(v) is int and v >= 1)
+        if not ok:
+            raise ValueError(f"must be an integer >= 1, 'all', 'auto' or null (got {_show(v)})")
+        return None if v == "all" else v
+
+
+class _Edge(_Strict):
+    name: Optional[str] = None
+    ranks: int = Field(default=1, ge=1)
+    link: _Link = _Link()
+    devices: list[_Group] = Field(min_length=1)
+
+
+class _File(_Strict):
+    name: Optional[str] = None
+    description: str = ""
+    links: _Links = _Links()
+    device_classes: dict[str, _DeviceClass] = {}
+    edges: Optional[list[_Edge]] = Field(default=None, min_length=1)
+    devices: Optional[list[_Group]] = Field(default=None, min_length=1)
+
+
+# ------------------------------------------------------------------- loading + errors ---
+
+
+def parse_topology(data: Any, source: str) -> Topology:
+    """Validate an already-loaded YAML document; every problem is a one-line HierfedError."""
+    if not isinstance(data, dict):
+        got = "an empty file" if data is None else _show(data)
+        raise HierfedError(f"{source}: top level must be a mapping of topology fields (got {got})")
+    try:
+        f = _File.model_validate(data)
+    except ValidationError as e:
+        raise HierfedError(f"{source}: {_one_line(e)}") from None
+
+    def fail(path: str, why: str) -> HierfedError:
+        return HierfedError(f"{source}: {path}: {why}")
+
+    if (f.edges is None) == (f.devices is None):
+        how = "both are given" if f.edges is not None else "neither is given"
+        raise fail("edges/devices", f"give exactly one of 'edges' (hierarchical) or 'devices' (flat); {how}")
+
+    def link(over: _Link, tier: str) -> LinkModel:
+        # built-in default < links.<tier> < the group's or edge's own `link:`
+        tier_link = getattr(f.links, tier).model_dump(exclude_none=True)
+        return LinkModel(**(asdict(DEFAULT_LINKS[tier]) | tier_link | over.model_dump(exclude_none=True)))
+
+    def group(g: _Group, path: str, tier: str) -> DeviceGroup:
+        cls = _DeviceClass()
+        if g.device_class is not None:
+            if g.device_class not in f.device_classes:
+                known = ", ".join(f.device_classes) or "none defined in device_classes"
+                raise fail(f"{path}.class", f"unknown device class {g.device_class!r} (known: {known})")
+            cls = f.device_classes[g.device_class]
+        # inline value < device class < built-in default
+        memory = next(v for v in (g.memory_gb, cls.memory_gb, DEFAULT_MEMORY_GB) if v is not None)
+        speed = next(v for v in (g.speed, cls.speed, DEFAULT_SPEED) if v is not None)
+        return DeviceGroup(g.ranks, g.clients, g.device_class, memory, speed, g.split_layers,
+                           link(g.link, tier))
+
+    edges: list[EdgeGroup] = []
+    seen: set[str] = set()
+    for i, e in enumerate(f.edges or []):
+        name = e.name if e.name is not None else f"edge{i}"
+        if not name or "/" in name or len(name.split()) != 1 or name == "cloud":
+            why = "must be a non-empty word without '/' or spaces, not 'cloud'"
+            raise fail(f"edges[{i}].name", f"{why} (got {name!r})")
+        if name in seen:
+            raise fail(f"edges[{i}].name", f"duplicate edge name {name!r}")
+        seen.add(name)
+        groups = tuple(group(g, f"edges[{i}].devices[{j}]", "device_edge") for j, g in enumerate(e.devices))
+        edges.append(EdgeGroup(name, e.ranks, link(e.link, "edge_cloud"), groups))
+    flat = tuple(group(g, f"devices[{j}]", "device_cloud") for j, g in enumerate(f.devices or []))
+    name = f.name if f.name is not None else Path(source).stem
+    return Topology(name, f.description.strip(), source, f.devices is not None, tuple(edges), flat)
+
+
+def load_topology(spec: str | Path) -> Topology:
+    """Load a topology from a YAML path, or a bare name looked up as ./topologies/<name>.yaml.
+
+    The name "default" falls back to the copy embedded in the package, so `hierfed run` works
+    from any directory.
+    """
+    text = str(spec)
+    if not text.strip():
+        raise HierfedError("topology: empty name; give a topology name or a path to a .yaml file")
+    looks_like_path = (isinstance(spec, Path) or any(c in text for c in "/\\")
+                       or text.endswith((".yaml", ".yml")) or Path(text).is_file())
+    if looks_like_path:
+        return _load_file(Path(spec), text)
+    path = Path(DEFAULT_DIR) / f"{text}.yaml"
+    if path.is_file():
+        return _load_file(path, str(path))
+    if text == "default":
+        return _load_file(EMBEDDED_DEFAULT, str(EMBEDDED_DEFAULT))
+    names = sorted({p.stem for p in Path(DEFAULT_DIR).glob("*.yaml")} | {"default"})
+    raise HierfedError(f"unknown topology {text!r}: tried {path} in {Path.cwd()} (not found); "
+                       f"known names here: {', '.join(names)}; or give a path to a .yaml file")
+
+
+def _load_file(path: Path, source: str) -> Topology:
+    if not path.exists():
+        raise HierfedError(f"{source}: no such topology file")
+    if not path.is_file():
+        raise HierfedError(f"{source}: not a file")
+    try:
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise HierfedError(f"{source}: invalid YAML{where}: {e.problem or e.context}") from None
+    except (yaml.YAMLError, UnicodeDecodeError, OSError) as e:
+        raise HierfedError(f"{source}: cannot read YAML: {' '.join(str(e).split())}") from None
+    return parse_topology(data, source)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that rejects duplicate keys (plain PyYAML silently keeps the last one)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        keys = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in keys:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark)
+            keys.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+_MESSAGES = {
+    "missing": "required field is missing",
+    "int_type": "must be an integer",
+    "float_type": "must be a number",
+    "string_type": "must be a string",
+    "list_type": "must be a list",
+    "dict_type": "must be a mapping",
+    "model_type": "must be a mapping",
+    "finite_number": "must be a finite number",
+    "too_short": "must not be empty",
+}
+
+
+def _one_line(e: ValidationError) -> str:
+    """The first pydantic error as "dotted.path[i]: why", plus a count of the rest."""
+    errors = e.errors(include_url=False)
+    err = errors[0]
+    path = "".join(f"[{p}]" if isinstance(p, int) else " key" if p == "[key]" else f".{p}"
+                   for p in err["loc"]).lstrip(".")
+    kind, ctx, got = err["type"], err.get("ctx") or {}, _show(err.get("input"))
+    if kind == "value_error":
+        why = str(ctx.get("error", err["msg"]))
+    elif kind in ("greater_than", "greater_than_equal"):
+        op, bound = (">", ctx["gt"]) if kind == "greater_than" else (">=", ctx["ge"])
+        why = f"must be {op} {bound:g} (got {got})"
+    elif kind in ("missing", "too_short"):
+        why = _MESSAGES[kind]
+    elif kind in _MESSAGES:
+        why = f"{_MESSAGES[kind]} (got {got})"
+    else:
+        why = f"{err['msg'][0].lower()}{err['msg'][1:]} (got {got})"
+    more = f" (and {len(errors) - 1} more problem{'s' * (len(errors) > 2)})" if len(errors) > 1 else ""
+    return f"{path or 'top level'}: {' '.join(why.split())}{more}"
+
+
+def _show(v: Any) -> str:
+    """A short YAML-ish rendering of a bad value for error messages."""
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, dict):
+        return "a mapping"
+    if isinstance(v, list):
+        return "a list"
+    s = repr(v) if isinstance(v, str) else str(v)
+    return s if len(s) <= 40 else s[:37] + "..."
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"

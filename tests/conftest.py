@@ -1,0 +1,43 @@
+"""Shared test helpers: launching real MPI jobs with the venv's mpiexec."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+MPIEXEC = str(BIN / "mpiexec")
+
+
+def job_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    env.pop("HIERFED_INJECT_FAILURE", None)
+    return env
+
+
+def mpirun(n: int, *args: str, timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`mpiexec -n N python -m hierfed ARGS` from the repository root; output captured."""
+    cmd = [MPIEXEC, "-n", str(n), sys.executable, "-m", "hierfed", *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env or job_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def hierfed(*args: str, timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """The `hierfed` console command, as a user runs it."""
+    return subprocess.run([str(BIN / "hierfed"), *args], cwd=ROOT, env=env or job_env(), capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def write_yaml(tmp_path):
+    def write(name: str, data: dict) -> str:
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(data))
+        return str(path)
+
+    return write
