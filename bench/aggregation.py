@@ -19,14 +19,16 @@ updates back up to the cloud. Training is skipped: every device's delta is a fix
 Time is measured at the cloud, from its first send until it holds the new parameters, with a
 barrier before each repetition; methods are interleaved per repetition. The barrier polls with
 sleeps (hierfed.comm.wait), so a rank that has finished its part of a round idles instead of
-spinning in MPI and taking a core from the ranks still working (7 ranks share 2 cores here). The hierfed and object
-results are checked against a numpy float64 reference every repetition (outside the timing).
+spinning in MPI and taking a core from the ranks still working (e.g. 7 ranks on 2 cores). The
+hierfed and object results are checked against a numpy float64 reference every repetition
+(outside the timing), so the benchmark cannot silently time a broken path.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -35,13 +37,14 @@ import torch
 from mpi4py import MPI
 
 from hierfed.comm import wait
-from hierfed.runtime import build_runtime
+from hierfed.errors import HierfedError
+from hierfed.runtime import build_runtime, guarded, report_once
 from hierfed.strategy import FedAvg, Strategy
 from hierfed.topology import load_topology
 
 SEED = 20240
 N_TENSORS = 50
-RTOL = 1e-5
+RTOL = 1e-5  # max |got - ref| / max |ref|
 
 
 def weight_of(rank: int) -> float:
@@ -119,14 +122,13 @@ class Rank:
             self.rt.up.comm.Reduce(self.acc, None, op=MPI.SUM, root=0)
 
     # ---- 3. object messaging: pickled dicts of tensors, point-to-point
-    def objects(self) -> np.ndarray | None:
+    def objects(self) -> dict[str, torch.Tensor] | None:
         if self.kind == "cloud":
             comm = self.rt.down.comm
             for child in range(1, comm.Get_size()):
                 comm.send(self.model, dest=child)
             avg, _ = weighted_avg([comm.recv(source=c) for c in range(1, comm.Get_size())])
-            new = {k: self.model[k] + avg[k] for k in self.model}
-            return torch.cat(list(new.values())).numpy()
+            return {k: self.model[k] + avg[k] for k in self.model}
         if self.kind == "edge":
             up, down = self.rt.up.comm, self.rt.down.comm
             model = up.recv(source=0)
@@ -148,9 +150,12 @@ def reference(placement, dim: int) -> np.ndarray:
     return params_of(dim) + acc / sum(weights)
 
 
-def check(name: str, got: np.ndarray, ref: np.ndarray) -> None:
+def check(name: str, got: np.ndarray | dict[str, torch.Tensor], ref: np.ndarray) -> None:
+    if isinstance(got, dict):
+        got = torch.cat(list(got.values())).numpy()
     err = float(np.max(np.abs(got - ref))) / float(np.max(np.abs(ref)))
-    assert err <= RTOL, f"{name}: aggregated vector differs from the numpy reference (max rel err {err:.2e})"
+    if not err <= RTOL:
+        raise RuntimeError(f"{name}: aggregated vector differs from the numpy reference (max rel err {err:.2e})")
 
 
 def main() -> None:
@@ -161,16 +166,23 @@ def main() -> None:
     ap.add_argument("--json", help="write the results to this path")
     args = ap.parse_args()
     torch.set_num_threads(1)
-
-    world = MPI.COMM_WORLD
     placement = load_topology("default").placement()
-    placement.check_world_size(world.Get_size())
+    try:
+        placement.check_world_size(MPI.COMM_WORLD.Get_size())
+    except HierfedError as e:
+        report_once(str(e))
+        raise SystemExit(2) from None
     rt = build_runtime(placement, poll=True, out="-", resume=False, config_text="")
     rt_block = build_runtime(placement, poll=False, out="-", resume=False, config_text="")
+    guarded(rt.role.name, lambda: bench(args, placement, rt, rt_block))  # a failed check aborts every rank
+
+
+def bench(args, placement, rt, rt_block) -> None:
+    world = MPI.COMM_WORLD
     is_cloud = rt.role.kind == "cloud"
     methods = ["floor", "hierfed (poll)", "hierfed (block)", "object"]
 
-    results = []
+    results, load = [], os.getloadavg()  # other jobs on the machine skew every number
     for dim in (int(float(s)) for s in args.sizes.split(",")):
         me = Rank(rt, rt_block, dim)
         ref = reference(placement, dim) if is_cloud else None
@@ -187,16 +199,17 @@ def main() -> None:
                     check(f"{m}, D={dim}", out, ref)
                 if rep >= args.warmup:
                     times[m].append(dt)
-        all_times = world.gather(times, root=0)  # only the cloud's clock is used: it starts and ends a round
-        if is_cloud:
-            floor = statistics.median(all_times[0]["floor"])
+        if is_cloud:  # only the cloud's clock counts: a round starts and ends there
+            floor = statistics.median(times["floor"])
             for m in methods:
-                med = statistics.median(all_times[0][m])
-                results.append({"dim": dim, "method": m, "median_s": med, "min_s": min(all_times[0][m]),
-                                "ratio_to_floor": med / floor, "repeats": args.repeats, "times_s": all_times[0][m]})
+                med = statistics.median(times[m])
+                results.append({"dim": dim, "method": m, "median_s": med, "min_s": min(times[m]),
+                                "ratio_to_floor": med / floor, "repeats": args.repeats, "times_s": times[m]})
         del me, runs
 
     if is_cloud:
+        print(f"# {world.Get_size()} ranks, {MPI.Get_library_version().splitlines()[0].strip()}, "
+              f"{args.repeats} repeats + {args.warmup} warm-up, load average at start {load[0]:.2f}")
         print(f"{'D':>12}  {'method':<16} {'median s':>10} {'min s':>10} {'/ floor':>8}")
         for r in results:
             print(f"{r['dim']:>12,}  {r['method']:<16} {r['median_s']:>10.4f} {r['min_s']:>10.4f} {r['ratio_to_floor']:>7.2f}×")
@@ -207,8 +220,9 @@ def main() -> None:
                 print(f"D={dim:,} [{how}]: hierfed/floor = {h / med['floor']:.2f}×, object/hierfed = {med['object'] / h:.2f}×")
         if args.json:
             with open(args.json, "w") as f:
-                json.dump({"world_size": world.Get_size(), "mpi": MPI.Get_library_version().splitlines()[0],
-                           "warmup": args.warmup, "results": results}, f, indent=2)
+                json.dump({"world_size": world.Get_size(), "mpi": MPI.Get_library_version().splitlines()[0].strip(),
+                           "cpus": os.cpu_count(), "load_average_at_start": load, "warmup": args.warmup,
+                           "results": results}, f, indent=2)
         print("all hierfed and object results matched the numpy reference", flush=True)
 
 

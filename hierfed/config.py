@@ -65,7 +65,7 @@ class TrainConfig(_Section):
 class ScheduleConfig(_Section):
     """Round arithmetic: one cloud round = tau2 edge rounds, one edge round = tau1 local steps."""
 
-    rounds: int = Field(8, ge=1)  # cloud rounds
+    rounds: int = Field(6, ge=1)  # cloud rounds
     tau1: int = Field(5, ge=1)  # local steps per edge round
     tau2: int = Field(2, ge=1)  # edge rounds per cloud round (flat topologies aggregate once per round)
     client_fraction: float = Field(1.0, gt=0, le=1)  # clients sampled per cloud round

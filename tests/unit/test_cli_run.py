@@ -1,0 +1,61 @@
+"""`hierfed run` with bad input: exit 2, one `hierfed: error:` line, before mpiexec starts."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from conftest import hierfed
+
+
+def one_line_error(*args: str) -> str:
+    t = time.monotonic()
+    res = hierfed("run", *args, timeout=60)
+    elapsed = time.monotonic() - t
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert res.returncode == 2, (res.returncode, res.stdout, res.stderr)
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("hierfed: error: ")
+    assert "Traceback" not in res.stderr + res.stdout
+    assert "launching" not in res.stdout  # failed before mpiexec
+    assert elapsed < 20, f"took {elapsed:.1f}s"
+    return lines[0]
+
+
+def test_unknown_topology() -> None:
+    assert "unknown topology 'no-such-topology'" in one_line_error("no-such-topology")
+
+
+def test_topology_with_bad_field(write_yaml) -> None:
+    path = write_yaml("topo.yaml", {"name": "bad", "edges": [{"name": "e0", "devices": [{"ranks": 0}]}]})
+    assert f"{path}: edges[0].devices[0].ranks" in one_line_error(path)
+
+
+def test_run_config_with_bad_field(write_yaml) -> None:
+    path = write_yaml("run.yaml", {"schedule": {"tau1": 0}})
+    assert f"{path}: schedule.tau1" in one_line_error("--config", path)
+
+
+def test_set_without_equals() -> None:
+    assert "--set 'foo': expected KEY=VALUE" in one_line_error("--set", "foo")
+
+
+def test_missing_jsonl() -> None:
+    msg = one_line_error("--set", "data.source=jsonl", "--set", "data.path=/nonexistent.jsonl")
+    assert "/nonexistent.jsonl" in msg
+
+
+def test_missing_model_directory() -> None:
+    msg = one_line_error("--set", "model.source=path", "--set", "model.path=/nonexistent-model-dir")
+    assert "model.path" in msg and "/nonexistent-model-dir" in msg
+
+
+def test_resume_without_out() -> None:
+    assert "--resume needs --out" in one_line_error("--resume")
+
+
+@pytest.mark.parametrize("args, expected", [(["--version"], "hierfed "), (["run", "--help"], "--resume")])
+def test_version_and_help(args: list[str], expected: str) -> None:
+    res = hierfed(*args, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert expected in res.stdout
