@@ -56,15 +56,20 @@ class Checkpoints:
             arrays.update({f"edge{e}/{k}": v for k, v in st.items()})
         np.savez(tmp / "state.npz", **arrays)
         (tmp / "state.json").write_text(json.dumps({"round": state.round, "dim": int(state.params.size), **meta}, indent=2))
-        shutil.rmtree(final, ignore_errors=True)
+        if final.exists():  # re-saving a round: move the old one aside, so `latest` never names a gap
+            aside = self.root / f".old-{name}"
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(final, aside)
         os.replace(tmp, final)
         _write_text_atomic(self.root / "latest", name + "\n")
         self._prune()
         return final
 
     def _prune(self) -> None:
-        done = sorted(p for p in self.root.glob("round-*") if p.is_dir())
-        for old in done[: -self.keep]:
+        """Keep the newest `keep` checkpoints (by round number) and drop leftovers of crashed writes."""
+        done = sorted((p for p in self.root.glob("round-*") if p.is_dir()), key=lambda p: int(p.name.split("-")[1]))
+        stale = [p for p in self.root.glob(".*-round-*") if p.is_dir()]
+        for old in done[: -self.keep] + stale:
             shutil.rmtree(old, ignore_errors=True)
 
     def latest(self) -> Path | None:

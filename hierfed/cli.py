@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -34,13 +35,12 @@ def _add_run(subparsers) -> None:
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
+    """--set items, then the shortcut flags (JSON-quoted: a path like 'runs/x #1' stays a string)."""
     out = list(args.overrides)
-    for flag, key in (("rounds", "schedule.rounds"), ("tau1", "schedule.tau1"), ("tau2", "schedule.tau2"), ("seed", "seed"), ("out", "out")):
+    for flag, key in (("rounds", "schedule.rounds"), ("tau1", "schedule.tau1"), ("tau2", "schedule.tau2"), ("seed", "seed"), ("out", "out"), ("topology", "topology")):
         value = getattr(args, flag)
         if value is not None:
-            out.append(f"{key}={value}")
-    if args.topology:
-        out.append(f"topology={args.topology}")
+            out.append(f"{key}={json.dumps(value)}")
     return out
 
 

@@ -85,6 +85,14 @@ class AggregationConfig(_Section):
     cloud: AggregatorConfig = AggregatorConfig()
 
 
+class SplitConfig(_Section):
+    """Split placement (devices with `split_layers` in the topology): what crosses the device-edge cut."""
+
+    micro_batches: int = Field(4, ge=1)  # a local step's batch is cut into this many pipelined micro-batches
+    activation_codec: Literal["fp32", "fp16", "bf16", "int8"] = "fp32"  # boundary activations on the uplink
+    gradient_codec: Literal["fp32", "fp16", "bf16", "int8"] = "fp32"  # their gradients on the downlink
+
+
 class RuntimeConfig(_Section):
     threads: int = Field(1, ge=1)  # torch threads per rank (ranks usually outnumber cores)
     # How a rank waits for a collective: "poll" tests with a short backoff sleep so waiting ranks
@@ -108,6 +116,7 @@ class RunConfig(_Section):
     train: TrainConfig = TrainConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     aggregation: AggregationConfig = AggregationConfig()
+    split: SplitConfig = SplitConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
 

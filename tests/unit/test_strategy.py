@@ -62,6 +62,13 @@ def test_accumulate_equals_summed_contributions() -> None:
     np.testing.assert_array_equal(acc, summed(DELTAS, WEIGHTS))
 
 
+def test_mean_delta_divides_in_float64() -> None:
+    delta, total = Strategy.mean_delta(np.array([1.0, 2.0, 3.0], dtype=np.float32))
+    assert delta.dtype == np.float64 and total == 3.0
+    np.testing.assert_array_equal(delta, [1 / 3, 2 / 3])  # exact in float64, not float32's 1/3
+    assert Strategy.mean_delta(np.zeros(3, dtype=np.float32)) == (None, 0.0)
+
+
 def test_summed_contributions_aggregate_to_weighted_mean() -> None:
     rng = np.random.default_rng(0)
     deltas = [rng.normal(size=50) for _ in range(6)]

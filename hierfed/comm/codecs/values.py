@@ -59,7 +59,8 @@ class Float16(ValueCodec):
         return 2 * n
 
     def encode_into(self, x, out, rng) -> None:
-        h = x.astype("<f2")
+        with np.errstate(over="ignore"):
+            h = x.astype("<f2")
         over = np.isinf(h)
         if over.any():
             i = _first_bad(over)
