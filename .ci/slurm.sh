@@ -71,12 +71,14 @@ PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP OverSubscr
 PartitionName=gpu Nodes=$host MaxTime=INFINITE State=UP OverSubscribe=FORCE
 PartitionName=cpu Nodes=$host MaxTime=INFINITE State=UP OverSubscribe=FORCE
 EOF
+    # Fake GPUs: slurmd counts gres/gpu from device files, so 8 character devices that are /dev/null.
+    mkdir -p "$STATE/dev"
+    for i in 0 1 2 3 4 5 6 7; do
+        [ -e "$STATE/dev/gpu$i" ] || mknod "$STATE/dev/gpu$i" c 1 3
+    done
     cat > "$CONF/gres.conf" <<EOF
 AutoDetect=off
-NodeName=$host Name=gpu Count=8
-EOF
-    cat > "$CONF/cgroup.conf" <<EOF
-CgroupPlugin=disabled
+NodeName=$host Name=gpu File=$STATE/dev/gpu[0-7]
 EOF
     if [ ! -s /etc/munge/munge.key ]; then
         dd if=/dev/urandom of=/etc/munge/munge.key bs=1 count=1024 status=none

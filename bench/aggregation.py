@@ -6,10 +6,11 @@ On the default topology (rank 0 cloud, ranks 1 and 4 edges, 2,3,5,6 devices) eac
 moves a flat float32 vector of D parameters down to every device and the devices' weighted
 updates back up to the cloud. Training is skipped: every device's delta is a fixed random vector.
 
-  hierfed (poll)   hierfed's own path: Channels from `build_runtime`, with the calls the roles
-  hierfed (block)  make (Channel.bcast / Strategy.accumulate / Channel.reduce_sum /
-                   FedAvg.aggregate / Strategy.contribution), without telemetry; once with
-                   runtime.wait polling (poll=True, the default) and once blocking (poll=False).
+  hierfed (poll)   hierfed's own path: Channels from `build_runtime`, wrapped in the uncompressed
+  hierfed (block)  links (comm.links.Parent/Child), with the calls the roles make: Parent.send /
+                   Child.receive / Child.add / Child.send / Parent.receive / FedAvg.aggregate on
+                   float64 master copies (cloud and edges), without telemetry (gather_obj); once
+                   with runtime.wait polling (poll=True, the default), once blocking (poll=False).
   floor            the bare MPI collectives on the same communicators and buffers: blocking
                    Bcast, Bcast, Reduce, Reduce; no strategy math, no copies.
   object           what many FL frameworks do: the model as a dict of 50 torch tensors, pickled
@@ -36,7 +37,9 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from hierfed.comm import wait
+from hierfed.comm.channel import wait
+from hierfed.comm.codecs import parse_codec
+from hierfed.comm.links import Child, Parent
 from hierfed.errors import HierfedError
 from hierfed.runtime import build_runtime, guarded, report_once
 from hierfed.strategy import FedAvg, Strategy
@@ -76,6 +79,11 @@ class Rank:
         rank = MPI.COMM_WORLD.Get_rank()
         self.strategy = FedAvg()
         self.params = params_of(dim) if self.kind == "cloud" else np.empty(dim, dtype=np.float32)
+        self.master = self.params.astype(np.float64) if self.kind == "cloud" else None  # roles/cloud.py
+        ident = parse_codec("identity")  # what protocol.parent_link/child_link build when uncompressed
+        self.links = {b: (Parent(r.down, ident, ident, dim) if r.down else None,
+                          Child(r.up, ident, ident, dim, error_feedback=False) if r.up else None)
+                      for b, r in ((False, rt), (True, rt_block))}
         self.reduced = np.zeros(Strategy.payload_size(dim), dtype=np.float32)  # floor's Reduce buffer
         if self.kind == "device":
             self.delta, self.weight = delta_of(dim, rank), weight_of(rank)
@@ -84,27 +92,23 @@ class Rank:
         if self.kind == "cloud":
             self.model = as_dict(self.params)
 
-    # ---- 1. hierfed: the roles' calls (cloud: aggregation_round; edge.run; device.run), no telemetry
+    # ---- 1. hierfed: the roles' calls (protocol.aggregation_round, edge.run, device.run), no telemetry
     def hierfed(self, block: bool) -> np.ndarray | None:
-        rt = self.rt_block if block else self.rt
+        down, up = self.links[block]
         if self.kind == "cloud":
-            rt.down.bcast(self.params)
-            reduced = np.empty(self.strategy.payload_size(self.dim), dtype=np.float32)
-            rt.down.reduce_sum(reduced)
-            return self.strategy.aggregate(self.params, reduced)[0]
+            down.send(self.master)
+            return self.strategy.aggregate(self.master, down.receive())[0]
         if self.kind == "edge":
-            rt.up.bcast(self.params)
-            local = self.params.copy()
-            rt.down.bcast(local)
-            reduced = np.empty(self.strategy.payload_size(self.dim), dtype=np.float32)
-            rt.down.reduce_sum(reduced)
-            local, weight = self.strategy.aggregate(local, reduced)
-            rt.up.reduce_sum(Strategy.contribution(local.astype(np.float64) - self.params, weight))
+            up.receive(self.params)
+            local = self.params.astype(np.float64)  # the edge's master copy
+            down.send(local)
+            local, weight = self.strategy.aggregate(local, down.receive())
+            up.add(0, weight, local - self.params)
+            up.send()
             return None
-        rt.up.bcast(self.params)
-        self.acc[:] = 0
-        Strategy.accumulate(self.acc, self.delta, self.weight)
-        rt.up.reduce_sum(self.acc)
+        up.receive(self.params)
+        up.add(0, self.weight, self.delta)
+        up.send()
         return None
 
     # ---- 2. floor: bare blocking collectives on the same communicators and buffers

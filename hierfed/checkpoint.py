@@ -2,6 +2,7 @@
 
 Layout under <out>/checkpoints/:
   round-0003/adapter_model.safetensors, adapter_config.json   PeftModel.from_pretrained(base, this dir)
+                                  (peft.method none: the whole model, from_pretrained(this dir))
   round-0003/state.npz     exact flat global vector and strategy states (the resume source)
   round-0003/state.json    round, dim, fingerprint, seed
   latest                   the name of the newest complete checkpoint
@@ -94,3 +95,39 @@ class Checkpoints:
                 head, key = k.split("/", 1)
                 edges.setdefault(int(head[4:]), {})[key] = v
         return State(round=int(meta["round"]), params=arrays["params"], cloud_state=cloud, edge_states=edges)
+
+
+class RankState:
+    """State that lives on a sender rank (error-feedback residuals of its clients, or of an edge),
+    saved by that rank beside the cloud's checkpoints: checkpoints/ranks/round-NNNN/<rank>.npz.
+
+    The cloud's `latest` decides which round a resume starts from; every rank then loads its own
+    file of that round. A rank keeps one more round than the cloud, so the round `latest` names is
+    always still there. Assumes the run directory is shared by all ranks (as on a cluster).
+    """
+
+    def __init__(self, out: Path, rank: int, keep: int) -> None:
+        self.root = out / "checkpoints" / "ranks"
+        self.rank = rank
+        self.keep = keep + 1
+
+    def _path(self, round_: int) -> Path:
+        return self.root / f"round-{round_:04d}" / f"rank-{self.rank:05d}.npz"
+
+    def save(self, round_: int, state: dict[str, np.ndarray]) -> None:
+        path = self._path(round_)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "wb") as f:
+            np.savez(f, **state)
+        os.replace(tmp, path)
+        mine = sorted(self.root.glob(f"round-*/rank-{self.rank:05d}.npz"), key=lambda p: int(p.parent.name.split("-")[1]))
+        for old in mine[: -self.keep]:
+            old.unlink(missing_ok=True)
+
+    def load(self, round_: int) -> dict[str, np.ndarray]:
+        path = self._path(round_)
+        if not path.exists():
+            raise HierfedError(f"--resume: {path} is missing (this rank's error-feedback state of round {round_})")
+        with np.load(path) as z:
+            return {k: z[k] for k in z.files}

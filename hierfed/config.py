@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from hierfed.data import DataConfig
 from hierfed.errors import HierfedError
@@ -43,7 +43,8 @@ class ModelConfig(_Section):
 class PeftConfig(_Section):
     """The adapter that is trained and travels. Methods map onto peft's own config classes."""
 
-    method: Literal["lora", "loha", "lokr", "ia3"] = "lora"
+    # "none" trains every parameter (no adapter): the full-model baseline that PEFT is measured against.
+    method: Literal["lora", "loha", "lokr", "ia3", "none"] = "lora"
     r: int = Field(8, ge=1)
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
@@ -85,6 +86,34 @@ class AggregationConfig(_Section):
     cloud: AggregatorConfig = AggregatorConfig()
 
 
+def _check_codec(spec: str) -> str:
+    from hierfed.comm.codecs import parse_codec
+
+    try:
+        return parse_codec(spec).spec
+    except HierfedError as e:
+        raise ValueError(str(e)) from None
+
+
+class CompressionConfig(_Section):
+    """Codec chains per link and direction (see docs/compression.md), e.g. "topk:0.05 > int8".
+
+    Uplinks carry updates (deltas from the last global); downlinks carry the new global as a delta
+    from what the children already hold (the first round after start sends it whole).
+    """
+
+    device_up: str = "identity"  # device -> its parent (edge, or the cloud when flat)
+    edge_up: str = "identity"  # edge -> cloud
+    edge_down: str = "identity"  # edge -> its devices
+    cloud_down: str = "identity"  # cloud -> its children
+    error_feedback: bool = True  # lossy uplinks keep each sender's residual across rounds
+
+    @field_validator("device_up", "edge_up", "edge_down", "cloud_down")
+    @classmethod
+    def _valid(cls, v: str) -> str:
+        return _check_codec(v)
+
+
 class SplitConfig(_Section):
     """Split placement (devices with `split_layers` in the topology): what crosses the device-edge cut."""
 
@@ -116,6 +145,7 @@ class RunConfig(_Section):
     train: TrainConfig = TrainConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     aggregation: AggregationConfig = AggregationConfig()
+    compression: CompressionConfig = CompressionConfig()
     split: SplitConfig = SplitConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()

@@ -13,6 +13,16 @@ from rich.table import Table
 from hierfed.comm.ledger import Key, by_link
 
 
+def _sum_links(rows: list[dict[str, Any]], key: str) -> dict[str, dict[str, int]]:
+    out: dict[str, dict[str, int]] = {}
+    for r in rows:
+        for link, d in r.get(key, {}).items():
+            t = out.setdefault(link, {"up": 0, "down": 0})
+            t["up"] += d["up"]
+            t["down"] += d["down"]
+    return out
+
+
 def human_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if abs(n) < 1000 or unit == "GB":
@@ -40,6 +50,7 @@ class RunLog:
     def write(self, row: dict[str, Any], raw_bytes: dict[Key, int] | None = None) -> None:
         if raw_bytes is not None:
             row["bytes"] = by_link(raw_bytes)
+            row["bytes_uncompressed"] = by_link(raw_bytes, raw=True)
         self.rows.append(row)
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
@@ -59,12 +70,12 @@ class RunLog:
     def summary(self, info: dict[str, Any]) -> dict[str, Any]:
         """Totals over the run (from the rows, so a resumed run reports the whole run)."""
         rounds = [r for r in self.cloud_rows() if r["round"] > 0]
-        totals: dict[str, dict[str, int]] = {}
-        for r in self.cloud_rows():
-            for link, d in r.get("bytes", {}).items():
-                t = totals.setdefault(link, {"up": 0, "down": 0})
-                t["up"] += d["up"]
-                t["down"] += d["down"]
+        totals, uncompressed = _sum_links(self.cloud_rows(), "bytes"), _sum_links(self.cloud_rows(), "bytes_uncompressed")
+        # The reference every experiment is measured against: flat FedAvg of the whole model in
+        # fp32, each sampled client downloading and uploading every parameter every round.
+        full = sum(r.get("clients", 0) for r in rounds) * info["total_params"] * 4
+        cloud_link = "device-cloud" if "device-cloud" in totals else "edge-cloud"
+        cloud_bytes = sum(totals.get(cloud_link, {"up": 0, "down": 0}).values())
         secs = {k: sum(r["seconds"].get(k, 0.0) for r in rounds) for k in ("round", "compute", "aggregate", "eval")}
         secs["communication"] = max(0.0, secs["round"] - secs["compute"] - secs["aggregate"])
         last = self.cloud_rows()[-1]
@@ -75,6 +86,10 @@ class RunLog:
             "initial": {k: first.get(k) for k in ("eval_accuracy", "eval_loss")},
             "final": {k: last.get(k) for k in ("eval_accuracy", "eval_loss", "loss")},
             "bytes": totals,
+            "bytes_uncompressed": uncompressed,
+            "full_model_flat_fedavg": {"device-cloud": {"up": full, "down": full}},
+            "cloud_link": cloud_link,
+            "cloud_link_reduction": (2 * full / cloud_bytes) if cloud_bytes else None,
             "seconds": secs,
         }
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -91,6 +106,11 @@ class RunLog:
                 t.add_row(key.replace("_", " "), f"{s['initial'][key]:.4f} -> {s['final'][key]:.4f}")
         for link, d in s["bytes"].items():
             t.add_row(f"{link} bytes up / down", f"{human_bytes(d['up'])} / {human_bytes(d['down'])}")
+            raw = s["bytes_uncompressed"].get(link, d)
+            if raw != d:
+                t.add_row("  uncompressed it would be", f"{human_bytes(raw['up'])} / {human_bytes(raw['down'])}")
+        if s["cloud_link_reduction"]:
+            t.add_row("cloud link vs full-model flat FedAvg", f"{s['cloud_link_reduction']:,.0f}x fewer bytes")
         sec = s["seconds"]
         total = max(sec["round"], 1e-9)
         t.add_row("round time", f"{sec['round']:.1f} s")

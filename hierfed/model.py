@@ -55,7 +55,7 @@ def minilm_path() -> str:
 
 @dataclass
 class Built:
-    model: torch.nn.Module  # the PeftModel
+    model: torch.nn.Module  # the PeftModel (the plain model when peft.method is "none")
     tokenizer: Any
     kind: str  # "classification" | "causal_lm"
 
@@ -114,6 +114,8 @@ def build_model(model_cfg: ModelConfig, peft_cfg: PeftConfig, kind: str, num_lab
     tok = load_tokenizer(model_cfg)
     torch.manual_seed(seed)
     base = _base_model(model_cfg, kind, num_labels, tok)
+    if peft_cfg.method == "none":  # full fine-tuning: every parameter trains and travels
+        return Built(model=base, tokenizer=tok, kind=kind)
     try:
         model = get_peft_model(base, peft_config(peft_cfg, kind))
     except (ValueError, TypeError) as e:

@@ -18,7 +18,8 @@ from typing import Any, Callable
 
 from mpi4py import MPI
 
-from hierfed.comm import Channel, Ledger
+from hierfed.comm.channel import Channel
+from hierfed.comm.ledger import Ledger
 from hierfed.errors import HierfedError
 from hierfed.topology import Placement, Role
 

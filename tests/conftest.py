@@ -41,3 +41,11 @@ def write_yaml(tmp_path):
         return str(path)
 
     return write
+
+
+@pytest.fixture(scope="session")
+def default_run(tmp_path_factory):
+    """The main job exactly as README runs it under mpiexec (MiniLM + LoRA, 7 ranks), run once."""
+    out = tmp_path_factory.mktemp("default") / "run"
+    proc = mpirun(7, "run", "topologies/default.yaml", "--out", str(out))
+    return out, proc

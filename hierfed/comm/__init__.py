@@ -1,6 +1,5 @@
-"""Transport between tiers: MPI channels over contiguous buffers, and the byte ledger."""
+"""Transport between tiers: MPI channels over contiguous buffers (`channel`), compressed model
+traffic (`links`), codecs (`codecs`, pure numpy) and the byte ledger (`ledger`).
 
-from hierfed.comm.ledger import Ledger
-from hierfed.comm.channel import Channel, wait
-
-__all__ = ["Channel", "Ledger", "wait"]
+Nothing is imported here, so the pure parts (codecs, ledger) load without initialising MPI.
+"""

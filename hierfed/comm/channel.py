@@ -49,23 +49,45 @@ class Channel:
         wait(request, self.poll)
         self.seconds += time.perf_counter() - t
 
-    def bcast(self, buf: np.ndarray) -> None:
-        """Parent -> every child, in place. Counted once per child link at the parent."""
+    def bcast(self, buf: np.ndarray, receivers: int | None = None, raw: int | None = None) -> None:
+        """Parent -> every child, in place. Counted at the parent once per receiver: `receivers`
+        logical receivers (e.g. the sampled clients behind the children), default one per child."""
         if self.is_parent:
-            self.ledger.record(self.link, "down", buf.nbytes * self.num_children)
+            n = self.num_children if receivers is None else receivers
+            self.ledger.record(self.link, "down", buf.nbytes * n, raw=None if raw is None else raw * n)
         self._complete(self.comm.Ibcast(buf, root=0))
 
-    def reduce_sum(self, buf: np.ndarray) -> None:
+    def reduce_sum(self, buf: np.ndarray, senders: int = 1) -> None:
         """Children -> parent: the parent's `buf` becomes the element-wise sum of the children's.
 
-        The parent contributes nothing (its buf is zeroed first). Counted at each child.
+        The parent contributes nothing (its buf is zeroed first). Counted at each child, once per
+        logical sender it stands for (a rank's virtual clients each send their own update).
         """
         if self.is_parent:
             buf[...] = 0
             self._complete(self.comm.Ireduce(MPI.IN_PLACE, buf, op=MPI.SUM, root=0))
         else:
-            self.ledger.record(self.link, "up", buf.nbytes)
+            self.ledger.record(self.link, "up", buf.nbytes * senders)
             self._complete(self.comm.Ireduce(buf, None, op=MPI.SUM, root=0))
+
+    def gather_bytes(self, payload: np.ndarray, raw: int = 0) -> list[np.ndarray] | None:
+        """Children -> parent: variable-size uint8 payloads with one Gatherv (sizes gathered first).
+
+        Counted at each child: the payload plus its 8-byte size; `raw` is its uncompressed size.
+        Returns the children's payloads in child order at the parent, None at children.
+        """
+        size = np.array([payload.size], dtype=np.int64)
+        if self.is_parent:
+            sizes = np.zeros(self.comm.Get_size(), dtype=np.int64)
+            self._complete(self.comm.Igather(size, sizes, root=0))
+            recv = np.empty(int(sizes.sum()), dtype=np.uint8)
+            displs = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+            self._complete(self.comm.Igatherv(payload[:0], [recv, sizes, displs, MPI.BYTE], root=0))
+            return [recv[d : d + n] for d, n in zip(displs[1:], sizes[1:])]
+        self.ledger.record(self.link, "up", payload.nbytes + size.nbytes, raw=raw)
+        self._complete(self.comm.Igather(size, None, root=0))
+        self._complete(self.comm.Igatherv([payload, MPI.BYTE], None, root=0))
+        return None
 
     def bcast_obj(self, obj: Any = None) -> Any:
         """A small control message from the parent to every child (pickled)."""

@@ -2,7 +2,9 @@
 
 Bytes are counted per logical link as the link model sees them: a broadcast from an edge to its
 three devices puts three copies on the edge->device links, whatever tree MPI uses underneath.
-Kinds: "payload" (model parameters/updates) and "control" (small pickled protocol messages).
+Kinds: "payload" (model parameters/updates, encoded, with their per-message metadata), "control"
+(small pickled protocol messages) and "raw": what the payloads would have been as plain float32 —
+kept beside the real counts so a run reports what compression saved.
 Telemetry (metrics sent to the cloud for logging) is not training traffic and is not counted.
 """
 
@@ -18,10 +20,15 @@ class Ledger:
         self._round: dict[Key, int] = defaultdict(int)
         self._total: dict[Key, int] = defaultdict(int)
 
-    def record(self, link: str, direction: str, nbytes: int, kind: str = "payload") -> None:
-        key = (link, direction, kind)
-        self._round[key] += int(nbytes)
-        self._total[key] += int(nbytes)
+    def record(self, link: str, direction: str, nbytes: int, kind: str = "payload", raw: int | None = None) -> None:
+        """Count `nbytes` sent; for payloads also `raw`, their uncompressed float32 size (default: the same)."""
+        self._add((link, direction, kind), nbytes)
+        if kind == "payload":
+            self._add((link, direction, "raw"), nbytes if raw is None else raw)
+
+    def _add(self, key: Key, n: int) -> None:
+        self._round[key] += int(n)
+        self._total[key] += int(n)
 
     def take_round(self) -> dict[Key, int]:
         """The bytes counted since the last call (one cloud round), and start a new round."""
@@ -41,9 +48,12 @@ def merge(counts: list[dict[Key, int]]) -> dict[Key, int]:
     return dict(out)
 
 
-def by_link(counts: dict[Key, int]) -> dict[str, dict[str, int]]:
-    """{(link, dir, kind): n} -> {"device-edge": {"up": n, "down": n}} (payload + control)."""
+def by_link(counts: dict[Key, int], raw: bool = False) -> dict[str, dict[str, int]]:
+    """{(link, dir, kind): n} -> {"device-edge": {"up": n, "down": n}}: bytes sent (payload +
+    control), or with raw=True what they would have been uncompressed (raw payload + control)."""
     out: dict[str, dict[str, int]] = {}
-    for (link, direction, _kind), n in sorted(counts.items()):
+    for (link, direction, kind), n in sorted(counts.items()):
+        if kind == ("payload" if raw else "raw"):
+            continue
         out.setdefault(link, {"up": 0, "down": 0})[direction] += n
     return out

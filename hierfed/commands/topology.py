@@ -1,8 +1,14 @@
-"""`hierfed topology validate|ranks|show FILE`: check a topology file and see its rank layout."""
+"""`hierfed topology validate|ranks|show|plan FILE`: check a topology file and see its rank layout.
+
+`plan` (and `validate`, when the file has `split_layers`) prices each device's share of the model
+with hierfed.memory for the run config given by `--config` (default: the embedded defaults). Only
+those paths import torch: validating a topology without split layers stays fast.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from hierfed.topology import DeviceSpec, Placement, load_topology
@@ -12,21 +18,75 @@ def add_parser(subparsers: Any) -> None:
     """Register `topology` and its sub-commands on the main CLI's subparsers object."""
     p = subparsers.add_parser("topology", help="validate a topology file and show its rank layout",
                               description="Validate a topology file and show its rank layout.")
-    sub = p.add_subparsers(dest="topology_command", metavar="{validate,ranks,show}", required=True)
+    sub = p.add_subparsers(dest="topology_command", metavar="{validate,ranks,show,plan}", required=True)
     for name, func, help_ in (
-        ("validate", _validate, "check the file; print 'ok: <summary>'"),
+        ("validate", _validate, "check the file (and, with split_layers, the devices' memory budgets); "
+                                "print 'ok: <summary>'"),
         ("ranks", _ranks, "print the number of MPI ranks it needs (for mpiexec -n)"),
         ("show", _show, "print the cloud/edge/device tree with rank numbers, clients and links"),
+        ("plan", _plan, "print per device the split point k, estimated memory, link bytes per step and why"),
     ):
         c = sub.add_parser(name, help=help_, description=help_[0].upper() + help_[1:] + ".")
         c.add_argument("file", metavar="FILE",
                        help="a topology .yaml file, or a name in ./topologies/ (e.g. default, flat)")
+        if name in ("validate", "plan"):
+            c.add_argument("--config", metavar="RUN",
+                           help="run config YAML whose model, peft, train and split settings are priced "
+                                "(default: the embedded defaults)")
         c.set_defaults(func=func)
 
 
 def _validate(args: argparse.Namespace) -> int:
-    print(f"ok: {load_topology(args.file).placement().summary()}")
+    placement = load_topology(args.file).placement()
+    split = [d for d in placement.devices if d.split_layers is not None]
+    if not split:
+        if args.config:
+            from hierfed.config import load_config
+
+            load_config(args.config)  # a bad run config fails here too; no model is built
+        print(f"ok: {placement.summary()}")
+        return 0
+    rows = {r.name: r for r in _rows(placement, args.config)[1]}
+    for d in split:
+        if not rows[d.name].fits:
+            print(f"hierfed: warning: {d.name}: {rows[d.name].why}", file=sys.stderr)
+    ks = ", ".join(f"{d.name} k={_k(rows[d.name].k)}" for d in split)
+    print(f"ok: {placement.summary()}; split: {ks}")
     return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    placement = load_topology(args.file).placement()
+    print("\n".join(render_plan(placement, args.config)))
+    return 0
+
+
+def _rows(placement: Placement, config: str | None) -> tuple[str, list[Any]]:
+    """hierfed.memory's plan for this topology under the run config, and a line of its factors."""
+    from hierfed import memory
+    from hierfed.config import load_config
+
+    cfg = load_config(config)
+    kind, num_labels = memory.task_of(cfg)
+    rows = memory.plan(placement, cfg, kind, num_labels)  # raises HierfedError on impossible budgets
+    return memory.describe(cfg, kind, num_labels), rows
+
+
+def render_plan(placement: Placement, config: str | None) -> list[str]:
+    """The plan as aligned text: the summary, the factors, then one row per device."""
+    from hierfed.memory import human
+
+    factors, rows = _rows(placement, config)
+    table = [("device", "rank", "memory", "split", "k", "estimate", "up/step", "down/step", "why")]
+    table += [(r.name, str(r.rank), f"{r.memory_gb:g} GB", "all" if r.requested is None else str(r.requested),
+               _k(r.k), human(r.estimate.total), human(r.up), human(r.down), r.why) for r in rows]
+    widths = [max(len(row[i]) for row in table) + 2 for i in range(len(table[0]) - 1)]
+    return [placement.summary(), f"  {factors}"] + [
+        "".join(c.ljust(w) for c, w in zip(row[:-1], widths)) + row[-1] for row in table]
+
+
+def _k(k: int | None) -> str:
+    return "all" if k is None else str(k)
 
 
 def _ranks(args: argparse.Namespace) -> int:

@@ -17,7 +17,7 @@ from hierfed.data import load_data
 from hierfed.engine import LocalTrainer, configure_threads, tokenize
 from hierfed.metrics import RunLog
 from hierfed.model import FlatView, build_model
-from hierfed.roles.protocol import Plan, aggregation_round
+from hierfed.roles.protocol import Plan, aggregation_round, codec_rng, parent_link, prefixed, sampled_clients, unprefixed
 from hierfed.strategy import build_strategy
 
 
@@ -64,39 +64,47 @@ def run(rt, cfg) -> None:
 
     if rt.resume:
         state = ckpts.load_latest(flat.dim, flat.fingerprint())
-        strategy.load_state_dict(state.cloud_state)
+        strategy.load_state_dict(unprefixed("strategy", state.cloud_state))
         start, params, edge_states = state.round + 1, state.params, state.edge_states
     else:
         start, params, edge_states = 1, flat.get().astype(np.float64), {}  # float64 master copy
     log = RunLog(out, start - 1 if rt.resume else None, cfg.runtime.progress)
     (out / "config.yaml").write_text(rt.config_text)
-    rt.down.bcast_obj(Plan(start, flat.dim, flat.fingerprint(), flat.base_fingerprint(), edge_states))
+    rt.down.bcast_obj(Plan(start, flat.dim, flat.fingerprint(), flat.base_fingerprint(), str(out), edge_states))
+    link = parent_link(rt.down, cfg, rt.placement.flat, "cloud", flat.dim)
+    if rt.resume:
+        link.load_state_dict(unprefixed("link", state.cloud_state))
     began = time.perf_counter()
 
-    def finish(row: dict, raw: dict, params: np.ndarray, states: dict) -> None:
+    def finish(row: dict, raw: dict, params: np.ndarray, states: dict, cloud_state: dict) -> None:
         """Evaluate and checkpoint a finished round, then write its row."""
         t0 = time.perf_counter()
         flat.set(params)
         row.update(evaluator.evaluate(eval_data, task.kind, cfg.schedule.eval_batch_size))
         last = row["round"] == cfg.schedule.rounds
         if row["round"] > 0 and (last or row["round"] % cfg.checkpoint.every == 0):
-            ckpts.save(State(row["round"], params, strategy.state_dict(), states), built.model, flat, meta)
+            ckpts.save(State(row["round"], params, cloud_state, states), built.model, flat, meta)
         row["seconds"]["eval"] = time.perf_counter() - t0
         row["elapsed_s"] = time.perf_counter() - began
         log.write(row, raw)
 
     pending = None
     if start == 1:  # round 0: the untrained model, so the log shows where learning starts
-        pending = ({"round": 0, "edge_round": None, "tier": "cloud", "loss": None, "seconds": {}}, rt.ledger.take_round(), params, {})
+        pending = ({"round": 0, "edge_round": None, "tier": "cloud", "loss": None, "seconds": {}}, rt.ledger.take_round(), params, {}, {})
     for t in range(start, cfg.schedule.rounds + 1):
         started = time.perf_counter()
         job = pending
-        params_new, _weight, telemetry, agg_s = aggregation_round(rt.down, params, strategy, while_children_work=(lambda: finish(*job)) if job else None)
+        # Flat: the broadcast stands for one copy per sampled client; hierarchical: one per edge.
+        receivers = len(sampled_clients(rt.placement.num_clients, cfg.schedule.client_fraction, cfg.seed, t)) if rt.placement.flat else None
+        params_new, _weight, telemetry, agg_s = aggregation_round(
+            link, params, strategy, receivers, codec_rng(cfg.seed, t, 0, rt.role.rank, 1), while_children_work=(lambda: finish(*job)) if job else None
+        )
         row, raw = _round_row(t, telemetry, rt.placement.flat, agg_s, log)
         raw = merge([raw, rt.ledger.take_round()])  # the cloud's own sends this round
         row["seconds"]["round"] = time.perf_counter() - started
         states = {} if rt.placement.flat else {e: d["strategy_state"] for e, d in enumerate(telemetry) if d["strategy_state"]}
-        pending, params = (row, raw, params_new, states), params_new
+        cloud_state = {**prefixed("strategy", strategy.state_dict()), **prefixed("link", link.state_dict())}  # as of round t
+        pending, params = (row, raw, params_new, states, cloud_state), params_new
     if pending:
         finish(*pending)
 

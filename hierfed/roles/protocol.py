@@ -1,8 +1,9 @@
-"""What parents and children agree on: the start-up plan, client sampling, and one aggregation round.
+"""What parents and children agree on: the start-up plan, client sampling, the codecs of each link,
+and one aggregation round.
 
 One aggregation round between a parent and its children, the same at every tier:
-  parent --Bcast params--> children; children work; children --Reduce [w*delta, w]--> parent;
-  parent: strategy step; children --gather telemetry--> parent.
+  parent --params--> children; children work; children --[w*delta, w]--> parent (summed);
+  parent: strategy step; children --telemetry--> parent.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from hierfed.comm import Channel
+from hierfed.comm.channel import Channel
+from hierfed.comm.codecs import parse_codec
+from hierfed.comm.links import Child, Parent
 from hierfed.errors import HierfedError
 from hierfed.strategy import Strategy
 
@@ -26,6 +29,7 @@ class Plan:
     dim: int  # length of the flat trainable vector
     fingerprint: str  # names and shapes of the trainable parameters
     base_fingerprint: str  # the frozen base weights
+    out: str  # the run directory (ranks with state to checkpoint write there)
     edge_states: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)  # edge strategy state on resume
 
 
@@ -45,21 +49,57 @@ def sampled_clients(num_clients: int, fraction: float, seed: int, round_: int) -
     return np.sort(rng.choice(num_clients, size=k, replace=False))
 
 
+def codec_rng(seed: int, *parts: int) -> np.random.Generator:
+    """Randomness for a stochastic codec, from (seed, round, edge round, sender, link)."""
+    return np.random.default_rng([seed, *parts, 0xC0DEC])
+
+
+def _codecs(cfg, flat: bool, tier: str) -> tuple[str, str]:
+    """(downlink, uplink) codec specs of a tier: "edge" (edge <-> devices) or "cloud" (cloud <-> children)."""
+    c = cfg.compression
+    if tier == "edge":
+        return c.edge_down, c.device_up
+    return c.cloud_down, (c.device_up if flat else c.edge_up)
+
+
+def parent_link(channel: Channel, cfg, flat: bool, tier: str, dim: int) -> Parent:
+    down, up = _codecs(cfg, flat, tier)
+    return Parent(channel, parse_codec(down), parse_codec(up), dim)
+
+
+def child_link(channel: Channel, cfg, flat: bool, tier: str, dim: int, resumed: bool) -> Child:
+    down, up = _codecs(cfg, flat, tier)
+    return Child(channel, parse_codec(down), parse_codec(up), dim, cfg.compression.error_feedback, resumed)
+
+
+def prefixed(prefix: str, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {f"{prefix}/{k}": v for k, v in state.items()}
+
+
+def unprefixed(prefix: str, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + "/")}
+
+
 def aggregation_round(
-    down: Channel, params: np.ndarray, strategy: Strategy, while_children_work: Callable[[], None] | None = None
+    link: Parent,
+    params: np.ndarray,
+    strategy: Strategy,
+    receivers: int | None = None,
+    rng: np.random.Generator | None = None,
+    while_children_work: Callable[[], None] | None = None,
 ) -> tuple[np.ndarray, float, list[Any], float]:
     """Parent side of one round. Returns (new params, total weight, children's telemetry, aggregate s).
 
-    `params` is the parent's float64 master copy; children receive it as float32.
+    `params` is the parent's float64 master copy; children receive it as float32 (or its encoded
+    change). `receivers` is how many logical receivers the broadcast stands for (ledger).
     `while_children_work` runs after the broadcast, while the children train (the cloud's eval).
     """
-    down.bcast(params.astype(np.float32))
+    link.send(params, receivers, rng)
     if while_children_work is not None:
         while_children_work()
-    reduced = np.empty(strategy.payload_size(params.size), dtype=np.float32)
-    down.reduce_sum(reduced)
+    reduced = link.receive()
     t = time.perf_counter()
     new, weight = strategy.aggregate(params, reduced)
-    agg_s = time.perf_counter() - t
-    telemetry = down.gather_obj(None)
+    agg_s = time.perf_counter() - t + link.decode_s
+    telemetry = link.channel.gather_obj(None)
     return new, weight, telemetry, agg_s

@@ -37,10 +37,9 @@ def check_ok(proc) -> None:
     assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
 
 
-def test_default_job_learns_and_writes_results(tmp_path):
+def test_default_job_learns_and_writes_results(default_run):
     """The main job as README runs it under mpiexec: MiniLM + LoRA on 7 ranks, accuracy from chance to >= 0.85."""
-    out = tmp_path / "run"
-    proc = mpirun(7, "run", "topologies/default.yaml", "--out", str(out))
+    out, proc = default_run
     check_ok(proc)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["initial"]["eval_accuracy"] < 0.4  # 4 classes: an untrained head is near chance

@@ -1,0 +1,166 @@
+"""Model traffic over one Channel, compressed per direction: what a parent and a child each hold.
+
+Downlink (parent -> children): the parent's float64 parameters. Uncompressed, the float32 vector
+is broadcast. With a codec, the first broadcast after start is the whole vector and later ones the
+encoded difference from what the children already hold; both sides add the same decoded delta, so
+they stay in step, and what the codec dropped is sent again next time.
+
+Uplink (children -> parent): weighted updates (deltas). Uncompressed, contributions [w*delta, w]
+are summed into one buffer and SUM-reduced (the fast path). With a codec, each sender (a client,
+or an edge) encodes its own delta, with error feedback if configured, and every child's payloads
+go to the parent in one Gatherv: per update [float64 weight][uint64 length][codec payload].
+The parent decodes each and sums [w*delta, w] in float64.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from hierfed.comm.channel import Channel
+from hierfed.comm.codecs import Codec, CodecError, ErrorFeedback
+from hierfed.strategy import Strategy
+
+_META = np.dtype([("weight", "<f8"), ("length", "<u8")])
+
+
+def _pack(parts: list[tuple[float, np.ndarray]]) -> np.ndarray:
+    out = np.empty(sum(_META.itemsize + p.size for _, p in parts), dtype=np.uint8)
+    pos = 0
+    for weight, payload in parts:
+        out[pos : pos + _META.itemsize] = np.array([(weight, payload.size)], dtype=_META).view(np.uint8)
+        pos += _META.itemsize
+        out[pos : pos + payload.size] = payload
+        pos += payload.size
+    return out
+
+
+def _unpack(blob: np.ndarray) -> list[tuple[float, np.ndarray]]:
+    parts, pos = [], 0
+    while pos < blob.size:
+        if blob.size - pos < _META.itemsize:
+            raise CodecError(f"truncated update message: {blob.size - pos} bytes left, a header needs {_META.itemsize}")
+        meta = blob[pos : pos + _META.itemsize].view(_META)[0]
+        pos += _META.itemsize
+        n = int(meta["length"])
+        if n > blob.size - pos:
+            raise CodecError(f"truncated update message: payload of {n} bytes, {blob.size - pos} left")
+        parts.append((float(meta["weight"]), blob[pos : pos + n]))
+        pos += n
+    return parts
+
+
+class Parent:
+    """The parent end of a tier: sends parameters down, receives summed updates."""
+
+    def __init__(self, channel: Channel, down: Codec, up: Codec, dim: int) -> None:
+        self.channel, self.down, self.up, self.dim = channel, down, up, dim
+        self.held: np.ndarray | None = None  # float32 parameters the children hold (codec downlink)
+        self.decode_s = 0.0  # time spent decoding the last round's updates (part of aggregation)
+        self._resync = False
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """What the children hold (codec downlinks): checkpointed so a resumed run continues exactly."""
+        return {} if self.held is None else {"held": self.held.copy()}
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        if "held" in state and not self.down.is_identity:
+            self.held = np.asarray(state["held"], dtype=np.float32).copy()
+            self._resync = True
+
+    def send(self, params: np.ndarray, receivers: int | None = None, rng: np.random.Generator | None = None) -> None:
+        if self._resync:  # resumed: first put the children back on the held copy, then carry on
+            self.channel.bcast(self.held, receivers)
+            self._resync = False
+        if self.down.is_identity or self.held is None:
+            buf = params.astype(np.float32)
+            self.channel.bcast(buf, receivers)
+            self.held = None if self.down.is_identity else buf
+            return
+        payload = self.down.encode(params - self.held, rng)
+        self.channel.bcast(payload, receivers, raw=self.dim * 4)
+        self.held += self.down.decode(payload, self.dim)
+
+    def receive(self) -> np.ndarray:
+        """[sum w*delta, sum w] over every update sent by the children this round."""
+        if self.up.is_identity:
+            buf = np.empty(self.dim + 1, dtype=np.float32)
+            self.channel.reduce_sum(buf)
+            return buf
+        total = np.zeros(self.dim + 1, dtype=np.float64)
+        blobs = self.channel.gather_bytes(np.empty(0, dtype=np.uint8))
+        started = time.perf_counter()
+        for blob in blobs:
+            for weight, payload in _unpack(blob):
+                total[:-1] += weight * self.up.decode(payload, self.dim)
+                total[-1] += weight
+        self.decode_s = time.perf_counter() - started
+        return total
+
+
+class Child:
+    """The child end of a tier: receives parameters, sends its senders' weighted updates."""
+
+    def __init__(self, channel: Channel, down: Codec, up: Codec, dim: int, error_feedback: bool, resumed: bool = False) -> None:
+        self.channel, self.down, self.up, self.dim = channel, down, up, dim
+        self.held: np.ndarray | None = None
+        self._resync = resumed and not down.is_identity  # a resumed parent first resends its held copy
+        lossy = not (up.is_identity or up.spec in ("fp32",))
+        self.feedback: dict[int, ErrorFeedback] | None = {} if (error_feedback and lossy) else None
+        self._acc = np.zeros(dim + 1, dtype=np.float32)
+        self._parts: list[tuple[float, np.ndarray]] = []
+        self._senders = 0
+
+    def receive(self, out: np.ndarray) -> None:
+        """The parent's parameters into `out` (float32)."""
+        if self._resync:
+            self.held = np.empty(self.dim, dtype=np.float32)
+            self.channel.bcast(self.held)
+            self._resync = False
+        if self.down.is_identity or self.held is None:
+            self.channel.bcast(out)
+            self.held = None if self.down.is_identity else out.copy()
+            return
+        payload = np.empty(self.down.encoded_size(self.dim), dtype=np.uint8)
+        self.channel.bcast(payload)
+        self.held += self.down.decode(payload, self.dim)
+        out[:] = self.held
+
+    def add(self, sender: int, weight: float, delta: np.ndarray, rng: np.random.Generator | None = None) -> None:
+        """Queue one sender's update (a client's, or an edge's) for this round's send."""
+        self._senders += 1
+        if self.up.is_identity:
+            Strategy.accumulate(self._acc, delta, weight)
+            return
+        if self.feedback is not None:
+            ef = self.feedback.setdefault(sender, ErrorFeedback(self.up, self.dim))
+            payload = ef.encode(delta, rng)
+        else:
+            payload = self.up.encode(delta, rng)
+        self._parts.append((weight, payload))
+
+    def send(self) -> float:
+        """Send the queued updates to the parent; returns their total weight."""
+        if self.up.is_identity:
+            weight = float(self._acc[-1])
+            self.channel.reduce_sum(self._acc, senders=self._senders)
+            self._acc[:] = 0
+        else:
+            weight = sum(w for w, _ in self._parts)
+            self.channel.gather_bytes(_pack(self._parts), raw=self._senders * (self.dim + 1) * 4)
+            self._parts = []
+        self._senders = 0
+        return weight
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Error-feedback residuals, one per sender: state to checkpoint."""
+        return {f"residual/{s}": ef.residual.copy() for s, ef in (self.feedback or {}).items()}
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        if self.feedback is None:
+            return
+        for key, value in state.items():
+            sender = int(key.split("/", 1)[1])
+            ef = self.feedback.setdefault(sender, ErrorFeedback(self.up, self.dim))
+            ef.load_state_dict({"residual": value})

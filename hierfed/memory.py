@@ -1,0 +1,302 @@
+"""Memory plan for split placement: what a device's share of the model costs, and where to cut.
+
+A device with `split_layers: k` holds the embeddings and blocks [0, k) with their adapters; its edge
+holds the rest. `estimate` prices that share (`k=None`: the whole model), `plan` turns each device's
+`split_layers` (an integer, `auto` or none) into a chosen k with a one-line reason, and
+`resolve_split` is what the runtime asks. Parameter counts are exact: they are read from the
+model's skeleton built on the meta device with the same PEFT wrapping as the real run, so no
+weights are loaded or allocated. Activations are an estimate (see `block_activation_bytes`).
+
+Memory budgets are decimal: memory_gb = 4 means 4e9 bytes.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+import transformers
+from peft import get_peft_model
+
+from hierfed.config import RunConfig
+from hierfed.errors import HierfedError
+from hierfed.model import _base_model, load_tokenizer, minilm_path, peft_config
+from hierfed.topology import DeviceSpec, Placement
+
+GB = 1e9
+# bytes per value on the device-edge link, by codec; int8 also sends one float32 scale per row (token)
+CODEC_WIDTH = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1}
+INDEX_BYTES = 8  # attention mask and labels cross the link as the tokenizer's int64
+
+
+@dataclass(frozen=True)
+class Part:
+    """Parameters of one piece of the model: frozen count and bytes, trainable count and bytes."""
+
+    frozen: int = 0
+    frozen_bytes: int = 0
+    trainable: int = 0
+    trainable_bytes: int = 0
+
+    def __add__(self, o: Part) -> Part:
+        return Part(self.frozen + o.frozen, self.frozen_bytes + o.frozen_bytes,
+                    self.trainable + o.trainable, self.trainable_bytes + o.trainable_bytes)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the estimator needs from a model: its parts (exact) and the sizes activations scale with."""
+
+    embed: Part  # everything registered before block 0 (token/position embeddings, their norm)
+    blocks: tuple[Part, ...]  # one per transformer block, adapters included
+    head: Part  # everything after the last block (final norm, LM/classification head)
+    hidden: int
+    heads: int
+    ffn: int  # MLP intermediate size
+    outputs: int  # vocabulary size (causal LM) or number of labels (classification)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Bytes a device needs for its share of the model during one local step."""
+
+    k: int | None  # blocks on the device; None = the whole model
+    frozen: int  # frozen base parameters
+    adapter: int  # trainable parameters (PEFT adapters, and the head on a whole-model device)
+    optimizer: int  # optimizer state for the trainable parameters
+    gradients: int  # gradients of the trainable parameters
+    activations: int  # saved for backward: every micro-batch graph kept alive at once
+
+    @property
+    def total(self) -> int:
+        return self.frozen + self.adapter + self.optimizer + self.gradients + self.activations
+
+
+@dataclass(frozen=True)
+class PlanRow:
+    name: str
+    rank: int
+    memory_gb: float
+    requested: int | str | None  # the topology's split_layers: k, "auto" or None (whole model)
+    k: int | None  # chosen: blocks on the device, None = whole model
+    estimate: Estimate
+    up: int  # bytes per local step over the device-edge link, device -> edge
+    down: int  # and edge -> device
+    fits: bool
+    why: str
+
+
+def skeleton(cfg: RunConfig, kind: str, num_labels: int | None) -> torch.nn.Module:
+    """The PEFT-wrapped model as built for a run, but on the meta device: shapes only, no memory."""
+    m = cfg.model
+    auto = (transformers.AutoModelForSequenceClassification if kind == "classification"
+            else transformers.AutoModelForCausalLM)
+    extra = {"num_labels": num_labels} if kind == "classification" else {}
+    with warnings.catch_warnings(), torch.device("meta"):
+        warnings.simplefilter("ignore")  # peft's notes on Conv1D etc.: the real build prints them
+        if m.source in ("minilm", "path"):
+            if m.source == "minilm" and kind != "classification":
+                raise HierfedError("model.source=minilm is an encoder for classification; use gpt2, llama or a path for causal-LM data")
+            path = minilm_path() if m.source == "minilm" else m.path
+            try:
+                conf = transformers.AutoConfig.from_pretrained(path, **extra)
+            except (OSError, ValueError) as e:
+                raise HierfedError(f"model.path: cannot read a model config from {path}: {str(e).splitlines()[0]}") from None
+            # from_pretrained loads in the checkpoint's dtype (dtype="auto"); price the same
+            dtype = conf.dtype if isinstance(getattr(conf, "dtype", None), torch.dtype) else torch.float32
+            base = auto.from_config(conf, dtype=dtype)
+        else:
+            base = _base_model(m, kind, num_labels, load_tokenizer(m))  # the same config as the run
+        try:
+            return get_peft_model(base, peft_config(cfg.peft, kind))
+        except (ValueError, TypeError) as e:
+            raise HierfedError(f"peft: cannot apply {cfg.peft.method} to {m.source}: {str(e).splitlines()[0]}") from None
+
+
+_SHAPES: dict[tuple, Shape] = {}
+
+
+def shape(cfg: RunConfig, kind: str, num_labels: int | None) -> Shape:
+    """The model's parts and sizes, read once per (model, peft, task) from its meta skeleton."""
+    key = (cfg.model.model_dump_json(), cfg.peft.model_dump_json(), kind, num_labels)
+    if key not in _SHAPES:
+        _SHAPES[key] = _read_shape(skeleton(cfg, kind, num_labels), kind)
+    return _SHAPES[key]
+
+
+def _read_shape(model: torch.nn.Module, kind: str) -> Shape:
+    conf = model.get_base_model().config
+    n = conf.num_hidden_layers
+    # The block stack is the ModuleList with one entry per layer (transformer.h, model.layers,
+    # bert.encoder.layer); parameters are registered embeddings -> blocks -> head, in that order.
+    stack = next(name for name, mod in model.named_modules()
+                 if isinstance(mod, torch.nn.ModuleList) and len(mod) == n and name)
+    embed, blocks, head, past = Part(), [Part()] * n, Part(), False
+    for name, p in model.named_parameters():  # tied weights (GPT-2's lm_head) are listed once
+        size = p.numel() * p.element_size()
+        part = Part(0, 0, p.numel(), size) if p.requires_grad else Part(p.numel(), size)
+        if name.startswith(stack + "."):
+            i = int(name[len(stack) + 1:].split(".")[0])
+            blocks[i], past = blocks[i] + part, True
+        elif past:
+            head = head + part
+        else:
+            embed = embed + part
+    hidden = conf.hidden_size
+    ffn = getattr(conf, "intermediate_size", None) or getattr(conf, "n_inner", None) or 4 * hidden
+    outputs = conf.num_labels if kind == "classification" else conf.vocab_size
+    return Shape(embed, tuple(blocks), head, hidden, conf.num_attention_heads, ffn, outputs)
+
+
+def micro_batching(cfg: RunConfig) -> tuple[int, int]:
+    """(micro-batch size, micro-batches per step): batch_size/micro_batches rounded up, and as many
+    as that takes (torch.chunk's rule: a batch of 10 in 6 micro-batches is 5 of 2)."""
+    b = cfg.train.batch_size
+    mb = math.ceil(b / cfg.split.micro_batches)
+    return mb, math.ceil(b / mb)
+
+
+def block_activation_bytes(s: Shape, b: int, t: int) -> int:
+    """Activations one transformer block saves for backward, float32, for b sequences of t tokens.
+
+    Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models", eq. 1,
+    no parallelism or recomputation): t*b*h*(34 + 5*a*t/h) bytes in 16-bit, of which 11*tbh + 5*a*t²*b
+    is attention, 19*tbh the MLP (2 for its input, 16 = 2 x 2 x 4h for the up-projection output and
+    the activation output, 1 dropout mask) and 4*tbh the two norms. We write the MLP for its real
+    width f (3 + 4f/h, = 19 when f = 4h) and double everything for float32. It is an estimate: it
+    assumes eager attention that keeps the a*t*t scores and dropout masks (fused kernels and p=0
+    dropout keep less), and omits LoRA's rank-r intermediates (r/h of one tbh term) and allocator slack.
+    """
+    h, a = s.hidden, s.heads
+    per_16bit = t * b * h * (15 + 4 * s.ffn / h) + 5 * a * t * t * b
+    return int(2 * per_16bit)
+
+
+def estimate(cfg: RunConfig, kind: str, num_labels: int | None, k: int | None) -> Estimate:
+    """Bytes for the device side holding the embeddings + blocks [0, k) (k=None: the whole model).
+
+    A split device runs its micro-batches pipelined (GPipe-style), so the graphs of all of a step's
+    micro-batches are alive until their gradients come back; a whole-model device runs the batch once.
+    """
+    s, t = shape(cfg, kind, num_labels), cfg.model.max_length
+    n_blocks = len(s.blocks)
+    if k is not None and not 1 <= k < n_blocks:
+        raise HierfedError(f"split_layers: {k} is out of range: {_model(cfg)} has {n_blocks} blocks, so k must be 1..{n_blocks - 1}")
+    if k is None:
+        part = s.embed + sum(s.blocks, Part()) + s.head
+        b = cfg.train.batch_size
+        # every block's graph, plus the logits and cross-entropy's log-probabilities (float32)
+        act = n_blocks * block_activation_bytes(s, b, t) + 2 * 4 * b * (t if kind == "causal_lm" else 1) * s.outputs
+    else:
+        part = s.embed + sum(s.blocks[:k], Part())
+        mb, n = micro_batching(cfg)
+        # per micro-batch: k blocks' graphs, plus the boundary activations held until their gradient returns
+        act = n * (k * block_activation_bytes(s, mb, t) + 4 * mb * t * s.hidden)
+    slots = 2 if cfg.train.optimizer == "adamw" else (1 if cfg.train.momentum > 0 else 0)  # AdamW: m and v
+    return Estimate(k, part.frozen_bytes, part.trainable_bytes, 4 * slots * part.trainable,
+                    part.trainable_bytes, act)
+
+
+def link_bytes(cfg: RunConfig, k: int | None, kind: str | None = None,
+               num_labels: int | None = None) -> tuple[int, int]:
+    """(up, down) bytes per local step across a device's cut; (0, 0) for a whole-model device.
+
+    Per micro-batch of mb sequences x T tokens x H hidden: up = activations at the activation
+    codec's width (int8: 1 byte + a float32 scale per token) + the attention mask (mb*T int64) +
+    labels (mb*T int64 for causal LM, mb for classification); down = their gradients at the
+    gradient codec's width. Positions are not sent: both sides derive them from the mask.
+    """
+    if k is None:
+        return 0, 0
+    if kind is None:
+        kind, num_labels = task_of(cfg)
+    h, t = shape(cfg, kind, num_labels).hidden, cfg.model.max_length
+    mb, n = micro_batching(cfg)
+
+    def values(codec: str) -> int:
+        return mb * t * h * CODEC_WIDTH[codec] + (4 * mb * t if codec == "int8" else 0)
+
+    labels = mb * t if kind == "causal_lm" else mb
+    up = values(cfg.split.activation_codec) + INDEX_BYTES * (mb * t + labels)
+    return n * up, n * values(cfg.split.gradient_codec)
+
+
+def task_of(cfg: RunConfig) -> tuple[str, int | None]:
+    """(kind, num_labels) of the run's data: built-in topics is 4-way classification, corpus causal LM."""
+    from hierfed.data import load_data
+
+    task = load_data(cfg.data)
+    return task.kind, task.num_labels
+
+
+def plan(placement: Placement, cfg: RunConfig, kind: str, num_labels: int | None) -> list[PlanRow]:
+    """Per device: the chosen split point and why. Raises HierfedError when a device cannot work at all."""
+    return [_row(d, placement.topology.source, cfg, kind, num_labels) for d in placement.devices]
+
+
+def _row(d: DeviceSpec, src: str, cfg: RunConfig, kind: str, num_labels: int | None) -> PlanRow:
+    n_blocks = len(shape(cfg, kind, num_labels).blocks)
+    budget, est = d.memory_gb * GB, functools.partial(estimate, cfg, kind, num_labels)
+    cap, fits = human(budget), True
+    if d.split_layers is None:
+        k, e = None, est(None)
+        fits = e.total <= budget
+        why = (f"whole model ({human(e.total)} of {cap})" if fits else
+               f"whole model needs {human(e.total)} > {cap}: does not fit (warning)")
+    elif d.split_layers == "auto":
+        # the largest k that fits, where the whole model counts as the largest of all (no link traffic)
+        tries = {None: est(None)} | {j: est(j) for j in range(n_blocks - 1, 0, -1)}
+        k = next((j for j, e in tries.items() if e.total <= budget), 0)
+        if k == 0:
+            first = f"embeddings + 1 block need {human(tries[1].total)}" if n_blocks > 1 else \
+                    f"{_model(cfg)} has 1 block: nothing to split"
+            raise HierfedError(f"{src}: {d.name}: split_layers auto: not even 1 block fits in {cap} ({first})")
+        e = tries[k]
+        if k is None:
+            why = f"whole model fits ({human(e.total)} of {cap}): no split needed"
+        else:
+            more, over = ("the whole model", tries[None]) if k == n_blocks - 1 else (f"{k + 1} blocks", tries[k + 1])
+            why = f"k={k}: {more} would need {human(over.total)} > {cap}"
+    else:
+        k = d.split_layers
+        if not 1 <= k < n_blocks:
+            raise HierfedError(f"{src}: {d.name}: split_layers: {k} is out of range: {_model(cfg)} has "
+                               f"{n_blocks} blocks, so k must be 1..{n_blocks - 1} (or auto, or all)")
+        e = est(k)
+        fits = e.total <= budget
+        why = (f"k={k} as configured (fits: {human(e.total)} of {cap})" if fits else
+               f"k={k} as configured, does not fit: needs {human(e.total)} > {cap} (warning)")
+    up, down = link_bytes(cfg, k, kind, num_labels)
+    return PlanRow(d.name, d.rank, d.memory_gb, d.split_layers, k, e, up, down, fits, why)
+
+
+def resolve_split(placement: Placement, cfg: RunConfig, kind: str, num_labels: int | None) -> dict[int, int | None]:
+    """Device rank -> blocks it holds (None = whole model): the runtime's view of `plan`."""
+    if all(d.split_layers is None for d in placement.devices):
+        return {d.rank: None for d in placement.devices}  # nothing to price
+    return {r.rank: r.k for r in plan(placement, cfg, kind, num_labels)}
+
+
+def describe(cfg: RunConfig, kind: str, num_labels: int | None) -> str:
+    """One line of the factors every estimate depends on."""
+    s = shape(cfg, kind, num_labels)
+    mb, n = micro_batching(cfg)
+    return (f"{_model(cfg)} ({kind}), {len(s.blocks)} blocks, hidden {s.hidden}; batch {cfg.train.batch_size} "
+            f"= {n} micro-batches of {mb} x {cfg.model.max_length} tokens; {cfg.peft.method} r={cfg.peft.r}; "
+            f"{cfg.train.optimizer}; link {cfg.split.activation_codec} up, {cfg.split.gradient_codec} down")
+
+
+def _model(cfg: RunConfig) -> str:
+    m = cfg.model
+    return {"path": f"model {m.path}", "minilm": "minilm"}.get(m.source, f"{m.source} {m.size}")
+
+
+def human(n: float) -> str:
+    """Bytes in decimal units with 2-3 significant digits: '5.1 GB', '340 MB', '12 kB'."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{int(n)} B"
