@@ -55,7 +55,11 @@ def _prepare(args: argparse.Namespace):
     _check_supported(placement)
     if cfg.model.source == "path" and not Path(cfg.model.path).is_dir():
         raise HierfedError(f"model.path: {cfg.model.path} is not a directory")
-    load_data(cfg.data)  # bad data paths and formats fail here, once, not on every rank mid-run
+    task = load_data(cfg.data)  # bad data paths and formats fail here, once, not on every rank mid-run
+    if any(d.split_layers is not None for d in placement.devices):
+        from hierfed.splitlink import split_plan
+
+        split_plan(placement, cfg, task.kind, task.num_labels)  # memory budgets and k, checked once
     if args.resume and not cfg.out:
         raise HierfedError("--resume needs --out DIR: the run to continue")
     return cfg, placement, dump_config(cfg)
@@ -68,8 +72,12 @@ def _check_supported(placement) -> None:
         if len(e.ranks) > 1:
             raise HierfedError(f"{src}: edge '{e.name}' has ranks: {len(e.ranks)}; edges spanning several ranks (DeepSpeed ZeRO groups) are not supported yet")
     for d in placement.devices:
-        if d.split_layers is not None:
-            raise HierfedError(f"{src}: device {d.name} has split_layers: {d.split_layers}; split placement is not supported yet")
+        if d.split_layers is None:
+            continue
+        if placement.flat:
+            raise HierfedError(f"{src}: device {d.name} has split_layers, but a flat topology has no edge to hold the other blocks")
+        if len(d.clients) > 1:
+            raise HierfedError(f"{src}: device {d.name} has split_layers and {len(d.clients)} virtual clients; a split device is one client")
 
 
 def _run(args: argparse.Namespace) -> int:

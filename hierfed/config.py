@@ -118,6 +118,7 @@ class SplitConfig(_Section):
     """Split placement (devices with `split_layers` in the topology): what crosses the device-edge cut."""
 
     micro_batches: int = Field(4, ge=1)  # a local step's batch is cut into this many pipelined micro-batches
+    pipeline: bool = True  # False: stop-and-wait (one micro-batch on the link at a time), the baseline
     activation_codec: Literal["fp32", "fp16", "bf16", "int8"] = "fp32"  # boundary activations on the uplink
     gradient_codec: Literal["fp32", "fp16", "bf16", "int8"] = "fp32"  # their gradients on the downlink
 

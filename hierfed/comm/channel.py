@@ -32,6 +32,24 @@ def wait(request: MPI.Request, poll: bool) -> None:
         delay = min(delay * 2, _POLL_MAX_S)
 
 
+def wait_any(requests: list[MPI.Request], poll: bool) -> int:
+    """Index of a completed request among `requests` (the others keep running)."""
+    if not poll:
+        return MPI.Request.Waitany(requests)
+    delay = _POLL_FIRST_S
+    while True:
+        index, done = MPI.Request.Testany(requests)
+        if done and index != MPI.UNDEFINED:
+            return index
+        time.sleep(delay)
+        delay = min(delay * 2, _POLL_MAX_S)
+
+
+def wait_all(requests: list[MPI.Request], poll: bool) -> None:
+    for r in requests:
+        wait(r, poll)
+
+
 class Channel:
     """Parent (rank 0 of `comm`) <-> children (the other ranks) over one communicator."""
 

@@ -2,7 +2,8 @@
 
 Bytes are counted per logical link as the link model sees them: a broadcast from an edge to its
 three devices puts three copies on the edge->device links, whatever tree MPI uses underneath.
-Kinds: "payload" (model parameters/updates, encoded, with their per-message metadata), "control"
+Kinds: "payload" (model parameters/updates, encoded, with their per-message metadata),
+"activation"/"gradient" (what crosses a split device's cut, with its mask and labels), "control"
 (small pickled protocol messages) and "raw": what the payloads would have been as plain float32 —
 kept beside the real counts so a run reports what compression saved.
 Telemetry (metrics sent to the cloud for logging) is not training traffic and is not counted.
@@ -23,7 +24,7 @@ class Ledger:
     def record(self, link: str, direction: str, nbytes: int, kind: str = "payload", raw: int | None = None) -> None:
         """Count `nbytes` sent; for payloads also `raw`, their uncompressed float32 size (default: the same)."""
         self._add((link, direction, kind), nbytes)
-        if kind == "payload":
+        if kind != "control":
             self._add((link, direction, "raw"), nbytes if raw is None else raw)
 
     def _add(self, key: Key, n: int) -> None:
@@ -49,11 +50,11 @@ def merge(counts: list[dict[Key, int]]) -> dict[Key, int]:
 
 
 def by_link(counts: dict[Key, int], raw: bool = False) -> dict[str, dict[str, int]]:
-    """{(link, dir, kind): n} -> {"device-edge": {"up": n, "down": n}}: bytes sent (payload +
-    control), or with raw=True what they would have been uncompressed (raw payload + control)."""
+    """{(link, dir, kind): n} -> {"device-edge": {"up": n, "down": n}}: bytes sent (all kinds), or
+    with raw=True what they would have been uncompressed (raw + control)."""
     out: dict[str, dict[str, int]] = {}
     for (link, direction, kind), n in sorted(counts.items()):
-        if kind == ("payload" if raw else "raw"):
+        if (kind == "raw") != raw and kind != "control":
             continue
         out.setdefault(link, {"up": 0, "down": 0})[direction] += n
     return out

@@ -3,6 +3,8 @@
 A rank with several virtual clients trains them one after another from the same parameters; each
 client's update is queued on the uplink (summed locally when uncompressed, encoded per client with
 its own error-feedback residual when compressed) and the rank sends once per edge round.
+A split device (split_layers in the topology) keeps only the embeddings and its first k blocks and
+trains them with its edge over the cut (hierfed.splitlink); its update covers its own blocks only.
 """
 
 from __future__ import annotations
@@ -27,28 +29,52 @@ def run(rt, cfg) -> None:
     built = build_model(cfg.model, cfg.peft, task.kind, task.num_labels, cfg.seed)
     flat = FlatView(built.model)
     data = {c: tokenize(built.tokenizer, [task.train[i] for i in shards[c]], task.kind, cfg.model.max_length) for c in spec.clients}
-    trainer = LocalTrainer(built.model, cfg.train)
+    fingerprints = flat.dim, flat.fingerprint(), flat.base_fingerprint()
+
+    k = None
+    if spec.split_layers is not None:
+        from hierfed.splitlink import split_plan
+
+        k = split_plan(rt.placement, cfg, task.kind, task.num_labels)[spec.rank]
+    if k is None:
+        trainer, mine_idx = LocalTrainer(built.model, cfg.train), None
+    else:
+        from hierfed.split import prune_for_device
+        from hierfed.splitlink import SplitClient, global_index
+
+        whole = flat
+        prune_for_device(built.model, k)
+        trainer = SplitClient(rt.up.comm, built.model, k, cfg, rt.ledger, cfg.runtime.wait == "poll")
+        flat, mine_idx = trainer.flat, global_index(whole, trainer.flat)
 
     plan = rt.up.bcast_obj()
-    check_plan(plan, flat.dim, flat.fingerprint(), flat.base_fingerprint(), rt.role.name)
-    link = child_link(rt.up, cfg, rt.placement.flat, "cloud" if rt.placement.flat else "edge", flat.dim, plan.start_round > 1)
+    check_plan(plan, *fingerprints, rt.role.name)
+    if k is not None:
+        trainer.handshake(data[spec.clients[0]], task.kind == "causal_lm")
+    link = child_link(rt.up, cfg, rt.placement.flat, "cloud" if rt.placement.flat else "edge", plan.dim, plan.start_round > 1)
     saved = RankState(Path(plan.out), rt.role.rank, cfg.checkpoint.keep)
     if plan.start_round > 1 and link.feedback is not None:
         link.load_state_dict(saved.load(plan.start_round - 1))
 
     edge_rounds = 1 if rt.placement.flat else cfg.schedule.tau2
-    params = np.empty(flat.dim, dtype=np.float32)
+    params = np.empty(plan.dim, dtype=np.float32)
+    delta = np.zeros(plan.dim, dtype=np.float32)
     for t in range(plan.start_round, cfg.schedule.rounds + 1):
         chosen = set(sampled_clients(rt.placement.num_clients, cfg.schedule.client_fraction, cfg.seed, t).tolist())
         mine = [c for c in spec.clients if c in chosen]
         for s in range(1, edge_rounds + 1):
             link.receive(params)
+            own = params if mine_idx is None else params[mine_idx]  # the part of the model this rank holds
             loss_sum, started = 0.0, time.perf_counter()
             for c in mine:
-                flat.set(params)
+                flat.set(own)
                 loss, _ = trainer.train(data[c], cfg.schedule.tau1, derive_seed(cfg.seed, t, s, c))
                 weight = len(data[c])  # FedAvg weights a client by its local data size
-                link.add(c, weight, flat.get() - params, codec_rng(cfg.seed, t, s, c))
+                if mine_idx is None:
+                    delta = flat.get() - own
+                else:
+                    delta[mine_idx] = flat.get() - own
+                link.add(c, weight, delta, codec_rng(cfg.seed, t, s, c))
                 loss_sum += loss * weight
             compute_s = time.perf_counter() - started
             weight = link.send()

@@ -87,18 +87,23 @@ def aggregation_round(
     receivers: int | None = None,
     rng: np.random.Generator | None = None,
     while_children_work: Callable[[], None] | None = None,
+    add_own: Callable[[np.ndarray], None] | None = None,
 ) -> tuple[np.ndarray, float, list[Any], float]:
     """Parent side of one round. Returns (new params, total weight, children's telemetry, aggregate s).
 
     `params` is the parent's float64 master copy; children receive it as float32 (or its encoded
     change). `receivers` is how many logical receivers the broadcast stands for (ledger).
-    `while_children_work` runs after the broadcast, while the children train (the cloud's eval).
+    `while_children_work` runs after the broadcast, while the children train (the cloud's eval, an
+    edge serving its split devices); `add_own` adds the parent's own contribution to the sum (an
+    edge's upper adapter trained for its split devices).
     """
     link.send(params, receivers, rng)
     if while_children_work is not None:
         while_children_work()
     reduced = link.receive()
     t = time.perf_counter()
+    if add_own is not None:
+        add_own(reduced)
     new, weight = strategy.aggregate(params, reduced)
     agg_s = time.perf_counter() - t + link.decode_s
     telemetry = link.channel.gather_obj(None)
