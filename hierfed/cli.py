@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 
 from hierfed import __version__
+from hierfed.commands import launch as launch_cmd
+from hierfed.commands import sweep as sweep_cmd
 from hierfed.commands import topology as topology_cmd
 from hierfed.errors import HierfedError
 
@@ -119,8 +121,10 @@ def _run(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hierfed", description="Hierarchical cloud-edge-device federated fine-tuning over MPI.")
     parser.add_argument("--version", action="version", version=f"hierfed {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{run,topology}", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="{run,launch,sweep,topology}", required=True)
     _add_run(sub)
+    launch_cmd.add_parser(sub)
+    sweep_cmd.add_parser(sub)
     topology_cmd.add_parser(sub)
     return parser
 

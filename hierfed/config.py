@@ -29,6 +29,10 @@ class ModelConfig(_Section):
     source: Literal["minilm", "gpt2", "llama", "path"] = "minilm"
     path: str | None = None  # a local transformers directory (source=path)
     size: Literal["tiny", "small"] = "tiny"  # for models built from a config (gpt2, llama)
+    # Fields of the transformers config that replace the size table's, e.g. {num_hidden_layers: 16}
+    # (gpt2 names: n_layer, n_embd, n_head); built-from-config models only.
+    config_overrides: dict[str, Any] = Field(default_factory=dict)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # frozen base weights (adapters train in float32)
     max_length: int = Field(32, ge=4, le=8192)  # tokens per example (padded/truncated)
 
     @model_validator(mode="after")
@@ -37,6 +41,8 @@ class ModelConfig(_Section):
             raise ValueError("source=path needs model.path (a local transformers directory)")
         if self.source != "path" and self.path:
             raise ValueError(f"model.path is only used with source=path (source is {self.source!r})")
+        if self.config_overrides and self.source not in ("gpt2", "llama"):
+            raise ValueError("model.config_overrides applies to models built from a config (gpt2, llama)")
         return self
 
 
@@ -125,6 +131,7 @@ class SplitConfig(_Section):
 
 class RuntimeConfig(_Section):
     threads: int = Field(1, ge=1)  # torch threads per rank (ranks usually outnumber cores)
+    device: Literal["cpu", "cuda", "auto"] = "cpu"  # where models train; a GPU per node-local rank (modulo GPUs)
     # How a rank waits for a collective: "poll" tests with a short backoff sleep so waiting ranks
     # leave the cores to ranks that compute (oversubscribed nodes); "block" spins inside MPI.
     wait: Literal["poll", "block"] = "poll"

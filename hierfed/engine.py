@@ -8,6 +8,7 @@ and a resumed run continues exactly where an uninterrupted one would be.
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,6 +16,18 @@ import torch
 
 from hierfed.config import TrainConfig
 from hierfed.data import Example
+
+
+def torch_device(name: str) -> torch.device:
+    """"cpu", or a GPU for "cuda"/"auto": the rank's node-local index modulo the GPUs it sees."""
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        from hierfed.errors import HierfedError
+
+        raise HierfedError("runtime.device=cuda, but torch sees no GPU on this node")
+    local = next((int(os.environ[v]) for v in ("MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID", "LOCAL_RANK") if v in os.environ), 0)
+    return torch.device("cuda", local % torch.cuda.device_count())
 
 
 def configure_threads(threads: int) -> None:
@@ -43,9 +56,9 @@ class Tokenized:
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
 
-    def batch(self, idx: np.ndarray) -> dict[str, torch.Tensor]:
+    def batch(self, idx: np.ndarray, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
         i = torch.from_numpy(idx)
-        return {"input_ids": self.input_ids[i], "attention_mask": self.attention_mask[i], "labels": self.labels[i]}
+        return {"input_ids": self.input_ids[i].to(device), "attention_mask": self.attention_mask[i].to(device), "labels": self.labels[i].to(device)}
 
 
 def tokenize(tokenizer, examples: list[Example] | tuple[Example, ...], kind: str, max_length: int) -> Tokenized:
@@ -72,6 +85,7 @@ class LocalTrainer:
         self.model = model
         self.cfg = cfg
         self.trainable = [p for p in model.parameters() if p.requires_grad]
+        self.device = next(model.parameters()).device
 
     def train(self, data: Tokenized, steps: int, seed: int) -> tuple[float, int]:
         """`steps` optimiser steps on random batches of `data`; returns (mean loss, samples seen)."""
@@ -83,7 +97,7 @@ class LocalTrainer:
         total = 0.0
         for _ in range(steps):
             idx = rng.choice(len(data), size=bs, replace=False)
-            loss = self.model(**data.batch(idx)).loss
+            loss = self.model(**data.batch(idx, self.device)).loss
             loss.backward()
             if self.cfg.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.max_grad_norm)
@@ -99,10 +113,11 @@ class LocalTrainer:
         loss_sum, correct, n = 0.0, 0, len(data)
         for start in range(0, n, batch_size):
             idx = np.arange(start, min(start + batch_size, n))
-            out = self.model(**data.batch(idx))
+            batch = data.batch(idx, self.device)
+            out = self.model(**batch)
             loss_sum += float(out.loss) * len(idx)
             if kind == "classification":
-                correct += int((out.logits.argmax(-1) == data.labels[torch.from_numpy(idx)]).sum())
+                correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
         metrics = {"eval_loss": loss_sum / n}
         if kind == "classification":
             metrics["eval_accuracy"] = correct / n

@@ -84,7 +84,7 @@ def _base_model(cfg: ModelConfig, kind: str, num_labels: int | None, tok) -> tor
         except (OSError, ValueError) as e:
             raise HierfedError(f"model.path: cannot load a model from {path}: {str(e).splitlines()[0]}") from None
     else:
-        common = dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id, **_SIZES[cfg.source][cfg.size], **extra)
+        common = dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id, **{**_SIZES[cfg.source][cfg.size], **cfg.config_overrides}, **extra)
         if cfg.source == "gpt2":
             conf = transformers.GPT2Config(n_positions=max(128, cfg.max_length), **common)
         else:
@@ -109,18 +109,23 @@ def peft_config(cfg: PeftConfig, kind: str):
     return conf
 
 
-def build_model(model_cfg: ModelConfig, peft_cfg: PeftConfig, kind: str, num_labels: int | None, seed: int) -> Built:
-    """Base model + PEFT adapter. Seeded so every rank builds bit-identical base weights."""
+def build_model(
+    model_cfg: ModelConfig, peft_cfg: PeftConfig, kind: str, num_labels: int | None, seed: int, device: str | torch.device = "cpu"
+) -> Built:
+    """Base model + PEFT adapter on `device`. Seeded so every rank builds bit-identical base weights
+    (built on the CPU, then moved: the same weights whatever the device)."""
     tok = load_tokenizer(model_cfg)
     torch.manual_seed(seed)
     base = _base_model(model_cfg, kind, num_labels, tok)
+    if model_cfg.dtype != "float32":  # frozen weights in 16 bits; peft keeps adapters in float32
+        base = base.to(getattr(torch, model_cfg.dtype))
     if peft_cfg.method == "none":  # full fine-tuning: every parameter trains and travels
-        return Built(model=base, tokenizer=tok, kind=kind)
+        return Built(model=base.to(device), tokenizer=tok, kind=kind)
     try:
         model = get_peft_model(base, peft_config(peft_cfg, kind))
     except (ValueError, TypeError) as e:
         raise HierfedError(f"peft: cannot apply {peft_cfg.method} to {model_cfg.source}: {str(e).splitlines()[0]}") from None
-    return Built(model=model, tokenizer=tok, kind=kind)
+    return Built(model=model.to(device), tokenizer=tok, kind=kind)
 
 
 class FlatView:
@@ -146,14 +151,14 @@ class FlatView:
         for n, p in self.model.named_parameters():
             if not p.requires_grad:
                 h.update(n.encode())
-                h.update(p.detach().to(torch.float32).contiguous().numpy().tobytes())
+                h.update(p.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
         return h.hexdigest()
 
     def get(self, out: np.ndarray | None = None) -> np.ndarray:
         out = np.empty(self.dim, dtype=np.float32) if out is None else out
         with torch.no_grad():
             for (_, p), a, b in zip(self.params, self.offsets[:-1], self.offsets[1:]):
-                out[a:b] = p.detach().reshape(-1).to(torch.float32).numpy()
+                out[a:b] = p.detach().reshape(-1).to("cpu", torch.float32).numpy()
         return out
 
     def set(self, vec: np.ndarray) -> None:
@@ -162,7 +167,7 @@ class FlatView:
         src = torch.from_numpy(np.ascontiguousarray(vec, dtype=np.float32))
         with torch.no_grad():
             for (_, p), a, b in zip(self.params, self.offsets[:-1], self.offsets[1:]):
-                p.copy_(src[a:b].view_as(p))
+                p.copy_(src[a:b].view_as(p))  # copy_ moves to p's device and dtype
 
     def state_dict(self, vec: np.ndarray) -> dict[str, torch.Tensor]:
         """The vector as named tensors (for safetensors checkpoints)."""

@@ -63,14 +63,14 @@ def flat_grads(flat: FlatView) -> np.ndarray:
     out = np.zeros(flat.dim, dtype=np.float64)
     for (_, p), a, b in zip(flat.params, flat.offsets[:-1], flat.offsets[1:]):
         if p.grad is not None:
-            out[a:b] = p.grad.reshape(-1).numpy()
+            out[a:b] = p.grad.reshape(-1).to("cpu", torch.float32).numpy()
     return out
 
 
 def set_grads(flat: FlatView, vec: np.ndarray) -> None:
     src = torch.from_numpy(vec.astype(np.float32))
     for (_, p), a, b in zip(flat.params, flat.offsets[:-1], flat.offsets[1:]):
-        p.grad = src[a:b].view_as(p).clone()
+        p.grad = src[a:b].view_as(p).to(p.device, p.dtype)
 
 
 def _step(flat: FlatView, opt: torch.optim.Optimizer, max_grad_norm: float | None) -> None:
@@ -123,9 +123,9 @@ class SplitClient:
 
     def _send(self, h: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, seed: int) -> tuple:
         """Send a micro-batch across the cut and post the receives of its gradient and loss."""
-        x = h.detach().reshape(-1).numpy()
+        x = h.detach().reshape(-1).to("cpu", torch.float32).numpy()
         payload = self.act.encode(x, np.random.default_rng(seed))
-        meta = np.concatenate([mask.reshape(-1).numpy(), labels.reshape(-1).numpy()]).astype(np.int64)
+        meta = np.concatenate([mask.reshape(-1).cpu().numpy(), labels.reshape(-1).cpu().numpy()]).astype(np.int64)
         self.ledger.record(LINK, "up", payload.nbytes + meta.nbytes, kind="activation", raw=x.nbytes + meta.nbytes)
         grad = np.empty(self.grad.encoded_size(h.numel()), dtype=np.uint8)
         loss = np.zeros(1, dtype=np.float64)
@@ -137,7 +137,7 @@ class SplitClient:
         """Wait for this micro-batch's boundary gradient and weighted loss; finish its backward."""
         requests, _buffers, grad, loss = msg
         wait_all(requests, self.poll)
-        h.backward(torch.from_numpy(self.grad.decode(grad, h.numel())).view_as(h))
+        h.backward(torch.from_numpy(self.grad.decode(grad, h.numel())).view_as(h).to(h.device, h.dtype))
         return float(loss[0])
 
 
@@ -150,6 +150,8 @@ class SplitServer:
         self.flat = FlatView(model)
         self.act, self.grad = tensor_codec(cfg.split.activation_codec), tensor_codec(cfg.split.gradient_codec)
         self.shapes: dict[int, Shapes] = {}
+        first = next(model.parameters())  # activations arrive in the frozen weights' dtype
+        self.device, self.dtype = first.device, next((p.dtype for p in model.parameters() if not p.requires_grad), first.dtype)
         self.busy_s = 0.0  # time spent computing (the rest of serve() is waiting for micro-batches)
 
     def handshake(self, devices: list[int]) -> None:
@@ -195,9 +197,11 @@ class SplitServer:
     def _process(self, d: int, i: int, payload: np.ndarray, meta: np.ndarray, seed: int, acc: np.ndarray) -> list:
         s = self.shapes[d]
         b, t = s.micro[i], s.seq_len
-        wire = torch.from_numpy(self.act.decode(payload, b * t * s.hidden)).view(b, t, s.hidden).requires_grad_()
-        mask = torch.from_numpy(meta[: b * t].copy()).view(b, t)
-        labels = torch.from_numpy(meta[b * t :].copy()).view(b, t) if s.causal else torch.from_numpy(meta[b * t :].copy())
+        dev = self.device
+        wire = torch.from_numpy(self.act.decode(payload, b * t * s.hidden)).view(b, t, s.hidden).to(dev, self.dtype).requires_grad_()
+        mask = torch.from_numpy(meta[: b * t].copy()).view(b, t).to(dev)
+        labels = torch.from_numpy(meta[b * t :].copy())
+        labels = (labels.view(b, t) if s.causal else labels).to(dev)
         torch.manual_seed(seed)
         loss, _ = self.stage(wire, mask, labels)
         # The whole batch's mean loss is the micro-batches' losses weighted by their share of it.
@@ -206,7 +210,7 @@ class SplitServer:
         acc += flat_grads(self.flat)
         for _, p in self.flat.params:
             p.grad = None
-        grad = self.grad.encode(wire.grad.reshape(-1).numpy(), np.random.default_rng(seed))
+        grad = self.grad.encode(wire.grad.reshape(-1).to("cpu", torch.float32).numpy(), np.random.default_rng(seed))
         out = np.array([float(loss.detach()) * share], dtype=np.float64)
         self.ledger.record(LINK, "down", grad.nbytes + out.nbytes, kind="gradient", raw=wire.grad.numel() * 4 + out.nbytes)
         # The device posted these receives when it sent the micro-batch; the buffers live in the list.

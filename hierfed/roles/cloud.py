@@ -14,7 +14,7 @@ import numpy as np
 from hierfed.checkpoint import Checkpoints, State
 from hierfed.comm.ledger import merge
 from hierfed.data import load_data
-from hierfed.engine import LocalTrainer, configure_threads, tokenize
+from hierfed.engine import LocalTrainer, configure_threads, torch_device, tokenize
 from hierfed.metrics import RunLog
 from hierfed.model import FlatView, build_model
 from hierfed.roles.protocol import Plan, aggregation_round, codec_rng, parent_link, prefixed, sampled_clients, unprefixed
@@ -54,7 +54,7 @@ def run(rt, cfg) -> None:
     out = Path(rt.out)
     configure_threads(cfg.runtime.threads)
     task = load_data(cfg.data)
-    built = build_model(cfg.model, cfg.peft, task.kind, task.num_labels, cfg.seed)
+    built = build_model(cfg.model, cfg.peft, task.kind, task.num_labels, cfg.seed, torch_device(cfg.runtime.device))
     flat = FlatView(built.model)
     evaluator = LocalTrainer(built.model, cfg.train)
     eval_data = tokenize(built.tokenizer, task.eval, task.kind, cfg.model.max_length)

@@ -16,7 +16,7 @@ import numpy as np
 
 from hierfed.checkpoint import RankState
 from hierfed.data import load_data, partition
-from hierfed.engine import LocalTrainer, configure_threads, derive_seed, tokenize
+from hierfed.engine import LocalTrainer, configure_threads, torch_device, derive_seed, tokenize
 from hierfed.model import FlatView, build_model
 from hierfed.roles.protocol import check_plan, child_link, codec_rng, sampled_clients
 
@@ -26,7 +26,7 @@ def run(rt, cfg) -> None:
     spec = rt.role.device
     task = load_data(cfg.data)
     shards = partition(task.train, rt.placement.num_clients, cfg.data.partition, alpha=cfg.data.alpha, seed=cfg.data.seed)
-    built = build_model(cfg.model, cfg.peft, task.kind, task.num_labels, cfg.seed)
+    built = build_model(cfg.model, cfg.peft, task.kind, task.num_labels, cfg.seed, torch_device(cfg.runtime.device))
     flat = FlatView(built.model)
     data = {c: tokenize(built.tokenizer, [task.train[i] for i in shards[c]], task.kind, cfg.model.max_length) for c in spec.clients}
     fingerprints = flat.dim, flat.fingerprint(), flat.base_fingerprint()

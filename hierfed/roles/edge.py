@@ -74,7 +74,7 @@ class SplitDevices:
 
     def __init__(self, rt, cfg, plan) -> None:
         from hierfed.data import load_data, partition
-        from hierfed.engine import configure_threads
+        from hierfed.engine import configure_threads, torch_device
         from hierfed.model import FlatView, build_model
         from hierfed.roles.protocol import check_plan
         from hierfed.split import prune_for_edge
@@ -89,7 +89,7 @@ class SplitDevices:
         # device comm rank (1 + its place among the edge's devices) -> (client, weight)
         self.devices = {i + 1: (d.clients[0], len(shards[d.clients[0]])) for i, d in enumerate(me.devices) if ks[d.rank] is not None}
         k = min(ks[d.rank] for d in me.devices if ks[d.rank] is not None)
-        built = build_model(cfg.model, cfg.peft, task.kind, task.num_labels, cfg.seed)
+        built = build_model(cfg.model, cfg.peft, task.kind, task.num_labels, cfg.seed, torch_device(cfg.runtime.device))
         whole = FlatView(built.model)
         check_plan(plan, whole.dim, whole.fingerprint(), whole.base_fingerprint(), rt.role.name)
         prune_for_edge(built.model, k)
