@@ -75,9 +75,9 @@ MinJobAge=600
 GresTypes=gpu
 NodeName=hf[1-$half] NodeHostname=$host NodeAddr=127.0.0.1 Port=[$((PORT0 + 1))-$((PORT0 + half))] CPUs=$CPUS Sockets=1 CoresPerSocket=$CPUS ThreadsPerCore=1 RealMemory=2000 Gres=gpu:4 State=UNKNOWN
 NodeName=hf[$((half + 1))-$NODES] NodeHostname=$host NodeAddr=127.0.0.1 Port=[$((PORT0 + half + 1))-$((PORT0 + NODES))] CPUs=$CPUS Sockets=1 CoresPerSocket=$CPUS ThreadsPerCore=1 RealMemory=2000 State=UNKNOWN
-PartitionName=debug Nodes=hf[1-$NODES] Default=YES MaxTime=60 DefaultTime=30 State=UP OverSubscribe=FORCE
-PartitionName=gpu Nodes=hf[1-$half] MaxTime=60 DefaultTime=30 State=UP OverSubscribe=FORCE
-PartitionName=cpu Nodes=hf[$((half + 1))-$NODES] MaxTime=60 DefaultTime=30 State=UP OverSubscribe=FORCE
+PartitionName=debug Nodes=hf[1-$NODES] Default=YES MaxTime=UNLIMITED DefaultTime=60 State=UP OverSubscribe=FORCE
+PartitionName=gpu Nodes=hf[1-$half] MaxTime=UNLIMITED DefaultTime=60 State=UP OverSubscribe=FORCE
+PartitionName=cpu Nodes=hf[$((half + 1))-$NODES] MaxTime=UNLIMITED DefaultTime=60 State=UP OverSubscribe=FORCE
 EOF
     # Fake GPUs: slurmd counts gres/gpu from device files; character devices that are /dev/null.
     for k in 0 1 2 3; do

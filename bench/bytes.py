@@ -10,7 +10,8 @@ metrics.jsonl and prints one markdown table, also written to <results>/bytes.md 
 as JSON in <results>/bytes.json.
 
   full-flat     (1) full-model flat FedAvg, fp32: topology flat, peft.method=none (every parameter
-                    trains and travels), train.lr=5e-5 (AdamW at LoRA's 5e-3 wrecks full fine-tuning)
+                    trains and travels), train.lr=5e-5 (a full-fine-tuning lr; the
+                    LoRA runs keep hierfed's default 5e-3)
   lora-flat     (2) LoRA, flat
   lora-flat-t5  (2b) LoRA, flat with the default tau1 = 5 (half the local steps per cloud round)
   lora-hier     (3) LoRA, hierarchical (topology default)
@@ -22,7 +23,7 @@ as JSON in <results>/bytes.json.
 Flat topologies aggregate once per cloud round (tau2 does not apply), so a flat device would do
 tau1 local steps per cloud round where a hierarchical one does tau1 * tau2. The flat runs (1), (2)
 therefore use tau1 = tau1 * tau2 (10): every configuration trains the same number of local steps
-on the same samples per cloud round and communicates with the cloud once per cloud round. (2b)
+per client per cloud round and communicates with the cloud once per cloud round. (2b)
 shows flat at the default tau1 for reference. Bytes per cloud round do not depend on tau1.
 
 Per cloud round = the run's total bytes on that link (all cloud rows, including round 0, which
@@ -104,6 +105,10 @@ def collect(name: str, label: str, out: Path, wall: float | None) -> dict:
         assert summary[key][link] == {"up": up, "down": down}, f"{name}: {link} totals differ from summary.json"
         return {"up": up / rounds, "down": down / rounds, "total": (up + down) / rounds}
 
+    def last_round(link: str) -> dict[str, int] | None:  # steady state: downlinks send deltas after round 1
+        d = cloud[-1].get("bytes", {}).get(link)
+        return None if d is None else {**d, "total": d["up"] + d["down"]}
+
     cloud_link = summary["cloud_link"]
     return {
         "name": name,
@@ -117,12 +122,14 @@ def collect(name: str, label: str, out: Path, wall: float | None) -> dict:
         "cloud_per_round": per_round(cloud_link),
         "edge_per_round": per_round("device-edge"),
         "cloud_per_round_uncompressed": per_round(cloud_link, "bytes_uncompressed"),
+        "cloud_last_round": last_round(cloud_link),
+        "edge_last_round": last_round("device-edge"),
         "full_model_flat_fedavg_per_round": summary["full_model_flat_fedavg"]["device-cloud"]["up"] * 2 / rounds,
         "accuracy_initial": summary["initial"]["eval_accuracy"],
         "accuracy": summary["final"]["eval_accuracy"],
         "accuracy_by_round": [r.get("eval_accuracy") for r in cloud],
         "train_loss": summary["final"]["loss"],
-        "compression": json.loads(json.dumps(_config_section(out, "compression"))),
+        "compression": _config_section(out, "compression"),
         "lr": _config_section(out, "train")["lr"],
         "tau1": _config_section(out, "schedule")["tau1"],
         "tau2": _config_section(out, "schedule")["tau2"],
@@ -211,13 +218,18 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"bench/bytes.py: unknown configuration(s): {', '.join(sorted(unknown))}")
 
-    git = _git_state()  # before the runs: what they ran
+    previous = {}
+    if args.reuse and (results_dir / "bytes.json").exists():
+        previous = json.loads((results_dir / "bytes.json").read_text())
+    # before the runs: what they ran (with --reuse, what the earlier invocation recorded)
+    git = previous.get("git", _git_state() + " (recorded at --reuse time, not run time)") if args.reuse else _git_state()
+    walls = {r["name"]: r.get("wall_s") for r in previous.get("results", [])}
     results = []
     for name, label, topology, extra in CONFIGS:
         if name not in names:
             continue
         out = runs_dir / name
-        wall = None if args.reuse else run_one(name, topology, extra, out, args.rounds, args.seed)
+        wall = walls.get(name) if args.reuse else run_one(name, topology, extra, out, args.rounds, args.seed)
         results.append(collect(name, label, out, wall))
 
     md = table(results)
@@ -226,7 +238,7 @@ def main() -> None:
     for line in notes:
         print(line)
     meta = {
-        "command": " ".join(["python", "bench/bytes.py", *sys.argv[1:]]),
+        "command": previous.get("command") if args.reuse and previous.get("command") else " ".join(["python", "bench/bytes.py", *sys.argv[1:]]),
         "machine": f"{platform.node()} {platform.machine()}, {__import__('os').cpu_count()} CPUs, {platform.python_version()}",
         "rounds": results[0]["rounds"] if results else None,
         "seed": args.seed,

@@ -54,7 +54,7 @@ def _prepare(args: argparse.Namespace):
 
     cfg = load_config(args.config, _overrides(args))
     placement = load_topology(cfg.topology).placement()
-    _check_supported(placement)
+    _check_supported(placement, cfg)
     if cfg.model.source == "path" and not Path(cfg.model.path).is_dir():
         raise HierfedError(f"model.path: {cfg.model.path} is not a directory")
     task = load_data(cfg.data)  # bad data paths and formats fail here, once, not on every rank mid-run
@@ -67,12 +67,17 @@ def _prepare(args: argparse.Namespace):
     return cfg, placement, dump_config(cfg)
 
 
-def _check_supported(placement) -> None:
+def _check_supported(placement, cfg) -> None:
     """Topology features that validate but that this version cannot run yet: say so up front."""
     src = placement.topology.source
     for e in placement.edges:
-        if len(e.ranks) > 1:
-            raise HierfedError(f"{src}: edge '{e.name}' has ranks: {len(e.ranks)}; edges spanning several ranks (DeepSpeed ZeRO groups) are not supported yet")
+        if len(e.ranks) > 1 and all(d.split_layers is None for d in e.devices):
+            raise HierfedError(
+                f"{src}: edge '{e.name}' has ranks: {len(e.ranks)} but no split devices; an edge's extra ranks shard the "
+                "upper blocks it trains for split devices (DeepSpeed ZeRO), so they would have nothing to do"
+            )
+        if len(e.ranks) > 1 and cfg.deepspeed.enabled is False:
+            raise HierfedError(f"{src}: edge '{e.name}' has ranks: {len(e.ranks)}, which needs DeepSpeed (deepspeed.enabled is false)")
     for d in placement.devices:
         if d.split_layers is None:
             continue

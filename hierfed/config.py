@@ -129,6 +129,16 @@ class SplitConfig(_Section):
     gradient_codec: Literal["fp32", "fp16", "bf16", "int8"] = "fp32"  # their gradients on the downlink
 
 
+class DeepSpeedSection(_Section):
+    """DeepSpeed ZeRO for the upper stage an edge trains for its split devices (hierfed.deepspeed_edge)."""
+
+    enabled: bool | Literal["auto"] = "auto"  # auto: on for edges with several ranks
+    zero_stage: int = Field(2, ge=0, le=3)
+    offload_optimizer: bool = False  # optimizer state in host memory (DeepSpeed's CPU Adam)
+    backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl when runtime.device is a GPU, else gloo
+    config: dict[str, Any] = Field(default_factory=dict)  # merged into the generated DeepSpeed config
+
+
 class RuntimeConfig(_Section):
     threads: int = Field(1, ge=1)  # torch threads per rank (ranks usually outnumber cores)
     device: Literal["cpu", "cuda", "auto"] = "cpu"  # where models train; a GPU per node-local rank (modulo GPUs)
@@ -155,6 +165,7 @@ class RunConfig(_Section):
     aggregation: AggregationConfig = AggregationConfig()
     compression: CompressionConfig = CompressionConfig()
     split: SplitConfig = SplitConfig()
+    deepspeed: DeepSpeedSection = DeepSpeedSection()
     runtime: RuntimeConfig = RuntimeConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
 

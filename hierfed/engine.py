@@ -122,3 +122,22 @@ class LocalTrainer:
         if kind == "classification":
             metrics["eval_accuracy"] = correct / n
         return metrics
+
+
+def optimizer_arrays(opt: torch.optim.Optimizer) -> dict[str, np.ndarray]:
+    """A torch optimiser's per-parameter state as named arrays (for npz checkpoints)."""
+    out = {}
+    for idx, state in opt.state_dict()["state"].items():
+        for key, value in state.items():
+            out[f"{idx}/{key}"] = value.detach().cpu().numpy() if torch.is_tensor(value) else np.asarray(value)
+    return out
+
+
+def load_optimizer_arrays(opt: torch.optim.Optimizer, arrays: dict[str, np.ndarray]) -> None:
+    sd = opt.state_dict()
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, value in arrays.items():
+        idx, key = name.split("/", 1)
+        state.setdefault(int(idx), {})[key] = torch.from_numpy(np.array(value))
+    sd["state"] = state
+    opt.load_state_dict(sd)  # moves state to the parameters' device

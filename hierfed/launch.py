@@ -228,7 +228,11 @@ def check_allocation(p: Placement, env: dict[str, str] | None = None, exact: boo
                                f"the allocation has {len(tasks)} components of {' : '.join(map(str, tasks))} tasks; "
                                f"submit with `bash slurm/hetjob.sh`, which sizes the components")
         return
-    if tasks[0] == p.world_size or (not exact and tasks[0] > p.world_size):
+    if tasks[0] == p.world_size:
+        return
+    # More tasks than ranks is fine for a sweep point, and across nodes, where keeping each edge
+    # whole on a node can leave slots free; on one node it means the job was sized wrongly.
+    if tasks[0] > p.world_size and (not exact or len(slurm_hosts(env)) > 1):
         return
     raise HierfedError(f"{src}: needs {need}, but the Slurm allocation has {tasks[0]} tasks (SLURM_NTASKS); "
                        f"submit with --ntasks={p.world_size}")
@@ -297,8 +301,9 @@ def _show(hosts: list[Host]) -> str:
 
 
 def cluster_command(nprocs: int, argv: list[str], launcher: str, hostfile: str | None = None,
-                    mpiexec: str | None = None, het_groups: int = 0, srun_mpi: str = "pmi2") -> list[str]:
-    """The command that runs `hierfed ARGV` on `nprocs` ranks (through mpi4py's runner).
+                    mpiexec: str | None = None, het_groups: int = 0, srun_mpi: str = "pmi2",
+                    program: list[str] | None = None) -> list[str]:
+    """The command that runs `hierfed ARGV` (or `program`) on `nprocs` ranks, via mpi4py's runner.
 
     srun:    --mpi=pmi2 (the wire-up MPICH speaks); a host file makes the distribution arbitrary
              (SLURM_HOSTFILE, set by the caller); a heterogeneous job runs all its components.
@@ -313,7 +318,7 @@ def cluster_command(nprocs: int, argv: list[str], launcher: str, hostfile: str |
             cmd.append(f"--ntasks={nprocs}")
             if hostfile:
                 cmd.append("--distribution=arbitrary")
-        return cmd + entry(argv)
+        return cmd + (program or entry(argv))
     mpiexec = mpiexec or find_mpiexec()
     cmd = [mpiexec, "-n", str(nprocs)]
     if mpi_flavor(mpiexec) == "openmpi":
@@ -321,7 +326,7 @@ def cluster_command(nprocs: int, argv: list[str], launcher: str, hostfile: str |
         cmd += ["--hostfile", hostfile, "--map-by", "slot"] if hostfile else []
     elif hostfile:
         cmd += ["-f", hostfile]
-    return cmd + entry(argv)
+    return cmd + (program or entry(argv))
 
 
 def resolve_launcher(name: str) -> str:
@@ -341,6 +346,7 @@ class Job:
     env: dict[str, str]
     hostmap: list[str] | None  # None: the launcher's own placement (one host, or Slurm's block)
     files: dict[str, str]  # written into the job's directory before it starts
+    unset: tuple[str, ...] = ()  # environment variables the launcher must not see
 
     def describe(self) -> str:
         where = ""
@@ -355,7 +361,8 @@ class Job:
 
 
 def plan_job(p: Placement, argv: list[str], jobdir: Path, launcher: str = "auto", hosts: list[Host] | None = None,
-             policy: str = "edge", mpiexec: str | None = None, exact: bool = True, srun_mpi: str = "pmi2") -> Job:
+             policy: str = "edge", mpiexec: str | None = None, exact: bool = True, srun_mpi: str = "pmi2",
+             program: list[str] | None = None) -> Job:
     """Everything needed to start `hierfed ARGV` for placement `p`; checks a Slurm allocation first.
 
     Inside an allocation without --hosts, the allocation's nodes are the hosts (mapped when there
@@ -376,6 +383,7 @@ def plan_job(p: Placement, argv: list[str], jobdir: Path, launcher: str = "auto"
     hostmap = map_ranks(p, hosts, policy) if hosts else None
     files: dict[str, str] = {}
     env: dict[str, str] = {}
+    unset: tuple[str, ...] = ()
     hostfile = None
     if hostmap:
         flavor = "srun" if launcher == "srun" else mpi_flavor(mpiexec or find_mpiexec())
@@ -383,11 +391,12 @@ def plan_job(p: Placement, argv: list[str], jobdir: Path, launcher: str = "auto"
         files["hostfile"] = hostfile_text(hostmap, flavor)
         if launcher == "srun":
             env["SLURM_HOSTFILE"] = hostfile
+            unset = ("SLURM_NTASKS_PER_NODE",)  # srun warns that it conflicts with the host file
     roles = [p.role(r) for r in range(p.world_size)]
     files["ranks.tsv"] = "rank\trole\tname\thost\n" + "".join(
         f"{r.rank}\t{r.kind}\t{r.name}\t{hostmap[r.rank] if hostmap else '-'}\n" for r in roles)
-    cmd = cluster_command(p.world_size, argv, launcher, hostfile, mpiexec, het, srun_mpi)
-    return Job(launcher, p.world_size, cmd, env, hostmap, files)
+    cmd = cluster_command(p.world_size, argv, launcher, hostfile, mpiexec, het, srun_mpi, program)
+    return Job(launcher, p.world_size, cmd, env, hostmap, files, unset)
 
 
 def run_job(job: Job, jobdir: Path, log: Path | None = None) -> int:
@@ -395,7 +404,7 @@ def run_job(job: Job, jobdir: Path, log: Path | None = None) -> int:
     jobdir.mkdir(parents=True, exist_ok=True)
     for name, text in job.files.items():
         (jobdir / name).write_text(text)
-    env = rank_env() | job.env
+    env = {k: v for k, v in (rank_env() | job.env).items() if k not in job.unset}
     with open(log, "w") if log else open(os.devnull) as sink:
         proc = subprocess.Popen(job.cmd, env=env, stdout=sink if log else None, stderr=subprocess.STDOUT if log else None)
         try:

@@ -4,6 +4,7 @@ Communicators (each split once from COMM_WORLD, the parent is rank 0 in each):
   cloud_comm      the cloud + every edge leader (flat topologies: the cloud + every device)
   edge_comm[e]    edge e's leader + its device ranks
   edge_group[e]   edge e's own ranks (a DeepSpeed group when an edge spans several ranks)
+  split_comm      a duplicate of COMM_WORLD for split devices' activations and gradients (tagged p2p)
 A failure on any rank prints one line naming the rank and its role, then aborts the whole job, so
 no rank is left waiting in a collective.
 """
@@ -38,6 +39,7 @@ class Runtime:
     up: Channel | None  # to the parent (None at the cloud)
     down: Channel | None  # to the children (None at devices)
     edge_group: MPI.Comm | None  # the ranks of this rank's edge (edge ranks only)
+    split_comm: MPI.Comm  # point-to-point traffic across split devices' cuts (a duplicate of COMM_WORLD)
     out: str
     resume: bool
     config_text: str
@@ -69,7 +71,9 @@ def build_runtime(placement: Placement, poll: bool, out: str, resume: bool, conf
         down = Channel(edge_comm, "device-edge", ledger, poll)
     elif role.kind == "device":
         up = Channel(cloud_comm, "device-cloud", ledger, poll) if placement.flat else Channel(edge_comm, "device-edge", ledger, poll)
-    return Runtime(placement, role, ledger, up, down, None if edge_group == MPI.COMM_NULL else edge_group, out, resume, config_text)
+    split_comm = world.Dup()
+    group = None if edge_group == MPI.COMM_NULL else edge_group
+    return Runtime(placement, role, ledger, up, down, group, split_comm, out, resume, config_text)
 
 
 def report_once(message: str) -> None:

@@ -27,7 +27,7 @@ import torch
 from hierfed.comm.channel import wait, wait_all, wait_any
 from hierfed.comm.codecs import Codec, parse_codec
 from hierfed.comm.ledger import Ledger
-from hierfed.engine import Tokenized, derive_seed, make_optimizer
+from hierfed.engine import Tokenized, derive_seed, load_optimizer_arrays, make_optimizer, optimizer_arrays
 from hierfed.model import FlatView
 from hierfed.split import DeviceStage, EdgeStage
 
@@ -51,6 +51,10 @@ class Shapes:
 
     def meta_len(self, b: int) -> int:
         return b * self.seq_len + (b * self.seq_len if self.causal else b)
+
+    def share(self, i: int) -> float:
+        """Micro-batch i's weight in the step's mean loss."""
+        return self.micro[i] / sum(self.micro)
 
 
 def global_index(whole: FlatView, part: FlatView) -> np.ndarray:
@@ -84,8 +88,8 @@ def _step(flat: FlatView, opt: torch.optim.Optimizer, max_grad_norm: float | Non
 class SplitClient:
     """Device side: the embeddings and blocks [0, k) of a device-pruned model."""
 
-    def __init__(self, comm, model, k: int, cfg, ledger: Ledger, poll: bool) -> None:
-        self.comm, self.cfg, self.ledger, self.poll = comm, cfg, ledger, poll
+    def __init__(self, comm, server: int, model, k: int, cfg, ledger: Ledger, poll: bool) -> None:
+        self.comm, self.server, self.cfg, self.ledger, self.poll = comm, server, cfg, ledger, poll
         self.stage = DeviceStage(model, k)
         self.flat = FlatView(model)
         self.act, self.grad = tensor_codec(cfg.split.activation_codec), tensor_codec(cfg.split.gradient_codec)
@@ -95,7 +99,7 @@ class SplitClient:
         bs = min(self.cfg.train.batch_size, len(data))
         micro = tuple(len(c) for c in torch.arange(bs).chunk(self.cfg.split.micro_batches))
         shapes = Shapes(int(data.input_ids.shape[1]), self.stage.config.hidden_size, micro, causal)
-        self.comm.send(shapes, dest=0, tag=TAG_META)
+        self.comm.send(shapes, dest=self.server, tag=TAG_META)
         self.ledger.record(LINK, "up", 64, kind="control")
         return shapes
 
@@ -129,8 +133,9 @@ class SplitClient:
         self.ledger.record(LINK, "up", payload.nbytes + meta.nbytes, kind="activation", raw=x.nbytes + meta.nbytes)
         grad = np.empty(self.grad.encoded_size(h.numel()), dtype=np.uint8)
         loss = np.zeros(1, dtype=np.float64)
-        requests = [self.comm.Isend(payload, dest=0, tag=TAG_ACT), self.comm.Isend(meta, dest=0, tag=TAG_META),
-                    self.comm.Irecv(grad, source=0, tag=TAG_GRAD), self.comm.Irecv(loss, source=0, tag=TAG_LOSS)]
+        to = self.server
+        requests = [self.comm.Isend(payload, dest=to, tag=TAG_ACT), self.comm.Isend(meta, dest=to, tag=TAG_META),
+                    self.comm.Irecv(grad, source=to, tag=TAG_GRAD), self.comm.Irecv(loss, source=to, tag=TAG_LOSS)]
         return requests, (payload, meta), grad, loss
 
     def _finish(self, h: torch.Tensor, msg: tuple) -> float:
@@ -153,39 +158,77 @@ class SplitServer:
         first = next(model.parameters())  # activations arrive in the frozen weights' dtype
         self.device, self.dtype = first.device, next((p.dtype for p in model.parameters() if not p.requires_grad), first.dtype)
         self.busy_s = 0.0  # time spent computing (the rest of serve() is waiting for micro-batches)
+        self._sends: list = []
+        self.opt = None
 
     def handshake(self, devices: list[int]) -> None:
-        for d in devices:  # d: the device's rank in the edge communicator
+        for d in devices:  # d: the device's rank in the split communicator
             self.shapes[d] = self.comm.recv(source=d, tag=TAG_META)
 
-    def serve(self, devices: dict[int, int], steps: int) -> None:
-        """Train the upper stage for `steps` steps on the micro-batches of `devices` ({comm rank: seed})."""
-        opt = make_optimizer([p for _, p in self.flat.params], self.cfg.train)
+    def make_optimizer(self) -> None:
+        """The edge's optimiser persists across rounds (it is edge state, checkpointed with the rank)."""
+        self.opt = make_optimizer([p for _, p in self.flat.params], self.cfg.train)
+
+    def load(self, vec: np.ndarray) -> None:
+        self.flat.set(vec)
+
+    def save_state(self, out, round_: int) -> dict[str, np.ndarray]:
+        """The optimiser state, to go into this rank's checkpoint file."""
+        return optimizer_arrays(self.opt)
+
+    def load_state(self, out, round_: int, arrays: dict[str, np.ndarray]) -> None:
+        load_optimizer_arrays(self.opt, arrays)
+
+    def get(self) -> np.ndarray:
+        return self.flat.get()
+
+    def serve(self, devices: dict[int, int], steps: int, total_devices: int) -> None:
+        """Train the upper stage for `steps` steps on the micro-batches of `devices` ({rank: seed}).
+
+        Per step: each device's micro-batch gradients summed in micro-batch order, then the mean
+        over the devices in rank order (independent of arrival order), one optimiser step.
+        """
         self.stage.train()
         order = sorted(devices)
         for j in range(steps):
-            sends: list = []
             acc = {d: np.zeros(self.flat.dim, dtype=np.float64) for d in order}
-            nxt = {d: 0 for d in order}
-            posted = {d: self._post(d, 0) for d in order}
-            while posted:
-                keys = list(posted)
-                d = keys[wait_any([posted[x][0] for x in keys], self.poll)]
-                _, meta_req, payload, meta = posted.pop(d)
-                wait(meta_req, self.poll)
-                i = nxt[d]
+            for d, i, wire, mask, labels in self.arrivals(devices, j):
                 started = time.perf_counter()
-                sends += self._process(d, i, payload, meta, derive_seed(devices[d], j, i, 1), acc[d])
+                loss = self.forward_backward(wire, mask, labels, self.shapes[d].share(i))
+                acc[d] += flat_grads(self.flat)
+                for _, p in self.flat.params:
+                    p.grad = None
+                self.reply(d, wire, loss, derive_seed(devices[d], j, i, 3))
                 self.busy_s += time.perf_counter() - started
-                nxt[d] = i + 1
-                if nxt[d] < len(self.shapes[d].micro):
-                    posted[d] = self._post(d, nxt[d])
             started = time.perf_counter()
-            set_grads(self.flat, sum(acc[d] for d in order) / len(order))  # device order: deterministic
-            _step(self.flat, opt, self.cfg.train.max_grad_norm)
+            set_grads(self.flat, sum(acc[d] for d in order) / total_devices)
+            _step(self.flat, self.opt, self.cfg.train.max_grad_norm)
             self.busy_s += time.perf_counter() - started
-            wait_all(sends[0::3], self.poll)
-            wait_all(sends[1::3], self.poll)
+            self.flush()
+
+    def forward_backward(self, wire: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, share: float, scale: float = 1.0) -> float:
+        """Upper stage forward and backward of one micro-batch; returns its loss weighted by its share."""
+        loss, _ = self.stage(wire, mask, labels)
+        # The whole batch's mean loss is the micro-batches' losses weighted by their share of it.
+        (loss * share * scale).backward()
+        return float(loss.detach()) * share
+
+    def arrivals(self, devices: dict[int, int], j: int):
+        """(device, micro-batch index, wire, mask, labels) of step j in arrival order; one receive
+        posted per device at a time, so a device's micro-batches come in order."""
+        nxt = {d: 0 for d in devices}
+        posted = {d: self._post(d, 0) for d in devices}
+        while posted:
+            keys = list(posted)
+            d = keys[wait_any([posted[x][0] for x in keys], self.poll)]
+            _, meta_req, payload, meta = posted.pop(d)
+            wait(meta_req, self.poll)
+            i = nxt[d]
+            nxt[d] = i + 1
+            if nxt[d] < len(self.shapes[d].micro):
+                posted[d] = self._post(d, nxt[d])
+            torch.manual_seed(derive_seed(devices[d], j, i, 1))  # dropout, independent of arrival order
+            yield (d, i, *self._unpack(d, i, payload, meta))
 
     def _post(self, d: int, i: int):
         s = self.shapes[d]
@@ -194,27 +237,29 @@ class SplitServer:
         meta = np.empty(s.meta_len(b), dtype=np.int64)
         return self.comm.Irecv(payload, source=d, tag=TAG_ACT), self.comm.Irecv(meta, source=d, tag=TAG_META), payload, meta
 
-    def _process(self, d: int, i: int, payload: np.ndarray, meta: np.ndarray, seed: int, acc: np.ndarray) -> list:
+    def _unpack(self, d: int, i: int, payload: np.ndarray, meta: np.ndarray):
         s = self.shapes[d]
-        b, t = s.micro[i], s.seq_len
-        dev = self.device
+        b, t, dev = s.micro[i], s.seq_len, self.device
         wire = torch.from_numpy(self.act.decode(payload, b * t * s.hidden)).view(b, t, s.hidden).to(dev, self.dtype).requires_grad_()
         mask = torch.from_numpy(meta[: b * t].copy()).view(b, t).to(dev)
         labels = torch.from_numpy(meta[b * t :].copy())
-        labels = (labels.view(b, t) if s.causal else labels).to(dev)
-        torch.manual_seed(seed)
-        loss, _ = self.stage(wire, mask, labels)
-        # The whole batch's mean loss is the micro-batches' losses weighted by their share of it.
-        share = b / sum(s.micro)
-        (loss * share).backward()
-        acc += flat_grads(self.flat)
-        for _, p in self.flat.params:
-            p.grad = None
-        grad = self.grad.encode(wire.grad.reshape(-1).to("cpu", torch.float32).numpy(), np.random.default_rng(seed))
-        out = np.array([float(loss.detach()) * share], dtype=np.float64)
+        return wire, mask, (labels.view(b, t) if s.causal else labels).to(dev)
+
+    def reply(self, d: int, wire: torch.Tensor, loss: float, seed: int, scale: float = 1.0) -> None:
+        """Send a micro-batch's boundary gradient (of a loss that was multiplied by `scale`) and its
+        loss back; the device posted the receives."""
+        g = wire.grad.reshape(-1).to("cpu", torch.float32)
+        grad = self.grad.encode((g if scale == 1.0 else g / scale).numpy(), np.random.default_rng(seed))
+        out = np.array([loss], dtype=np.float64)
         self.ledger.record(LINK, "down", grad.nbytes + out.nbytes, kind="gradient", raw=wire.grad.numel() * 4 + out.nbytes)
-        # The device posted these receives when it sent the micro-batch; the buffers live in the list.
-        return [self.comm.Isend(grad, dest=d, tag=TAG_GRAD), self.comm.Isend(out, dest=d, tag=TAG_LOSS), (grad, out)]
+        self._sends.append((self.comm.Isend(grad, dest=d, tag=TAG_GRAD), self.comm.Isend(out, dest=d, tag=TAG_LOSS), grad, out))
+
+    def flush(self) -> None:
+        """Complete this step's replies (their buffers live until then)."""
+        for g, l, *_ in self._sends:
+            wait(g, self.poll)
+            wait(l, self.poll)
+        self._sends = []
 
 
 def split_plan(placement, cfg, kind: str, num_labels: int | None) -> dict[int, int | None]:

@@ -48,7 +48,8 @@ for i in $(seq 0 $(( ${SLURM_HET_SIZE:-1} - 1 ))); do
     echo "slurm/hetjob.sh: component $i: ${!var:-?} tasks on ${!nodes:-?}"
 done
 if [ "${have# }" != "$sizes" ]; then
-    echo "slurm/hetjob.sh: error: $("$PYTHON" -m hierfed topology validate "$TOPOLOGY" | sed 's/^ok: //')" \
+    echo "slurm/hetjob.sh: error: topology $TOPOLOGY" \
+         "($("$PYTHON" -m hierfed topology validate "$TOPOLOGY" | sed 's/^ok: [^:]*: //'))" \
          "needs components of $sizes tasks (cloud, then each edge and its devices), but this job has${have};" \
          "submit with 'bash slurm/hetjob.sh', which builds the components" >&2
     exit 2

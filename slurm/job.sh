@@ -28,10 +28,12 @@ if [ -z "${SLURM_JOB_ID:-}" ]; then   # not in a job yet: submit this script, si
 fi
 
 # Fail fast, before any rank starts, when the allocation does not match the topology.
+# (More tasks than ranks only across nodes: keeping each edge on one node can leave slots free.)
 need="$("$PYTHON" -m hierfed topology ranks "$TOPOLOGY")"
-if [ "${SLURM_NTASKS:-}" != "$need" ]; then
-    echo "slurm/job.sh: error: $("$PYTHON" -m hierfed topology validate "$TOPOLOGY" | sed 's/^ok: //')" \
-         "needs $need tasks, but this job has SLURM_NTASKS=${SLURM_NTASKS:-unset};" \
+if [ "${SLURM_NTASKS:-0}" -lt "$need" ] || { [ "${SLURM_NTASKS:-0}" -gt "$need" ] && [ "${SLURM_JOB_NUM_NODES:-1}" = 1 ]; }; then
+    echo "slurm/job.sh: error: topology $TOPOLOGY needs $need tasks" \
+         "($("$PYTHON" -m hierfed topology validate "$TOPOLOGY" | sed 's/^ok: [^:]*: //'))," \
+         "but this job has SLURM_NTASKS=${SLURM_NTASKS:-unset};" \
          "submit with --ntasks=$need, or with 'bash slurm/job.sh', which sizes the job itself" >&2
     exit 2
 fi

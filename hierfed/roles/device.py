@@ -44,7 +44,10 @@ def run(rt, cfg) -> None:
 
         whole = flat
         prune_for_device(built.model, k)
-        trainer = SplitClient(rt.up.comm, built.model, k, cfg, rt.ledger, cfg.runtime.wait == "poll")
+        edge = rt.placement.edges[spec.edge]
+        split_devices = [d.rank for d in edge.devices if d.split_layers is not None]
+        server = edge.ranks[split_devices.index(spec.rank) % len(edge.ranks)]  # as EdgeSplit assigns
+        trainer = SplitClient(rt.split_comm, server, built.model, k, cfg, rt.ledger, cfg.runtime.wait == "poll")
         flat, mine_idx = trainer.flat, global_index(whole, trainer.flat)
 
     plan = rt.up.bcast_obj()

@@ -15,22 +15,25 @@ from hierfed.strategy import build_strategy
 
 
 def run(rt, cfg) -> None:
+    if rt.role.group_index > 0:
+        return run_follower(rt, cfg)
     strategy = build_strategy(cfg.aggregation.edge)
     plan = rt.up.bcast_obj()
     rt.down.bcast_obj(plan)
+    if rt.edge_group.Get_size() > 1:
+        rt.edge_group.bcast(plan, root=0)
     strategy.load_state_dict(plan.edge_states.get(rt.role.edge, {}))
     up = child_link(rt.up, cfg, False, "cloud", plan.dim, plan.start_round > 1)
     down = parent_link(rt.down, cfg, False, "edge", plan.dim)
     # Sender state: the uplink's error-feedback residual and what the devices hold (codec downlink).
     saved = RankState(Path(plan.out), rt.role.rank, cfg.checkpoint.keep)
     has_state = up.feedback is not None or not down.down.is_identity
-    if plan.start_round > 1 and has_state:
-        state = saved.load(plan.start_round - 1)
-        up.load_state_dict(unprefixed("up", state))
-        down.load_state_dict(unprefixed("down", state))
+    resumed_state = saved.load(plan.start_round - 1) if plan.start_round > 1 and (has_state or split_here(rt)) else {}
+    up.load_state_dict(unprefixed("up", resumed_state))
+    down.load_state_dict(unprefixed("down", resumed_state))
     me = rt.placement.edges[rt.role.edge]
     my_clients = {c for d in me.devices for c in d.clients}
-    split = SplitDevices(rt, cfg, plan) if any(d.split_layers is not None for d in me.devices) else None
+    split = EdgeSplit(rt, cfg, plan, unprefixed("split", resumed_state)) if split_here(rt) else None
 
     params = np.empty(plan.dim, dtype=np.float32)
     for t in range(plan.start_round, cfg.schedule.rounds + 1):
@@ -47,7 +50,7 @@ def run(rt, cfg) -> None:
                 start = local.astype(np.float32)
                 local, weight, telemetry, agg_s = aggregation_round(
                     down, local, strategy, receivers=len(sampled), rng=rng,
-                    while_children_work=lambda: split.serve(start, t, s, sampled), add_own=split.add_own,
+                    while_children_work=lambda: split.round(start, t, s, sampled), add_own=split.add_own,
                 )
             weight_sum += weight
             w = sum(d["weight"] for d in telemetry)
@@ -65,14 +68,40 @@ def run(rt, cfg) -> None:
             up.add(rt.role.edge, weight_sum, local - params, codec_rng(cfg.seed, t, 0, rt.role.rank, 2))
         up.send()
         rt.up.gather_obj({"rows": rows, "bytes": rt.ledger.take_round(), "strategy_state": strategy.state_dict()})
-        if has_state and (t % cfg.checkpoint.every == 0 or t == cfg.schedule.rounds):
-            saved.save(t, {**prefixed("up", up.state_dict()), **prefixed("down", down.state_dict())})
+        if t % cfg.checkpoint.every == 0 or t == cfg.schedule.rounds:
+            own = prefixed("split", split.save(t)) if split else {}
+            if has_state or split:
+                saved.save(t, {**prefixed("up", up.state_dict()), **prefixed("down", down.state_dict()), **own})
+    if split:
+        split.close()
 
 
-class SplitDevices:
-    """The edge's half of split placement: the upper stage it trains for its split devices."""
+def split_here(rt) -> bool:
+    return any(d.split_layers is not None for d in rt.placement.edges[rt.role.edge].devices)
 
-    def __init__(self, rt, cfg, plan) -> None:
+
+def run_follower(rt, cfg) -> None:
+    """A non-leader rank of a multi-rank edge: a shard of the upper stage's DeepSpeed engine, in
+    lockstep with its leader's edge rounds."""
+    plan = rt.edge_group.bcast(None, root=0)
+    resumed = RankState(Path(plan.out), rt.role.rank, cfg.checkpoint.keep).load(plan.start_round - 1) if plan.start_round > 1 else {}
+    split = EdgeSplit(rt, cfg, plan, unprefixed("split", resumed))
+    saved = RankState(Path(plan.out), rt.role.rank, cfg.checkpoint.keep)
+    clients = {c for d in rt.placement.edges[rt.role.edge].devices for c in d.clients}
+    for t in range(plan.start_round, cfg.schedule.rounds + 1):
+        sampled = clients.intersection(sampled_clients(rt.placement.num_clients, cfg.schedule.client_fraction, cfg.seed, t).tolist())
+        for s in range(1, cfg.schedule.tau2 + 1):
+            split.round(None, t, s, sampled)
+        if t % cfg.checkpoint.every == 0 or t == cfg.schedule.rounds:
+            saved.save(t, prefixed("split", split.save(t)))
+    split.close()
+
+
+class EdgeSplit:
+    """The edge's half of split placement: the upper stage it trains for its split devices, on one
+    rank (plain torch) or sharded over the edge's ranks (DeepSpeed ZeRO)."""
+
+    def __init__(self, rt, cfg, plan, resumed: dict[str, np.ndarray]) -> None:
         from hierfed.data import load_data, partition
         from hierfed.engine import configure_threads, torch_device
         from hierfed.model import FlatView, build_model
@@ -81,39 +110,76 @@ class SplitDevices:
         from hierfed.splitlink import SplitServer, global_index, split_plan
 
         configure_threads(cfg.runtime.threads)
-        self.cfg = cfg
+        self.rt, self.cfg, self.out = rt, cfg, Path(plan.out)
         task = load_data(cfg.data)
         shards = partition(task.train, rt.placement.num_clients, cfg.data.partition, alpha=cfg.data.alpha, seed=cfg.data.seed)
         ks = split_plan(rt.placement, cfg, task.kind, task.num_labels)
         me = rt.placement.edges[rt.role.edge]
-        # device comm rank (1 + its place among the edge's devices) -> (client, weight)
-        self.devices = {i + 1: (d.clients[0], len(shards[d.clients[0]])) for i, d in enumerate(me.devices) if ks[d.rank] is not None}
-        k = min(ks[d.rank] for d in me.devices if ks[d.rank] is not None)
-        built = build_model(cfg.model, cfg.peft, task.kind, task.num_labels, cfg.seed, torch_device(cfg.runtime.device))
+        split_devices = [d for d in me.devices if ks[d.rank] is not None]
+        k = min(ks[d.rank] for d in split_devices)
+        # split device rank -> (client, weight); device i is served by edge rank i mod G
+        self.devices = {d.rank: (d.clients[0], len(shards[d.clients[0]])) for d in split_devices}
+        self.mine = {d.rank for i, d in enumerate(split_devices) if me.ranks[i % len(me.ranks)] == rt.role.rank}
+        device = torch_device(cfg.runtime.device)
+        built = build_model(cfg.model, cfg.peft, task.kind, task.num_labels, cfg.seed, device)
         whole = FlatView(built.model)
         check_plan(plan, whole.dim, whole.fingerprint(), whole.base_fingerprint(), rt.role.name)
         prune_for_edge(built.model, k)
-        self.server = SplitServer(rt.down.comm, built.model, task.kind, k, cfg, rt.ledger, cfg.runtime.wait == "poll")
+        poll = cfg.runtime.wait == "poll"
+        if use_deepspeed(cfg, len(me.ranks)):
+            from hierfed.deepspeed_edge import DeepSpeedServer, init_group
+
+            backend = cfg.deepspeed.backend if cfg.deepspeed.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
+            init_group(rt.edge_group, rt.role.group_index == 0, backend)
+            self.server = DeepSpeedServer(rt.split_comm, built.model, task.kind, k, cfg, rt.ledger, poll,
+                                          rt.edge_group, rt.role.group_index == 0, cfg.split.micro_batches, me.name)
+        else:
+            self.server = SplitServer(rt.split_comm, built.model, task.kind, k, cfg, rt.ledger, poll)
         self.index = global_index(whole, self.server.flat)
-        self.server.handshake(sorted(self.devices))
+        self.server.handshake(sorted(self.mine))
+        self.server.make_optimizer()
+        if plan.start_round > 1:
+            self.server.load_state(self.out, plan.start_round - 1, resumed)
         self.start: np.ndarray | None = None
         self.weight = 0.0
+        self.new: np.ndarray | None = None
 
-    def serve(self, params: np.ndarray, t: int, s: int, sampled: set[int]) -> None:
+    def round(self, params: np.ndarray | None, t: int, s: int, sampled: set[int]) -> None:
+        """One edge round of the upper stage: load the edge's parameters, serve, read the result.
+        The leader passes the edge's parameters; followers receive them from it."""
         from hierfed.engine import derive_seed
 
+        group = self.rt.edge_group
+        start = np.empty(self.server.flat.dim, dtype=np.float32) if params is None else params[self.index].copy()
+        if group.Get_size() > 1:
+            group.Bcast(start, root=0)
+        self.start = start
+        self.server.load(start)
         active = {r: derive_seed(self.cfg.seed, t, s, c) for r, (c, _) in self.devices.items() if c in sampled}
-        self.start = params[self.index].copy()
-        self.server.flat.set(self.start)
-        self.weight = float(sum(w for r, (c, w) in self.devices.items() if r in active))
+        self.weight = float(sum(self.devices[r][1] for r in active))
         if active:
-            self.server.serve(active, self.cfg.schedule.tau1)
+            self.server.serve({r: seed for r, seed in active.items() if r in self.mine}, self.cfg.schedule.tau1, len(active))
+        self.new = self.server.get()
 
     def add_own(self, reduced: np.ndarray) -> None:
         """The split devices' upper-block update, weighted by their samples, into the edge's sum."""
         if self.weight:
-            reduced[self.index] += self.weight * (self.server.flat.get().astype(np.float64) - self.start)
+            reduced[self.index] += self.weight * (self.new.astype(np.float64) - self.start)
+
+    def save(self, t: int) -> dict[str, np.ndarray]:
+        return self.server.save_state(self.out, t)
+
+    def close(self) -> None:
+        """End the edge group's torch.distributed process group before MPI finalises."""
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
     def take_busy(self) -> float:
         busy, self.server.busy_s = self.server.busy_s, 0.0
         return busy
+
+
+def use_deepspeed(cfg, edge_ranks: int) -> bool:
+    return cfg.deepspeed.enabled is True or (cfg.deepspeed.enabled == "auto" and edge_ranks > 1)

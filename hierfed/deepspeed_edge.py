@@ -1,0 +1,204 @@
+"""DeepSpeed ZeRO on an edge: the upper stage an edge trains for its split devices, sharded over
+the edge's ranks (`ranks: G` in the topology).
+
+Each edge group gets its own torch.distributed process group, made from its MPI communicator: the
+group's leader picks an address and a free port and broadcasts them, so several edges run side by
+side in one MPI job (gloo on CPUs, NCCL on GPUs). Device ranks and the cloud never join a group.
+
+Data parallelism over the micro-batches the edge receives: split device i sends to edge rank
+i mod G. ZeRO's collectives run inside forward/backward, so every rank of a group runs the same
+number of micro-steps per local step ("slots"): a rank with fewer micro-batches than the busiest
+runs zero-weight dummy micro-steps. Each rank weights its losses by G / (active split devices of
+the edge), so ZeRO's mean over the group is the plain edge's mean over devices.
+Federation across ZeRO: parameters are read with `safe_get_full_fp32_param` (gathered from the
+shards) and written to both the fp32 master shards and the module's (possibly partitioned)
+parameters; the optimiser state stays on the edge and is saved with DeepSpeed's own checkpoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import logging
+import os
+import warnings
+import shutil
+import socket
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from mpi4py import MPI
+
+from hierfed.errors import HierfedError
+from hierfed.engine import derive_seed
+from hierfed.splitlink import SplitServer
+
+DS_SUBDIR = "deepspeed"
+
+
+def quiet_import():
+    """deepspeed, with its start-up chatter (op builds, accelerator detection) kept off stdout."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        import deepspeed
+    deepspeed.utils.logger.setLevel(logging.WARNING)
+    # torch.distributed deprecation notices raised inside DeepSpeed's collectives, on every rank
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+    return deepspeed
+
+
+def init_group(comm: MPI.Comm, leader: bool, backend: str) -> None:
+    """torch.distributed's default process group = this edge group (address/port from its leader)."""
+    import torch.distributed as dist
+
+    host = socket.gethostname()
+    hosts = comm.allgather(host)
+    if leader:
+        addr = "127.0.0.1" if len(set(hosts)) == 1 else socket.gethostbyname(host)
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        where = (addr, port)
+    where = comm.bcast(where if leader else None, root=0)
+    rank, size = comm.Get_rank(), comm.Get_size()
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(size), LOCAL_RANK=os.environ.get("MPI_LOCALRANKID", str(rank)),
+                      MASTER_ADDR=where[0], MASTER_PORT=str(where[1]))
+    dist.init_process_group(backend, init_method=f"tcp://{where[0]}:{where[1]}", rank=rank, world_size=size)
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def ds_config(cfg, micro_batch: int, accumulation: int, group: int, where: str) -> dict:
+    """The DeepSpeed config of one edge group, checked with DeepSpeed's batch arithmetic:
+    train_batch_size = micro-batch per rank x gradient accumulation x group size."""
+    ds = cfg.deepspeed
+    zero = {"stage": ds.zero_stage}
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    conf = _merge({
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": accumulation,
+        "train_batch_size": micro_batch * accumulation * group,
+        "zero_optimization": zero,
+        "gradient_clipping": cfg.train.max_grad_norm or 0.0,
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+    }, ds.config)
+    tb, mb, ga = conf["train_batch_size"], conf["train_micro_batch_size_per_gpu"], conf["gradient_accumulation_steps"]
+    if tb != mb * ga * group:
+        raise HierfedError(
+            f"deepspeed ({where}): train_batch_size {tb} != micro-batch per rank {mb} x gradient accumulation {ga} "
+            f"x edge group size {group} = {mb * ga * group} (the micro-batch is train.batch_size / split.micro_batches; "
+            f"accumulation is micro-batches per step x split devices per edge rank)"
+        )
+    if ds.offload_optimizer and cfg.train.optimizer != "adamw":
+        raise HierfedError(f"deepspeed ({where}): offload_optimizer needs train.optimizer=adamw (DeepSpeed's CPU Adam)")
+    return conf
+
+
+class DeepSpeedServer(SplitServer):
+    """The edge's upper stage as a DeepSpeed engine over the edge group."""
+
+    def __init__(self, comm, model, kind: str, k: int, cfg, ledger, poll: bool, group: MPI.Comm, leader: bool, slots_per_device: int, where: str) -> None:
+        super().__init__(comm, model, kind, k, cfg, ledger, poll)
+        self.group, self.leader, self.slots_per_device, self.where = group, leader, slots_per_device, where
+
+    def make_optimizer(self) -> None:
+        deepspeed = quiet_import()
+
+        params = [p for _, p in self.flat.params]
+        mb = max(max(s.micro) for s in self.shapes.values()) if self.shapes else 1
+        acc = self.slots_per_device * max(1, len(self.shapes))
+        conf = ds_config(self.cfg, mb, acc, self.group.Get_size(), self.where)
+        opt = None
+        if not self.cfg.deepspeed.offload_optimizer:  # hierfed's optimiser; DeepSpeed shards its state
+            from hierfed.engine import make_optimizer
+
+            opt = make_optimizer(params, self.cfg.train)
+        else:
+            conf["optimizer"] = {"type": "AdamW", "params": {"lr": self.cfg.train.lr, "weight_decay": self.cfg.train.weight_decay}}
+        with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed prints its op builds on every rank
+            self.engine, self.opt, _, _ = deepspeed.initialize(model=self.stage, model_parameters=params, optimizer=opt, config=conf, dist_init_required=False)
+        self.zero3 = self.cfg.deepspeed.zero_stage == 3
+
+    def load(self, vec: np.ndarray) -> None:
+        """The global upper parameters into the engine: module parameters and fp32 master shards."""
+        deepspeed = quiet_import()
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        src = torch.from_numpy(np.ascontiguousarray(vec, dtype=np.float32))
+        values = [src[a:b] for a, b in zip(self.flat.offsets[:-1], self.flat.offsets[1:])]
+        params = [p for _, p in self.flat.params]
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=0, enabled=self.zero3), torch.no_grad():
+            for p, v in zip(params, values):
+                p.data.copy_(v.view(p.shape).to(p.device, p.dtype))
+        for p, v in zip(params, values):
+            safe_set_full_fp32_param(p, v.view(getattr(p, "ds_shape", p.shape)).to(p.device))
+
+    def get(self) -> np.ndarray:
+        """The full upper parameters, gathered from the shards (every rank of the group calls this)."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        def full(p: torch.nn.Parameter) -> torch.Tensor:
+            hp = safe_get_full_fp32_param(p)  # None without ZeRO: the parameter itself is the master
+            return (p.detach() if hp is None else hp).reshape(-1).to("cpu", torch.float32)
+
+        return np.concatenate([full(p).numpy() for _, p in self.flat.params])
+
+    def serve(self, devices: dict[int, int], steps: int, total_devices: int) -> None:
+        """`steps` optimiser steps in lockstep with the group, on this rank's devices' micro-batches."""
+        mine = sum(len(self.shapes[d].micro) for d in devices)
+        slots = self.group.allreduce(mine, op=MPI.MAX)
+        scale = self.group.Get_size() / total_devices
+        self.engine.train()
+        for j in range(steps):
+            arrivals = self.arrivals(devices, j)
+            for slot in range(slots):
+                self.engine.set_gradient_accumulation_boundary(slot == slots - 1)
+                item = next(arrivals, None) if slot < mine else None
+                started = time.perf_counter()
+                if item is None:
+                    self._dummy()
+                else:
+                    d, i, wire, mask, labels = item
+                    loss, _ = self.engine(wire, mask, labels)
+                    share = self.shapes[d].share(i)
+                    self.engine.backward(loss * share * scale, scale_wrt_gas=False)
+                    # The device's gradient is of its own loss: undo the group weighting.
+                    self.reply(d, wire, float(loss.detach()) * share, derive_seed(devices[d], j, i, 3), scale)
+                self.engine.step()
+                self.busy_s += time.perf_counter() - started
+            self.flush()
+
+    def _dummy(self) -> None:
+        """A zero-weight micro-step: keeps ZeRO's collectives in step when this rank has no micro-batch."""
+        hidden, causal = self.stage.config.hidden_size, self.stage.kind == "causal_lm"
+        wire = torch.zeros(1, 2, hidden, device=self.device, dtype=self.dtype, requires_grad=True)
+        mask = torch.ones(1, 2, dtype=torch.long, device=self.device)
+        labels = torch.zeros((1, 2) if causal else (1,), dtype=torch.long, device=self.device)
+        loss, _ = self.engine(wire, mask, labels)
+        self.engine.backward(loss * 0.0, scale_wrt_gas=False)
+
+    def save_state(self, out: Path, round_: int) -> dict[str, np.ndarray]:
+        """DeepSpeed's own checkpoint of the sharded optimiser state (collective over the group)."""
+        root = Path(out) / "checkpoints" / "ranks" / f"{DS_SUBDIR}-{self.where}"
+        self.engine.save_checkpoint(str(root), tag=f"round-{round_:04d}", save_latest=False, exclude_frozen_parameters=True)
+        if self.leader:  # the save is collective: complete on every rank once it returns
+            tags = sorted(p for p in root.glob("round-*") if p.is_dir())
+            for old in tags[: -(self.cfg.checkpoint.keep + 1)]:
+                shutil.rmtree(old, ignore_errors=True)
+        return {}
+
+    def load_state(self, out: Path, round_: int, arrays: dict[str, np.ndarray]) -> None:
+        root = Path(out) / "checkpoints" / "ranks" / f"{DS_SUBDIR}-{self.where}"
+        tag = f"round-{round_:04d}"
+        if not (root / tag).is_dir():
+            raise HierfedError(f"--resume: {root / tag} is missing (edge {self.where}'s DeepSpeed optimizer state)")
+        self.engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False, load_module_strict=False)
