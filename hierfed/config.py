@@ -28,6 +28,7 @@ class ModelConfig(_Section):
 
     source: Literal["minilm", "gpt2", "llama", "path"] = "minilm"
     path: str | None = None  # a local transformers directory (source=path)
+    tokenizer: str | None = None  # a local tokenizer directory (default: the model's; MiniLM's for gpt2/llama)
     size: Literal["tiny", "small"] = "tiny"  # for models built from a config (gpt2, llama)
     # Fields of the transformers config that replace the size table's, e.g. {num_hidden_layers: 16}
     # (gpt2 names: n_layer, n_embd, n_head); built-from-config models only.

@@ -17,6 +17,7 @@ parameters; the optimiser state stays on the edge and is saved with DeepSpeed's 
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import copy
 import io
@@ -33,7 +34,7 @@ import torch
 from mpi4py import MPI
 
 from hierfed.errors import HierfedError
-from hierfed.engine import derive_seed
+from hierfed.engine import derive_seed, local_rank
 from hierfed.splitlink import SplitServer
 
 DS_SUBDIR = "deepspeed"
@@ -63,8 +64,8 @@ def init_group(comm: MPI.Comm, leader: bool, backend: str) -> None:
         where = (addr, port)
     where = comm.bcast(where if leader else None, root=0)
     rank, size = comm.Get_rank(), comm.Get_size()
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(size), LOCAL_RANK=os.environ.get("MPI_LOCALRANKID", str(rank)),
-                      MASTER_ADDR=where[0], MASTER_PORT=str(where[1]))
+    # LOCAL_RANK is the node-local MPI rank (DeepSpeed checks it against Open MPI's own variable).
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(size), LOCAL_RANK=str(local_rank()), MASTER_ADDR=where[0], MASTER_PORT=str(where[1]))
     dist.init_process_group(backend, init_method=f"tcp://{where[0]}:{where[1]}", rank=rank, world_size=size)
 
 
@@ -124,8 +125,11 @@ class DeepSpeedServer(SplitServer):
             opt = make_optimizer(params, self.cfg.train)
         else:
             conf["optimizer"] = {"type": "AdamW", "params": {"lr": self.cfg.train.lr, "weight_decay": self.cfg.train.weight_decay}}
+        # The device to use: the rank's GPU (ranks may outnumber GPUs on a node), or the CPU.
+        gpu = self.device.index if self.device.type == "cuda" else local_rank()
+        args = argparse.Namespace(device_rank=gpu, local_rank=local_rank())
         with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed prints its op builds on every rank
-            self.engine, self.opt, _, _ = deepspeed.initialize(model=self.stage, model_parameters=params, optimizer=opt, config=conf, dist_init_required=False)
+            self.engine, self.opt, _, _ = deepspeed.initialize(args=args, model=self.stage, model_parameters=params, optimizer=opt, config=conf, dist_init_required=False)
         self.zero3 = self.cfg.deepspeed.zero_stage == 3
 
     def load(self, vec: np.ndarray) -> None:
@@ -175,7 +179,6 @@ class DeepSpeedServer(SplitServer):
                     self.reply(d, wire, float(loss.detach()) * share, derive_seed(devices[d], j, i, 3), scale)
                 self.engine.step()
                 self.busy_s += time.perf_counter() - started
-            self.flush()
 
     def _dummy(self) -> None:
         """A zero-weight micro-step: keeps ZeRO's collectives in step when this rank has no micro-batch."""

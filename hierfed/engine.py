@@ -26,8 +26,13 @@ def torch_device(name: str) -> torch.device:
         from hierfed.errors import HierfedError
 
         raise HierfedError("runtime.device=cuda, but torch sees no GPU on this node")
-    local = next((int(os.environ[v]) for v in ("MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID", "LOCAL_RANK") if v in os.environ), 0)
-    return torch.device("cuda", local % torch.cuda.device_count())
+    return torch.device("cuda", local_rank() % torch.cuda.device_count())
+
+
+def local_rank() -> int:
+    """This process's index among the ranks on its node, as the MPI launcher (or Slurm) says."""
+    names = ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "PMI_LOCAL_RANK", "SLURM_LOCALID", "LOCAL_RANK")
+    return next((int(os.environ[v]) for v in names if v in os.environ), 0)
 
 
 def configure_threads(threads: int) -> None:

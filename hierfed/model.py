@@ -62,11 +62,12 @@ class Built:
 
 def load_tokenizer(cfg: ModelConfig):
     """Config-built models borrow MiniLM's WordPiece tokenizer: a real tokenizer that ships offline."""
-    path = cfg.path if cfg.source == "path" else minilm_path()
+    path = cfg.tokenizer or (cfg.path if cfg.source == "path" else minilm_path())
     try:
         tok = transformers.AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
-        raise HierfedError(f"model.path: cannot load a tokenizer from {path}: {str(e).splitlines()[0]}") from None
+        field = "model.tokenizer" if cfg.tokenizer else "model.path"
+        raise HierfedError(f"{field}: cannot load a tokenizer from {path}: {str(e).splitlines()[0]}") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.unk_token
     return tok

@@ -18,6 +18,7 @@ stay those of the whole model, so `side_of` splits the global FlatView by name. 
 
 from __future__ import annotations
 
+import inspect
 import re
 from typing import Literal
 
@@ -115,15 +116,29 @@ def _positions(hidden: torch.Tensor) -> torch.Tensor:
     return torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
 
 
+def _mask(fn, config, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None):
+    """Call a transformers mask builder with the argument names of the installed version
+    (5.2x: inputs_embeds, cache; earlier 5.x: input_embeds, past_key_values, cache_position)."""
+    params = inspect.signature(fn).parameters
+    kw = {"config": config, "attention_mask": attention_mask}
+    kw["inputs_embeds" if "inputs_embeds" in params else "input_embeds"] = hidden
+    kw.update({name: None for name in ("cache", "past_key_values") if name in params})
+    if "cache_position" in params:
+        kw["cache_position"] = torch.arange(hidden.shape[1], device=hidden.device)
+    if "position_ids" in params and position_ids is not None:
+        kw["position_ids"] = position_ids
+    return fn(**kw)
+
+
 def _run_blocks(arch, config, blocks, hidden, attention_mask, rotary=None) -> torch.Tensor:
     """Blocks as the HF model calls them (no cache): the mask is rebuilt here from attention_mask."""
     if arch == "bert":
-        mask = create_bidirectional_mask(config=config, inputs_embeds=hidden, attention_mask=attention_mask)
+        mask = _mask(create_bidirectional_mask, config, hidden, attention_mask)
         for block in blocks:
             hidden = block(hidden, attention_mask=mask)
         return hidden
     pos = _positions(hidden)
-    mask = create_causal_mask(config=config, inputs_embeds=hidden, attention_mask=attention_mask, cache=None, position_ids=pos)
+    mask = _mask(create_causal_mask, config, hidden, attention_mask, pos)
     if arch == "gpt2":
         for block in blocks:
             hidden = block(hidden, attention_mask=mask, use_cache=False, position_ids=pos)

@@ -33,11 +33,31 @@ from hierfed.split import DeviceStage, EdgeStage
 
 TAG_ACT, TAG_META, TAG_GRAD, TAG_LOSS = 11, 12, 13, 14
 LINK = "device-edge"
-_CODECS = {"fp32": "identity"}
+_CASTS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def tensor_codec(name: str) -> Codec:
-    return parse_codec(_CODECS.get(name, name))
+class TensorWire:
+    """How a tensor crosses the cut. fp32/fp16/bf16 are casts: the tensor is cast where it lives
+    (on the GPU, before the copy) and its raw bytes travel. int8 goes through the checked,
+    stochastic codec of hierfed.comm.codecs (block scales, unbiased rounding)."""
+
+    def __init__(self, name: str) -> None:
+        self.cast = _CASTS.get(name)
+        self.codec: Codec | None = None if self.cast else parse_codec(name)
+
+    def nbytes(self, numel: int) -> int:
+        return numel * self.cast.itemsize if self.cast else self.codec.encoded_size(numel)
+
+    def encode(self, t: torch.Tensor, seed: int) -> np.ndarray:
+        if self.cast:
+            return t.detach().to(self.cast).contiguous().reshape(-1).view(torch.uint8).cpu().numpy()
+        return self.codec.encode(t.detach().reshape(-1).to("cpu", torch.float32).numpy(), np.random.default_rng(seed))
+
+    def decode(self, buf: np.ndarray, shape: tuple[int, ...], device, dtype) -> torch.Tensor:
+        if self.cast:
+            return torch.from_numpy(buf).view(self.cast).view(shape).to(device, dtype)
+        n = int(np.prod(shape))
+        return torch.from_numpy(self.codec.decode(buf, n)).view(shape).to(device, dtype)
 
 
 @dataclass(frozen=True)
@@ -63,18 +83,14 @@ def global_index(whole: FlatView, part: FlatView) -> np.ndarray:
     return np.concatenate([np.arange(*where[n]) for n, _ in part.params]).astype(np.int64)
 
 
-def flat_grads(flat: FlatView) -> np.ndarray:
-    out = np.zeros(flat.dim, dtype=np.float64)
-    for (_, p), a, b in zip(flat.params, flat.offsets[:-1], flat.offsets[1:]):
-        if p.grad is not None:
-            out[a:b] = p.grad.reshape(-1).to("cpu", torch.float32).numpy()
-    return out
+def flat_grads(flat: FlatView) -> torch.Tensor:
+    """The trainable parameters' gradients as one float32 vector, where they live (GPU or CPU)."""
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for _, p in flat.params])
 
 
-def set_grads(flat: FlatView, vec: np.ndarray) -> None:
-    src = torch.from_numpy(vec.astype(np.float32))
+def set_grads(flat: FlatView, vec: torch.Tensor) -> None:
     for (_, p), a, b in zip(flat.params, flat.offsets[:-1], flat.offsets[1:]):
-        p.grad = src[a:b].view_as(p).to(p.device, p.dtype)
+        p.grad = vec[a:b].view_as(p).to(p.dtype)
 
 
 def _step(flat: FlatView, opt: torch.optim.Optimizer, max_grad_norm: float | None) -> None:
@@ -92,7 +108,8 @@ class SplitClient:
         self.comm, self.server, self.cfg, self.ledger, self.poll = comm, server, cfg, ledger, poll
         self.stage = DeviceStage(model, k)
         self.flat = FlatView(model)
-        self.act, self.grad = tensor_codec(cfg.split.activation_codec), tensor_codec(cfg.split.gradient_codec)
+        self.device = next(model.parameters()).device
+        self.act, self.grad = TensorWire(cfg.split.activation_codec), TensorWire(cfg.split.gradient_codec)
         self.pipeline = cfg.split.pipeline
 
     def handshake(self, data: Tokenized, causal: bool) -> Shapes:
@@ -111,7 +128,7 @@ class SplitClient:
         self.stage.train()
         total = 0.0
         for j in range(steps):
-            batch = data.batch(rng.choice(len(data), size=bs, replace=False))
+            batch = data.batch(rng.choice(len(data), size=bs, replace=False), self.device)
             chunks = list(zip(*(batch[k].chunk(self.cfg.split.micro_batches) for k in ("input_ids", "attention_mask", "labels"))))
             inflight, results = [], []
             for i, (ids, mask, labels) in enumerate(chunks):
@@ -127,22 +144,24 @@ class SplitClient:
 
     def _send(self, h: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, seed: int) -> tuple:
         """Send a micro-batch across the cut and post the receives of its gradient and loss."""
-        x = h.detach().reshape(-1).to("cpu", torch.float32).numpy()
-        payload = self.act.encode(x, np.random.default_rng(seed))
+        payload = self.act.encode(h, seed)
         meta = np.concatenate([mask.reshape(-1).cpu().numpy(), labels.reshape(-1).cpu().numpy()]).astype(np.int64)
-        self.ledger.record(LINK, "up", payload.nbytes + meta.nbytes, kind="activation", raw=x.nbytes + meta.nbytes)
-        grad = np.empty(self.grad.encoded_size(h.numel()), dtype=np.uint8)
+        self.ledger.record(LINK, "up", payload.nbytes + meta.nbytes, kind="activation", raw=h.numel() * 4 + meta.nbytes)
+        grad = np.empty(self.grad.nbytes(h.numel()), dtype=np.uint8)
         loss = np.zeros(1, dtype=np.float64)
         to = self.server
-        requests = [self.comm.Isend(payload, dest=to, tag=TAG_ACT), self.comm.Isend(meta, dest=to, tag=TAG_META),
-                    self.comm.Irecv(grad, source=to, tag=TAG_GRAD), self.comm.Irecv(loss, source=to, tag=TAG_LOSS)]
+        requests = [self.comm.Irecv(grad, source=to, tag=TAG_GRAD), self.comm.Irecv(loss, source=to, tag=TAG_LOSS)]
+        # The edge posted receives for the whole step, so these complete as soon as the bytes are
+        # copied; completing them now (not at the end) lets large messages move while this rank
+        # computes its next micro-batch (a rendezvous transfer needs the sender inside MPI).
+        wait_all([self.comm.Isend(payload, dest=to, tag=TAG_ACT), self.comm.Isend(meta, dest=to, tag=TAG_META)], self.poll)
         return requests, (payload, meta), grad, loss
 
     def _finish(self, h: torch.Tensor, msg: tuple) -> float:
         """Wait for this micro-batch's boundary gradient and weighted loss; finish its backward."""
         requests, _buffers, grad, loss = msg
         wait_all(requests, self.poll)
-        h.backward(torch.from_numpy(self.grad.decode(grad, h.numel())).view_as(h).to(h.device, h.dtype))
+        h.backward(self.grad.decode(grad, tuple(h.shape), h.device, h.dtype))
         return float(loss[0])
 
 
@@ -153,12 +172,11 @@ class SplitServer:
         self.comm, self.cfg, self.ledger, self.poll = comm, cfg, ledger, poll
         self.stage = EdgeStage(model, kind, k)
         self.flat = FlatView(model)
-        self.act, self.grad = tensor_codec(cfg.split.activation_codec), tensor_codec(cfg.split.gradient_codec)
+        self.act, self.grad = TensorWire(cfg.split.activation_codec), TensorWire(cfg.split.gradient_codec)
         self.shapes: dict[int, Shapes] = {}
         first = next(model.parameters())  # activations arrive in the frozen weights' dtype
         self.device, self.dtype = first.device, next((p.dtype for p in model.parameters() if not p.requires_grad), first.dtype)
         self.busy_s = 0.0  # time spent computing (the rest of serve() is waiting for micro-batches)
-        self._sends: list = []
         self.opt = None
 
     def handshake(self, devices: list[int]) -> None:
@@ -191,7 +209,7 @@ class SplitServer:
         self.stage.train()
         order = sorted(devices)
         for j in range(steps):
-            acc = {d: np.zeros(self.flat.dim, dtype=np.float64) for d in order}
+            acc = {d: torch.zeros(self.flat.dim, dtype=torch.float32, device=self.device) for d in order}
             for d, i, wire, mask, labels in self.arrivals(devices, j):
                 started = time.perf_counter()
                 loss = self.forward_backward(wire, mask, labels, self.shapes[d].share(i))
@@ -204,7 +222,6 @@ class SplitServer:
             set_grads(self.flat, sum(acc[d] for d in order) / total_devices)
             _step(self.flat, self.opt, self.cfg.train.max_grad_norm)
             self.busy_s += time.perf_counter() - started
-            self.flush()
 
     def forward_backward(self, wire: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, share: float, scale: float = 1.0) -> float:
         """Upper stage forward and backward of one micro-batch; returns its loss weighted by its share."""
@@ -214,33 +231,32 @@ class SplitServer:
         return float(loss.detach()) * share
 
     def arrivals(self, devices: dict[int, int], j: int):
-        """(device, micro-batch index, wire, mask, labels) of step j in arrival order; one receive
-        posted per device at a time, so a device's micro-batches come in order."""
+        """(device, micro-batch index, wire, mask, labels) of step j in arrival order. Receives for
+        all of the step's micro-batches are posted up front (devices never wait for a buffer); MPI
+        matches a device's messages in order, and its micro-batches are taken in that order."""
+        posted = {d: [self._post(d, i) for i in range(len(self.shapes[d].micro))] for d in devices}
         nxt = {d: 0 for d in devices}
-        posted = {d: self._post(d, 0) for d in devices}
-        while posted:
-            keys = list(posted)
-            d = keys[wait_any([posted[x][0] for x in keys], self.poll)]
-            _, meta_req, payload, meta = posted.pop(d)
-            wait(meta_req, self.poll)
+        while any(nxt[d] < len(posted[d]) for d in devices):
+            keys = [d for d in devices if nxt[d] < len(posted[d])]
+            d = keys[wait_any([posted[x][nxt[x]][0] for x in keys], self.poll)]
             i = nxt[d]
+            _, meta_req, payload, meta = posted[d][i]
+            wait(meta_req, self.poll)
             nxt[d] = i + 1
-            if nxt[d] < len(self.shapes[d].micro):
-                posted[d] = self._post(d, nxt[d])
             torch.manual_seed(derive_seed(devices[d], j, i, 1))  # dropout, independent of arrival order
             yield (d, i, *self._unpack(d, i, payload, meta))
 
     def _post(self, d: int, i: int):
         s = self.shapes[d]
         b = s.micro[i]
-        payload = np.empty(self.act.encoded_size(b * s.seq_len * s.hidden), dtype=np.uint8)
+        payload = np.empty(self.act.nbytes(b * s.seq_len * s.hidden), dtype=np.uint8)
         meta = np.empty(s.meta_len(b), dtype=np.int64)
         return self.comm.Irecv(payload, source=d, tag=TAG_ACT), self.comm.Irecv(meta, source=d, tag=TAG_META), payload, meta
 
     def _unpack(self, d: int, i: int, payload: np.ndarray, meta: np.ndarray):
         s = self.shapes[d]
         b, t, dev = s.micro[i], s.seq_len, self.device
-        wire = torch.from_numpy(self.act.decode(payload, b * t * s.hidden)).view(b, t, s.hidden).to(dev, self.dtype).requires_grad_()
+        wire = self.act.decode(payload, (b, t, s.hidden), dev, self.dtype).requires_grad_()
         mask = torch.from_numpy(meta[: b * t].copy()).view(b, t).to(dev)
         labels = torch.from_numpy(meta[b * t :].copy())
         return wire, mask, (labels.view(b, t) if s.causal else labels).to(dev)
@@ -248,18 +264,10 @@ class SplitServer:
     def reply(self, d: int, wire: torch.Tensor, loss: float, seed: int, scale: float = 1.0) -> None:
         """Send a micro-batch's boundary gradient (of a loss that was multiplied by `scale`) and its
         loss back; the device posted the receives."""
-        g = wire.grad.reshape(-1).to("cpu", torch.float32)
-        grad = self.grad.encode((g if scale == 1.0 else g / scale).numpy(), np.random.default_rng(seed))
+        grad = self.grad.encode(wire.grad if scale == 1.0 else wire.grad / scale, seed)
         out = np.array([loss], dtype=np.float64)
         self.ledger.record(LINK, "down", grad.nbytes + out.nbytes, kind="gradient", raw=wire.grad.numel() * 4 + out.nbytes)
-        self._sends.append((self.comm.Isend(grad, dest=d, tag=TAG_GRAD), self.comm.Isend(out, dest=d, tag=TAG_LOSS), grad, out))
-
-    def flush(self) -> None:
-        """Complete this step's replies (their buffers live until then)."""
-        for g, l, *_ in self._sends:
-            wait(g, self.poll)
-            wait(l, self.poll)
-        self._sends = []
+        wait_all([self.comm.Isend(grad, dest=d, tag=TAG_GRAD), self.comm.Isend(out, dest=d, tag=TAG_LOSS)], self.poll)
 
 
 def split_plan(placement, cfg, kind: str, num_labels: int | None) -> dict[int, int | None]:

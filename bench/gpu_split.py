@@ -1,0 +1,163 @@
+"""Split job vs whole model on one GPU: what the cut and the edge engine cost (issue 4's GPU check).
+
+    python bench/gpu_split.py --out results/gpu              # on a GPU node (Open MPI or MPICH)
+    python bench/gpu_split.py --tiny --device cpu --out /tmp/g   # a dry run of the same code path
+
+Model: a ~1B Llama-shaped config (hidden 2048, 16 layers, 32 heads, 4 KV heads, FFN 5632), bf16
+frozen weights, LoRA r=16 on q,k,v,o (float32), causal LM on sequences of T=1024 tokens, batch 8.
+1. whole: the model in one process, plain PyTorch + peft, AdamW, tokens/s over timed steps.
+2. split: `hierfed run` with 1 cloud + 1 edge + 2 split devices (4 processes on the same GPU):
+   each device holds the embeddings and 2 blocks, the edge the other 14 under DeepSpeed ZeRO-2
+   (NCCL); 4 pipelined micro-batches per step, bf16 on the link. tokens/s = tokens the devices
+   trained in an edge round / that edge round's wall time (the first edge round is warm-up).
+Prints one JSON line with both figures, their ratio and the GPU's name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+LLAMA_1B = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 4}
+TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2}
+
+
+def run_config(args) -> dict:
+    return {
+        "model": {"source": "llama", "config_overrides": TINY if args.tiny else LLAMA_1B, "dtype": "float32" if args.device == "cpu" else "bfloat16",
+                  "max_length": args.seq, "tokenizer": args.tokenizer},
+        "peft": {"method": "lora", "r": 16, "alpha": 32, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+        "data": {"source": "jsonl", "path": str(args.out / "data.jsonl"), "eval_fraction": 0.05},
+        "train": {"lr": 1e-4, "batch_size": args.batch},
+        "schedule": {"rounds": 1, "tau1": args.steps, "tau2": 3, "eval_batch_size": 4},
+        "split": {"micro_batches": 4, "activation_codec": "bf16" if args.device != "cpu" else "fp32", "gradient_codec": "bf16" if args.device != "cpu" else "fp32"},
+        "deepspeed": {"enabled": True, "zero_stage": 2},
+        "runtime": {"device": args.device, "progress": False},
+        "checkpoint": {"keep": 1},
+    }
+
+
+def write_data(path: Path, lines: int, words: int) -> None:
+    """Long texts of common words: every example fills the T tokens (truncated there)."""
+    rng = np.random.default_rng(0)
+    vocab = "the of and to in is was for on that with as by at from his her they be this are have an which one all were there".split()
+    vocab += "river mountain city market station garden winter summer engine signal forest harbor valley window".split()
+    with path.open("w") as f:
+        for _ in range(lines):
+            f.write(json.dumps({"text": " ".join(rng.choice(vocab, size=words))}) + "\n")
+
+
+def whole(args, cfg: dict) -> dict:
+    """Plain PyTorch + peft, one process: the baseline."""
+    import torch
+
+    from hierfed.config import RunConfig
+    from hierfed.engine import make_optimizer
+    from hierfed.model import build_model
+
+    rc = RunConfig.model_validate(cfg)
+    device = torch.device("cuda" if args.device != "cpu" else "cpu")
+    built = build_model(rc.model, rc.peft, "causal_lm", None, 0, device)
+    model = built.model
+    model.train()
+    opt = make_optimizer([p for p in model.parameters() if p.requires_grad], rc.train)
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (args.batch, args.seq), device=device)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+    def step() -> None:
+        model(**batch).loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    started = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    sync()
+    seconds = time.perf_counter() - started
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+    return {"tokens_per_s": args.steps * args.batch * args.seq / seconds, "seconds": seconds, "peak_bytes": peak}
+
+
+def split(args, cfg: dict) -> dict:
+    """The split job through hierfed's own launcher: cloud + edge (ZeRO-2) + 2 split devices."""
+    topo = {"name": "gpu-split", "edges": [{"name": "edge0", "devices": [{"ranks": 2, "split_layers": 2}]}]}
+    (args.out / "topology.yaml").write_text("# 1 cloud + 1 edge × (1 + 2 devices) = 4 ranks\n" + yaml.safe_dump(topo))
+    (args.out / "run.yaml").write_text(yaml.safe_dump(cfg))
+    run_dir = args.out / "run"
+    cmd = [sys.executable, "-m", "hierfed", "run", str(args.out / "topology.yaml"), "--config", str(args.out / "run.yaml"), "--out", str(run_dir)]
+    started = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired as e:
+        text = (e.stdout or b"").decode(errors="replace") + (e.stderr or b"").decode(errors="replace")
+        (args.out / "split.log").write_text(text)
+        return {"error": f"timed out after {args.timeout} s", "tail": text[-3000:]}
+    (args.out / "split.log").write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        return {"error": f"exit {proc.returncode}", "tail": (proc.stdout + proc.stderr)[-3000:]}
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    edge = [r for r in rows if r["tier"] == "edge" and r["edge_round"] > 1]  # edge round 1: warm-up
+    tokens = sum(args.steps * args.batch * args.seq * r["clients"] for r in edge)
+    wall = sum(r["seconds"]["wall"] for r in edge)
+    busy = sum(r["seconds"].get("edge_busy", 0.0) for r in edge)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return {"tokens_per_s": tokens / wall, "edge_busy_fraction": busy / wall, "edge_rounds_timed": len(edge),
+            "job_seconds": time.perf_counter() - started, "bytes": summary["bytes"], "eval_loss": summary["final"]["eval_loss"]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--tiny", action="store_true", help="a tiny Llama and short sequences (dry run)")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--timeout", type=int, default=420)
+    p.add_argument("--tokenizer", default=str(ROOT / ".gpu" / "tokenizer"))
+    p.add_argument("--only", choices=["whole", "split"])
+    args = p.parse_args()
+    args.seq, args.batch = (32, 8) if args.tiny else (1024, 8)
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_data(args.out / "data.jsonl", 64, 40 if args.tiny else 1100)
+    cfg = run_config(args)
+    result: dict = {"config": {"seq": args.seq, "batch": args.batch, "steps": args.steps, "tiny": args.tiny}}
+    try:
+        import torch
+
+        result["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    except Exception:  # noqa: BLE001 - the name is informational
+        result["gpu"] = None
+    if args.only != "split":
+        result["whole"] = whole(args, cfg)
+        print(json.dumps({"whole": result["whole"]}), flush=True)
+    if args.only != "whole":
+        result["split"] = split(args, cfg)
+        if "error" in result["split"]:  # keep what failed, and measure the cut without DeepSpeed
+            print(json.dumps({"split_deepspeed_failed": result["split"]}), flush=True)
+            result["split_deepspeed"] = result["split"]
+            cfg["deepspeed"]["enabled"] = False
+            result["split"] = split(args, cfg)
+            result["split"]["deepspeed"] = False
+    if "whole" in result and "tokens_per_s" in result.get("split", {}):
+        result["ratio"] = result["split"]["tokens_per_s"] / result["whole"]["tokens_per_s"]
+    (args.out / "gpu_split.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    main()
