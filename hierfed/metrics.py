@@ -118,6 +118,6 @@ class RunLog:
         t.add_row("  communication + waiting", f"{sec['communication']:.1f} s ({100 * sec['communication'] / total:.0f}%)")
         t.add_row("  aggregation", f"{sec['aggregate']:.3f} s")
         t.add_row("cloud eval + checkpoint (overlapped)", f"{sec['eval']:.1f} s")
-        t.add_row("trainable / total parameters", f"{s['trainable_params']:,} / {s['total_params']:,}")
+        t.add_row("trainable / base-model parameters", f"{s['trainable_params']:,} / {s['total_params']:,}")
         t.add_row("results", str(self.out))
         self.console.print(t)

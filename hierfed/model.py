@@ -58,6 +58,7 @@ class Built:
     model: torch.nn.Module  # the PeftModel (the plain model when peft.method is "none")
     tokenizer: Any
     kind: str  # "classification" | "causal_lm"
+    base_params: int  # parameters of the model without the adapter (what full fine-tuning trains)
 
 
 def load_tokenizer(cfg: ModelConfig):
@@ -120,13 +121,14 @@ def build_model(
     base = _base_model(model_cfg, kind, num_labels, tok)
     if model_cfg.dtype != "float32":  # frozen weights in 16 bits; peft keeps adapters in float32
         base = base.to(getattr(torch, model_cfg.dtype))
+    base_params = sum(p.numel() for p in base.parameters())
     if peft_cfg.method == "none":  # full fine-tuning: every parameter trains and travels
-        return Built(model=base.to(device), tokenizer=tok, kind=kind)
+        return Built(model=base.to(device), tokenizer=tok, kind=kind, base_params=base_params)
     try:
         model = get_peft_model(base, peft_config(peft_cfg, kind))
     except (ValueError, TypeError) as e:
         raise HierfedError(f"peft: cannot apply {peft_cfg.method} to {model_cfg.source}: {str(e).splitlines()[0]}") from None
-    return Built(model=model.to(device), tokenizer=tok, kind=kind)
+    return Built(model=model.to(device), tokenizer=tok, kind=kind, base_params=base_params)
 
 
 class FlatView:

@@ -113,6 +113,6 @@ def run(rt, cfg) -> None:
         "world_size": rt.placement.world_size,
         "clients": rt.placement.num_clients,
         "trainable_params": flat.dim,
-        "total_params": sum(p.numel() for p in built.model.parameters()),
+        "total_params": built.base_params,  # the model without its adapter: full fine-tuning's vector
         "out": str(out),
     })
