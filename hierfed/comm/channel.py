@@ -17,15 +17,21 @@ from mpi4py import MPI
 
 from hierfed.comm.ledger import Ledger
 
-_POLL_FIRST_S = 50e-6
-_POLL_MAX_S = 2e-3
+_POLL_SPIN_S = 100e-6  # test in a tight loop this long first: short waits stay short
+_POLL_FIRST_S = 20e-6
+_POLL_MAX_S = 1e-3
 
 
 def wait(request: MPI.Request, poll: bool) -> None:
-    """Complete a non-blocking request; with poll=True sleep between tests instead of spinning."""
+    """Complete a non-blocking request; with poll=True test it in a short spin, then sleep between
+    tests (doubling up to 1 ms) instead of spinning inside MPI."""
     if not poll:
         request.Wait()
         return
+    spin_until = time.perf_counter() + _POLL_SPIN_S
+    while time.perf_counter() < spin_until:
+        if request.Test():
+            return
     delay = _POLL_FIRST_S
     while not request.Test():
         time.sleep(delay)

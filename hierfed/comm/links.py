@@ -59,6 +59,7 @@ class Parent:
         self.held: np.ndarray | None = None  # float32 parameters the children hold (codec downlink)
         self.decode_s = 0.0  # time spent decoding the last round's updates (part of aggregation)
         self._resync = False
+        self._buf32 = np.empty(dim + 1, dtype=np.float32)  # one buffer for sends and reduced sums
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """What the children hold (codec downlinks): checkpointed so a resumed run continues exactly."""
@@ -74,9 +75,10 @@ class Parent:
             self.channel.bcast(self.held, receivers)
             self._resync = False
         if self.down.is_identity or self.held is None:
-            buf = params.astype(np.float32)
-            self.channel.bcast(buf, receivers)
-            self.held = None if self.down.is_identity else buf
+            buf = self._buf32
+            np.copyto(buf[: self.dim], params, casting="same_kind")
+            self.channel.bcast(buf[: self.dim], receivers)
+            self.held = None if self.down.is_identity else buf[: self.dim].copy()
             return
         payload = self.down.encode(params - self.held, rng)
         self.channel.bcast(payload, receivers, raw=self.dim * 4)
@@ -85,9 +87,8 @@ class Parent:
     def receive(self) -> np.ndarray:
         """[sum w*delta, sum w] over every update sent by the children this round."""
         if self.up.is_identity:
-            buf = np.empty(self.dim + 1, dtype=np.float32)
-            self.channel.reduce_sum(buf)
-            return buf
+            self.channel.reduce_sum(self._buf32)  # valid until the next send/receive
+            return self._buf32
         total = np.zeros(self.dim + 1, dtype=np.float64)
         blobs = self.channel.gather_bytes(np.empty(0, dtype=np.uint8))
         started = time.perf_counter()

@@ -62,7 +62,7 @@ class Strategy(ABC):
         total = float(reduced[-1])
         if total <= 0:
             return None, 0.0
-        return reduced[:-1].astype(np.float64) / total, total
+        return np.divide(reduced[:-1], total, dtype=np.float64), total  # one pass, in float64
 
     def aggregate(self, params: np.ndarray, reduced: np.ndarray) -> tuple[np.ndarray, float]:
         """New parameters from the summed contributions; unchanged params when no child trained."""

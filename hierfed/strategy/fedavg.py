@@ -22,7 +22,9 @@ class FedAvg(Strategy):
         return cls(server_lr=cfg.server_lr)
 
     def step(self, params: np.ndarray, mean_delta: np.ndarray) -> np.ndarray:
-        return params + self.server_lr * mean_delta
+        if self.server_lr != 1.0:
+            mean_delta *= self.server_lr  # a temporary of aggregate's: scaled in place
+        return params + mean_delta
 
 
 class FedAvgM(Strategy):
@@ -42,7 +44,8 @@ class FedAvgM(Strategy):
     def step(self, params: np.ndarray, mean_delta: np.ndarray) -> np.ndarray:
         if self.velocity is None:
             self.velocity = np.zeros_like(mean_delta)
-        self.velocity = self.momentum * self.velocity + mean_delta
+        self.velocity *= self.momentum
+        self.velocity += mean_delta
         return params + self.server_lr * self.velocity
 
     def state_dict(self) -> dict[str, np.ndarray]:
