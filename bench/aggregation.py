@@ -19,7 +19,7 @@ updates back up to the cloud. Training is skipped: every device's delta is a fix
 
 Time is measured at the cloud, from its first send until it holds the new parameters, with a
 barrier before each repetition; methods are interleaved per repetition. The barrier polls with
-sleeps (hierfed.comm.wait), so a rank that has finished its part of a round idles instead of
+sleeps (hierfed.comm.channel.wait), so a rank that has finished its part of a round idles instead of
 spinning in MPI and taking a core from the ranks still working (e.g. 7 ranks on 2 cores). The
 hierfed and object results are checked against a numpy float64 reference every repetition
 (outside the timing), so the benchmark cannot silently time a broken path.

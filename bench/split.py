@@ -1,7 +1,11 @@
 """Split placement: what a weak device holds when it keeps only the first k blocks, and how busy its edge is.
 
     .venv/bin/python bench/split.py [--only memory,throughput] [--quick] [--ks 1,2,4] [--devices 1,2,4]
-                                    [--rounds 3] [--tau1 6] [--warmup-rounds 1] [--no-packed] [--results bench/results]
+                                    [--rounds 3] [--tau1 4] [--warmup-rounds 1] [--repeats 1] [--balanced-k 12]
+                                    [--no-packed] [--results bench/results]
+
+On 2 shared cores the defaults took 4 minutes at load average ~5 and 10 minutes at ~9 (the
+throughput jobs twice with --repeats 2); --quick is about half of that.
 
 Model: a Llama-shaped causal LM built from a config (`model.source: llama` with `config_overrides`:
 16 layers, hidden 256, MLP 688, 8 heads, 4 KV heads; MiniLM's 30522-token vocabulary, untied LM
@@ -23,9 +27,10 @@ head), LoRA r=8 (hierfed's default targets), AdamW, batch 16 in 4 micro-batches,
        live before it, from torch.profiler (profile_memory=True: every c10 CPU allocation and free is
        recorded with the running total of live profiled bytes; we take its maximum). It contains the
        activations of all micro-batches, transient buffers, adapter gradients and AdamW state;
-     - link buffers: the numpy buffers the device keeps per micro-batch in flight (encoded
-       activations, mask+labels, gradient and loss receive buffers: all M at once when pipelined).
-       numpy allocates them outside torch's allocator, so they are summed from their sizes;
+     - link buffers: the numpy buffers the device keeps per micro-batch in flight (mask+labels,
+       gradient and loss receive buffers, and encoded activations where they are a copy: all M at
+       once when pipelined). numpy allocates them outside torch's allocator, so they are summed from
+       their sizes (a buffer that is a view of a torch tensor is not counted twice);
      - device peak = params+buffers + step peak + link buffers;
      - saved for backward: the bytes autograd saves (saved-tensor hooks, each storage counted once,
        parameters excluded): the quantity `hierfed.memory`'s activation term models.
@@ -41,15 +46,22 @@ head), LoRA r=8 (hierfed's default targets), AdamW, batch 16 in 4 micro-batches,
 2. Edge throughput: real MPI jobs (`python -m hierfed run`, which launches mpiexec) of 1 cloud +
    1 edge + N split devices (split_layers: 2), N in {1, 2, 4} (3, 4, 6 ranks), each pipelined
    (split.micro_batches=4, split.pipeline=true) and stop-and-wait (split.pipeline=false), one after
-   the other. tau2=1, `--rounds` cloud rounds of `--tau1` local steps; the first `--warmup-rounds`
-   edge rounds are dropped. From metrics.jsonl's edge rows: throughput = samples processed
-   (devices x tau1 x batch) / sum of seconds.wall, busy fraction = sum of seconds.edge_busy / sum
-   of seconds.wall. (The rows' `samples` field is the FedAvg weight, i.e. the clients' local data
-   sizes, not the samples processed; it is recorded in the JSON too.) The 1-minute load average is
-   recorded before and after each job: the machine is shared.
+   the other (with --repeats R, R jobs each, alternating which mode goes first). tau2=1, `--rounds`
+   cloud rounds of `--tau1` local steps; each job's first `--warmup-rounds` edge rounds are
+   dropped. From metrics.jsonl's edge rows: throughput = samples processed (devices x tau1 x batch)
+   / sum of seconds.wall, busy fraction = sum of seconds.edge_busy / sum of seconds.wall; also the
+   best single edge round (contention only ever slows a round down). (The rows' `samples` field is
+   the FedAvg weight, i.e. the clients' local data sizes, not the samples processed; it is in the
+   JSON too.) The 1-minute load average is recorded before and after each job: the machine is shared.
+   Diagnostic beyond the issue's configuration (--balanced-k, default 12; 0 skips it): 1 device
+   split at k=12, where the device's share of the compute is close to the edge's.
+   Beside it, in this process: the compute time of one micro-batch on each side of the cut
+   (`split_model` stages, one thread, best of 5 steps), and from it the pipelined / stop-and-wait
+   ratio an ideal run on dedicated cores would show (`ideal_ratio`).
 
-Results: <results>/split.md and <results>/split.json; the MPI runs in <results>/split/.
---quick: k in {2}, N in {1, 4}, 2 rounds of 4 steps, no packed sequences (~3 minutes on 2 cores).
+Results: <results>/split.md and <results>/split.json (--reprint rewrites the .md from the .json);
+the MPI runs in <results>/split/.
+--quick: k in {2}, N in {1, 4}, 2 rounds of 4 steps, no packed sequences, no k=12 diagnostic.
 """
 
 from __future__ import annotations
@@ -123,49 +135,65 @@ class _Done:
 class LoopbackComm:
     """Stands in for the device's MPI communicator to its edge in one process.
 
-    Isend records the message; Irecv of a boundary gradient fills the buffer with a random gradient,
-    encoded with the run's gradient codec, as the edge would have sent it; Irecv of the loss fills 1.0.
-    Per micro-batch it records the bytes of the buffers the device holds for it (both directions).
+    Isend records the message; Irecv of a boundary gradient fills the buffer with a random gradient
+    (values ~1e-3) encoded by the trainer's own gradient wire format (`wire`: the SplitClient's
+    `grad`), as the edge would have sent it; Irecv of the loss fills 1.0. Per micro-batch it records
+    the bytes on the link (both directions) and the bytes of the buffers the device holds for them
+    that numpy allocated (a buffer that is a view of a torch tensor, e.g. fp32 activations sent as
+    the tensor's own bytes, is already counted by the allocator).
     """
 
-    def __init__(self, grad_codec) -> None:
+    def __init__(self) -> None:
         from hierfed.splitlink import TAG_ACT, TAG_GRAD, TAG_LOSS, TAG_META
 
         self.tags = TAG_ACT, TAG_META, TAG_GRAD, TAG_LOSS
-        self.codec = grad_codec
+        self.wire = None
         self.rng = np.random.default_rng(0)
         self.reset()
 
     def reset(self) -> None:
         self.up = self.down = 0
-        self.micro: list[int] = []  # buffer bytes per micro-batch (a new one starts at each TAG_ACT)
+        self.groups: list[dict[int, int]] = []  # per micro-batch: tag -> bytes of the buffer the device holds
 
-    def Isend(self, buf, dest, tag):  # noqa: N802
-        if tag == self.tags[0]:
-            self.micro.append(0)
+    @property
+    def micro(self) -> list[int]:
+        """Held buffer bytes per micro-batch."""
+        return [sum(g.values()) for g in self.groups]
+
+    def _hold(self, tag: int, buf) -> None:
+        # one message of each tag per micro-batch, in whatever order the client posts them
+        if not self.groups or tag in self.groups[-1]:
+            self.groups.append({})
+        owned = buf.base is None or isinstance(buf.base, np.ndarray)
+        self.groups[-1][tag] = buf.nbytes if owned else 0
+
+    def Isend(self, buf, dest, tag):  # noqa: N802 (mpi4py's names)
         self.up += buf.nbytes
-        self.micro[-1] += buf.nbytes
+        self._hold(tag, buf)
         return _Done()
 
     def Irecv(self, buf, source, tag):  # noqa: N802
         if tag == self.tags[2]:
-            buf[:] = self.codec.encode(self._values_for(buf), self.rng)
+            buf[:] = self._gradient(buf.nbytes)
         elif tag == self.tags[3]:
             buf[:] = 1.0
         self.down += buf.nbytes
-        self.micro[-1] += buf.nbytes
+        self._hold(tag, buf)
         return _Done()
 
-    def _values_for(self, buf) -> np.ndarray:
-        # the number of values whose encoding fills this buffer
-        lo, hi = 0, buf.nbytes * 2 + 8
-        while lo < hi:  # encoded_size is monotone in n
+    def _gradient(self, nbytes: int) -> np.ndarray:
+        import torch
+
+        w = self.wire
+        size = w.nbytes if hasattr(w, "nbytes") else w.encoded_size  # TensorWire, or a codec (older hierfed)
+        lo, hi = 0, nbytes + 8
+        while lo < hi:  # the number of values whose encoding fills nbytes (sizes grow with n)
             mid = (lo + hi) // 2
-            if self.codec.encoded_size(mid) < buf.nbytes:
-                lo = mid + 1
-            else:
-                hi = mid
-        return (1e-3 * self.rng.standard_normal(lo)).astype(np.float32)
+            lo, hi = (mid + 1, hi) if size(mid) < nbytes else (lo, mid)
+        values = (1e-3 * self.rng.standard_normal(lo)).astype(np.float32)
+        if hasattr(w, "nbytes"):
+            return w.encode(torch.from_numpy(values), 0)
+        return w.encode(values, self.rng)
 
 
 class SavedBytes:
@@ -248,7 +276,7 @@ def measure_device(cfg, k: int | None, data, kind: str) -> dict:
     from hierfed.engine import LocalTrainer
     from hierfed.model import build_model
     from hierfed.split import prune_for_device
-    from hierfed.splitlink import SplitClient, tensor_codec
+    from hierfed.splitlink import SplitClient
 
     built = build_model(cfg.model, cfg.peft, kind, None, cfg.seed)
     model = built.model
@@ -257,10 +285,11 @@ def measure_device(cfg, k: int | None, data, kind: str) -> dict:
         trainer = LocalTrainer(model, cfg.train)
     else:
         prune_for_device(model, k)
-        comm = LoopbackComm(tensor_codec(cfg.split.gradient_codec))
+        comm = LoopbackComm()
         # the edge's rank in the device's communicator: 0 (newer SplitClients take it as `server`)
         server = (0,) if "server" in inspect.signature(SplitClient.__init__).parameters else ()
         trainer = SplitClient(comm, *server, model, k, cfg, Ledger(), poll=False)
+        comm.wire = trainer.grad
     held = sum(p.numel() * p.element_size() for p in model.parameters())  # parameters() lists tied ones once
     held += sum(b.numel() * b.element_size() for b in model.buffers())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -378,10 +407,10 @@ def ledger_table(tp: dict) -> str:
         if not r["pipelined"]:
             continue
         cut = r["cut_per_device_step"]
-        # up per step = M x (40-byte codec header + mb*T*H float32 + mb*T mask + mb*T labels, int64)
-        t = (cut["up"] / MICRO - 40) / (mb * (4 * hidden + 16))
+        # up per step = M x (mb*T*H float32 + mb*T mask + mb*T labels, int64), + a 40-byte header with older hierfed
+        t = cut["up"] / MICRO / (mb * (4 * hidden + 16))
         lines.append(f"| {r['devices']} devices, k={r['k']} | {r['device_edge_per_device_step']['up']:,.0f} B | "
-                     f"{r['device_edge_per_device_step']['down']:,.0f} B | {cut['up']:,.0f} B | {cut['down']:,.0f} B | {t:.2f} |")
+                     f"{r['device_edge_per_device_step']['down']:,.0f} B | {cut['up']:,.0f} B | {cut['down']:,.0f} B | {t:.1f} |")
     return "\n".join(lines)
 
 
@@ -433,7 +462,7 @@ def summarise(jobs: list[dict], tau1: int, warmup: int) -> dict:
     wall = sum(r["seconds"]["wall"] for r in used)
     busy = sum(r["seconds"]["edge_busy"] for r in used)
     processed = sum(r["clients"] for r in used) * tau1 * BATCH
-    per_round = [r["clients"] * tau1 * BATCH / r["seconds"]["wall"] for r in used]
+    per_round = [r["clients"] * tau1 * BATCH / r["seconds"]["wall"] for r in used]  # samples/s of each edge round
     # The device-edge ledger holds the cut's traffic plus, per edge round and device, the adapter
     # exchange: the same vector the edge sends the cloud (edge-cloud up/down; one edge here), and
     # each split device's 64-byte shape handshake. What remains is the activations and gradients.
@@ -445,7 +474,7 @@ def summarise(jobs: list[dict], tau1: int, warmup: int) -> dict:
         "jobs": len(jobs), "edge_rounds_used": len(used), "edge_rounds_dropped": len(all_rows) - len(used),
         "samples_processed": processed, "samples_field": sum(r["samples"] for r in used),
         "wall_s": wall, "edge_busy_s": busy, "throughput": processed / wall, "busy_fraction": busy / wall,
-        "throughput_median_round": float(np.median(per_round)),
+        "throughput_best_round": max(per_round), "throughput_per_round": per_round,
         "wall_per_round": [r["seconds"]["wall"] for r in all_rows], "busy_per_round": [r["seconds"]["edge_busy"] for r in all_rows],
         "device_edge_per_device_step": {"up": de["up"] / steps, "down": de["down"] / steps},
         "cut_per_device_step": {"up": (de["up"] - n * ec["up"] - 64 * n) / steps, "down": (de["down"] - n * ec["down"]) / steps},
@@ -453,9 +482,76 @@ def summarise(jobs: list[dict], tau1: int, warmup: int) -> dict:
     }
 
 
+def stage_costs(ks: list[int], repeats: int = 5) -> dict:
+    """Compute time of one micro-batch on each side of the cut, in this process, best of `repeats` steps.
+
+    One thread, the corpus data, micro-batches of BATCH/MICRO sequences: device = embeddings + blocks
+    [0, k) forward and backward; edge = blocks [k, L) + norm + LM head + loss forward and backward.
+    The minimum over repeats is the least disturbed by other work on a shared machine.
+    """
+    import torch
+
+    from hierfed.config import RunConfig
+    from hierfed.data import load_data
+    from hierfed.engine import configure_threads, tokenize
+    from hierfed.model import build_model
+    from hierfed.split import split_model
+
+    configure_threads(1)
+    cfg = RunConfig.model_validate(run_config(1, 1))
+    task = load_data(cfg.data)
+    built = build_model(cfg.model, cfg.peft, task.kind, None, cfg.seed)
+    data = tokenize(built.tokenizer, task.train, task.kind, cfg.model.max_length)
+    idx = np.arange(BATCH)
+    batch = data.batch(idx)
+    chunks = list(zip(*(batch[n].chunk(MICRO) for n in ("input_ids", "attention_mask", "labels"))))
+    out = {}
+    for k in ks:
+        device, edge = split_model(built.model, task.kind, k)
+        device.train(), edge.train()
+        dev_t, edge_t = [], []
+        for _ in range(repeats + 1):  # the first step warms up
+            d = e = 0.0
+            for ids, mask, labels in chunks:
+                t0 = time.perf_counter()
+                h = device(ids, mask)
+                t1 = time.perf_counter()
+                wire = h.detach().requires_grad_()
+                loss, _ = edge(wire, mask, labels)
+                loss.backward()
+                t2 = time.perf_counter()
+                h.backward(wire.grad)
+                t3 = time.perf_counter()
+                d += (t1 - t0) + (t3 - t2)
+                e += t2 - t1
+            built.model.zero_grad(set_to_none=True)
+            dev_t.append(d / len(chunks))
+            edge_t.append(e / len(chunks))
+        out[str(k)] = {"device_s": min(dev_t[1:]), "edge_s": min(edge_t[1:]), "seq_len": int(data.input_ids.shape[1])}
+        log(f"stage costs, k={k}: device {1e3 * out[str(k)]['device_s']:.1f} ms, edge {1e3 * out[str(k)]['edge_s']:.1f} ms per micro-batch")
+    del built
+    gc.collect()
+    torch.set_num_threads(1)
+    return out
+
+
+def ideal_ratio(c: dict, n: int) -> float:
+    """Pipelined / stop-and-wait edge throughput with n devices in an ideal model (dedicated cores).
+
+    Per micro-batch a device needs d (its forward + backward) and the edge e. Stop-and-wait, a device
+    keeps the edge busy for e out of every d + e, so the edge serves min(1/e, n/(d+e)) micro-batches
+    per second; pipelined, a device can feed it every max(d, e), so min(1/e, n/max(d, e)). Link time
+    (in-process MPI, ~75 kB per message), queueing and step-boundary bubbles are left out. Over all
+    d, the ratio peaks at 1 + 1/n (d = n*e): 2x for one device, 1.25x for four.
+    """
+    d, e = c["device_s"], c["edge_s"]
+    return min(1 / e, n / max(d, e)) / min(1 / e, n / (d + e))
+
+
 def throughput_part(devices: list[int], rounds: int, tau1: int, warmup: int, work: Path, balanced_k: int | None,
                     repeats: int = 1) -> dict:
     cases = [(n, SPLIT_K) for n in devices] + ([(1, balanced_k)] if balanced_k else [])
+    costs = stage_costs(sorted({k for _, k in cases}))
     results = []
     for c, (n, k) in enumerate(cases):
         jobs: dict[bool, list[dict]] = {True: [], False: []}
@@ -465,27 +561,38 @@ def throughput_part(devices: list[int], rounds: int, tau1: int, warmup: int, wor
         results += [summarise(jobs[True], tau1, warmup), summarise(jobs[False], tau1, warmup)]
     by = {(r["devices"], r["k"], r["pipelined"]): r for r in results}
     ratios = {f"{n}" if k == SPLIT_K else f"{n}-k{k}": by[(n, k, True)]["throughput"] / by[(n, k, False)]["throughput"] for n, k in cases}
-    medians = {f"{n}" if k == SPLIT_K else f"{n}-k{k}": by[(n, k, True)]["throughput_median_round"] / by[(n, k, False)]["throughput_median_round"]
-               for n, k in cases}
+    best = {f"{n}" if k == SPLIT_K else f"{n}-k{k}": by[(n, k, True)]["throughput_best_round"] / by[(n, k, False)]["throughput_best_round"]
+            for n, k in cases}
     # the cut's bytes per step from the ledger, for the devices of the k=SPLIT_K runs
     ledger = {n: by[(n, SPLIT_K, True)]["cut_per_device_step"] for n in devices}
     return {"rounds": rounds, "tau1": tau1, "warmup_rounds": warmup, "repeats": repeats, "balanced_k": balanced_k, "results": results,
-            "ratio_pipelined_over_stop_and_wait": ratios, "ratio_median_rounds": medians, "ledger_per_step": ledger}
+            "ratio_pipelined_over_stop_and_wait": ratios, "ratio_best_rounds": best, "stage_costs": costs, "ledger_per_step": ledger}
 
 
 def throughput_table(tp: dict) -> str:
-    lines = ["| split devices | ranks | mode | edge rounds | samples | wall (s) | **samples/s** | median round (samples/s) | "
-             "edge busy (s) | busy fraction | **pipelined / stop-and-wait** (median rounds) | load avg (1 min), before → after each job |",
-             "|--:|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|---|"]
-    ratios, medians = tp["ratio_pipelined_over_stop_and_wait"], tp["ratio_median_rounds"]
+    lines = ["| split devices | ranks | mode | edge rounds | samples | wall (s) | **samples/s** | best round (samples/s) | "
+             "edge busy (s) | busy fraction | **pipelined / stop-and-wait** (best rounds) | ideal model (dedicated cores) | "
+             "load avg (1 min), before → after |",
+             "|--:|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|"]
+    ratios, best = tp["ratio_pipelined_over_stop_and_wait"], tp["ratio_best_rounds"]
     for r in tp["results"]:
         key = f"{r['devices']}" if r["k"] == SPLIT_K else f"{r['devices']}-k{r['k']}"
-        ratio = f"**{ratios[key]:.2f}×** ({medians[key]:.2f}×)" if r["pipelined"] else ""
+        ratio = f"**{ratios[key]:.2f}×** ({best[key]:.2f}×)" if r["pipelined"] else ""
+        bound = f"{ideal_ratio(tp['stage_costs'][str(r['k'])], r['devices']):.2f}×" if r["pipelined"] else ""
         who = f"{r['devices']}" if r["k"] == SPLIT_K else f"{r['devices']} (k={r['k']}, diagnostic)"
         load = ", ".join(f"{b:.1f} → {a:.1f}" for b, a in zip(r["load_before"], r["load_after"]))
         lines.append(f"| {who} | {r['ranks']} | {'pipelined' if r['pipelined'] else 'stop-and-wait'} | {r['edge_rounds_used']} | "
-                     f"{r['samples_processed']} | {r['wall_s']:.1f} | **{r['throughput']:.1f}** | {r['throughput_median_round']:.1f} | "
-                     f"{r['edge_busy_s']:.1f} | {r['busy_fraction']:.2f} | {ratio} | {load} |")
+                     f"{r['samples_processed']} | {r['wall_s']:.1f} | **{r['throughput']:.1f}** | {r['throughput_best_round']:.1f} | "
+                     f"{r['edge_busy_s']:.1f} | {r['busy_fraction']:.2f} | {ratio} | {bound} | {load} |")
+    return "\n".join(lines)
+
+
+def costs_table(costs: dict) -> str:
+    lines = ["| k | device per micro-batch (fwd + bwd) | edge per micro-batch (fwd + bwd) | device / edge | "
+             "ideal, 1 device | ideal, 2 devices | ideal, 4 devices |", "|--:|--:|--:|--:|--:|--:|--:|"]
+    for k, c in costs.items():
+        lines.append(f"| {k} | {1e3 * c['device_s']:.1f} ms | {1e3 * c['edge_s']:.1f} ms | {c['device_s'] / c['edge_s']:.2f} | "
+                     + " | ".join(f"{ideal_ratio(c, n):.2f}×" for n in (1, 2, 4)) + " |")
     return "\n".join(lines)
 
 
@@ -538,7 +645,7 @@ def main() -> None:
     p.add_argument("--ks", default="1,2,4", help="device split points for the memory table (the whole model is always added)")
     p.add_argument("--devices", default="1,2,4", help="split devices per edge for the throughput runs")
     p.add_argument("--rounds", type=int, default=3, help="cloud rounds per throughput run (tau2 = 1: one edge round each)")
-    p.add_argument("--tau1", type=int, default=5, help="local steps per edge round")
+    p.add_argument("--tau1", type=int, default=4, help="local steps per edge round")
     p.add_argument("--warmup-rounds", type=int, default=1, help="edge rounds dropped from the throughput numbers")
     p.add_argument("--balanced-k", type=int, default=12,
                    help="also run 1 device split at this k (the device's share of the work near the edge's), pipelined "
@@ -548,7 +655,11 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads for the memory part (runs use hierfed's 1 per rank)")
     p.add_argument("--quick", action="store_true", help="k=2 only, N in {1, 4}, 2 rounds of 4 steps, no packed sequences")
     p.add_argument("--results", default=str(ROOT / "bench" / "results"), help="where split.md, split.json and the runs go")
+    p.add_argument("--reprint", action="store_true", help="rewrite <results>/split.md from <results>/split.json and stop")
     a = p.parse_args()
+    if a.reprint:
+        write_report(json.loads((Path(a.results) / "split.json").read_text()), Path(a.results))
+        return
     if a.quick:
         a.ks, a.devices, a.rounds, a.tau1, a.no_packed, a.balanced_k = "2", "1,4", 2, 4, True, 0
     only = set(a.only.split(","))
@@ -566,13 +677,23 @@ def main() -> None:
             "model": MODEL, "batch_size": BATCH, "micro_batches": MICRO, "split_k_throughput": SPLIT_K,
             "seconds": total_s, "memory": mem, "throughput": tp, "verdicts": verdicts(mem, tp)}
     (results / "split.json").write_text(json.dumps(info, indent=2) + "\n")
-    md = [f"# Split placement benchmark\n", f"`{info['command']}` — {info['machine']}; hierfed at {info['git']}; {total_s:.0f} s.\n"]
+    write_report(info, results)
+
+
+def write_report(info: dict, results: Path) -> None:
+    mem, tp = info["memory"], info["throughput"]
+    md = ["# Split placement benchmark\n",
+          f"`{info['command']}` — {info['machine']}; hierfed at {info['git']}; {info['seconds']:.0f} s.\n"]
     if mem:
         md += ["## Device memory (one local step, measured)\n", memory_tables(mem, MODEL["max_length"]), "",
                "## Bytes per local step across the cut (per device)\n", bytes_table(mem), ""]
     if tp:
         md += [f"## Edge throughput (k={SPLIT_K}, {tp['rounds']} rounds of tau1={tp['tau1']} steps, first {tp['warmup_rounds']} dropped)\n",
-               throughput_table(tp), "", "Device-edge ledger of the pipelined runs, per device and local step (the adapter exchange is "
+               throughput_table(tp), "",
+               "Compute per micro-batch on each side of the cut (one process, one thread, best of 5 steps) and the "
+               "pipelined / stop-and-wait ratio it gives in the ideal model (dedicated cores; see `ideal_ratio`):\n",
+               costs_table(tp["stage_costs"]), "",
+               "Device-edge ledger of the pipelined runs, per device and local step (the adapter exchange is "
                "the edge-cloud vector per device and edge round, plus a 64-byte handshake per device):\n", ledger_table(tp), ""]
     md += ["## Aims\n", *[f"- {v}" for v in info["verdicts"]], ""]
     (results / "split.md").write_text("\n".join(md))
