@@ -12,7 +12,9 @@
 #   - SlurmdParameters=config_overrides: each node over-declares CPUs, so 17+ tasks fit on 2 cores;
 #   - OverSubscribe=FORCE on every partition, ProctrackType=proctrack/linuxproc and
 #     TaskPlugin=task/none (no cgroups), MpiDefault=pmi2 (srun starts the PyPI mpich's ranks);
-#   - backfill every second (bf_interval=1): heterogeneous jobs are started by the backfill pass.
+#   - backfill every second (bf_interval=1): heterogeneous jobs are started by the backfill pass;
+#   - MinJobAge=10: `sbatch --wait` polls every min(32, grows ×4 while < MinJobAge/2) seconds, so
+#     this keeps its polls 8 s apart (2 s, then 8 s) instead of 32 s, and records outlive a poll.
 # Partitions: debug (default, all nodes), gpu (first half; 4 fake GPUs each: gres from character
 # devices that are /dev/null), cpu (second half).
 set -euo pipefail
@@ -71,7 +73,7 @@ JobCompType=jobcomp/none
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 KillWait=5
-MinJobAge=600
+MinJobAge=10
 GresTypes=gpu
 NodeName=hf[1-$half] NodeHostname=$host NodeAddr=127.0.0.1 Port=[$((PORT0 + 1))-$((PORT0 + half))] CPUs=$CPUS Sockets=1 CoresPerSocket=$CPUS ThreadsPerCore=1 RealMemory=2000 Gres=gpu:4 State=UNKNOWN
 NodeName=hf[$((half + 1))-$NODES] NodeHostname=$host NodeAddr=127.0.0.1 Port=[$((PORT0 + half + 1))-$((PORT0 + NODES))] CPUs=$CPUS Sockets=1 CoresPerSocket=$CPUS ThreadsPerCore=1 RealMemory=2000 State=UNKNOWN

@@ -4,6 +4,11 @@
 hierfed run ...`, with the world size read from the topology. MPICH (the `mpich` wheel or a site
 MPICH) runs any number of ranks on any number of cores as is; Open MPI needs --oversubscribe when
 ranks outnumber cores, and --allow-run-as-root when started as root (containers, CI).
+
+`hierfed launch` and `hierfed sweep` (second half of this file) start jobs on clusters: a rank-to-host
+map that keeps each edge with its devices on one host, written as a host file for MPICH, Open MPI
+or srun; inside a Slurm allocation, a check of its size (or of its heterogeneous components)
+against the topology before anything starts. See docs/launch.md.
 """
 
 from __future__ import annotations
@@ -98,10 +103,6 @@ def launch(nprocs: int, argv: list[str]) -> int:
 # ------------------------------------------------------------------ cluster launches ---
 # `hierfed launch` and `hierfed sweep`: the same job on several hosts, under mpiexec (MPICH or Open
 # MPI, with a host file that keeps each edge with its devices on one host) or under Slurm's srun.
-
-LAUNCHERS = ("auto", "mpiexec", "srun")
-MAPS = ("edge", "block")
-
 
 def entry(argv: list[str]) -> list[str]:
     """`python -m mpi4py -m hierfed ARGV`: mpi4py's runner calls MPI_Abort on an exception that
@@ -361,7 +362,7 @@ class Job:
 
 
 def plan_job(p: Placement, argv: list[str], jobdir: Path, launcher: str = "auto", hosts: list[Host] | None = None,
-             policy: str = "edge", mpiexec: str | None = None, exact: bool = True, srun_mpi: str = "pmi2",
+             policy: str = "edge", mpiexec: str | None = None, exact: bool = True, srun_mpi: str | None = None,
              program: list[str] | None = None) -> Job:
     """Everything needed to start `hierfed ARGV` for placement `p`; checks a Slurm allocation first.
 
@@ -369,6 +370,7 @@ def plan_job(p: Placement, argv: list[str], jobdir: Path, launcher: str = "auto"
     are several); a heterogeneous allocation runs as one srun over all its components.
     """
     launcher = resolve_launcher(launcher)
+    srun_mpi = srun_mpi or os.environ.get("HIERFED_SRUN_MPI", "pmi2")
     het = 0
     if in_slurm() and hosts is None:
         check_allocation(p, exact=exact)

@@ -341,8 +341,8 @@ def _write_summary(sweep: Sweep, resolved: list[Resolved], points: dict[str, lis
     done = sum(1 for r in resolved if r.point.slug in points)
     lines = [f"# Sweep `{sweep.name}`: {done} of {len(resolved)} points finished", ""]
     lines += [f"- base run config: `{sweep.config or 'embedded defaults'}`" + (f"; for every point: `{' '.join(sweep.sets)}`" if sweep.sets else "")]
-    lines += [f"- axes: " + "; ".join(f"`{a.key}` = {', '.join(label for label, _ in a.values)}" for a in sweep.axes)]
-    lines += [f"- simulated time: measured compute + the topology's link models per round (docs/launch.md)"]
+    lines += ["- axes: " + "; ".join(f"`{a.key}` = {', '.join(label for label, _ in a.values)}" for a in sweep.axes)]
+    lines += ["- simulated time: measured compute + the topology's link models per round (docs/launch.md)"]
     if target is not None:
         how = "given in the spec" if sweep.target is not None else ("0.9 × the best final" if short == "acc" else "1.1 × the best final")
         lines += [f"- target {short} for time-to-target: {target:.3f} ({how})"]

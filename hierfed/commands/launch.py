@@ -10,13 +10,11 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from hierfed.errors import HierfedError
 
 
 def add_parser(subparsers: Any) -> None:
@@ -34,8 +32,8 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--launcher", choices=("auto", "mpiexec", "srun"), default="auto",
                    help="auto (default): srun inside a Slurm allocation, else mpiexec")
     p.add_argument("--mpiexec", metavar="PATH", help="the mpiexec/mpirun to use (default: beside python, then PATH)")
-    p.add_argument("--srun-mpi", default=os.environ.get("HIERFED_SRUN_MPI", "pmi2"), metavar="TYPE",
-                   help="srun --mpi plugin (default pmi2, which MPICH speaks; pmix for a PMIx Open MPI)")
+    p.add_argument("--srun-mpi", metavar="TYPE",
+                   help="srun --mpi plugin (default: $HIERFED_SRUN_MPI, else pmi2, which MPICH speaks; pmix for a PMIx Open MPI)")
     p.add_argument("--dry-run", action="store_true", help="print the command and rank map; start nothing")
     p.add_argument("--print", dest="show", choices=("world", "het-sizes"),
                    help="print the world size, or the heterogeneous components' task counts, and exit")

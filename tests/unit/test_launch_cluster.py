@@ -193,3 +193,15 @@ def test_launch_dry_run_prints_command_and_map(capsys: pytest.CaptureFixture[str
     assert main(["launch", "--print", "het-sizes", "--", "uneven"]) == 0
     assert main(["launch", "--print", "world", "--", "fanout-8x1"]) == 0
     assert capsys.readouterr().out.split("\n")[:2] == ["1 1 3 1 1", "17"]
+
+
+def test_mpirun_wrapper_dry_run(tmp_path: Path) -> None:
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(HOSTFILE="launch/hosts.example", DRY_RUN="1", PYTHON=sys.executable)
+    proc = subprocess.run(["bash", "launch/mpirun.sh", "fanout-4x2", "--out", str(tmp_path / "r")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "launching 13 ranks with mpiexec (ranks on hosts: node1 0-6, node2 7-12)" in proc.stdout
+    assert "node1:7\nnode2:6\n" in proc.stdout and not (tmp_path / "r").exists()
