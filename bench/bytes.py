@@ -43,6 +43,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from common import git_state
 
 ROOT = Path(__file__).resolve().parent.parent
 HIERFED = [sys.executable, "-m", "hierfed"]
@@ -137,17 +138,6 @@ def collect(name: str, label: str, out: Path, wall: float | None) -> dict:
     }
 
 
-def _git_state() -> str:
-    """The commit the runs used, and the package files that differed from it (hierfed is editable)."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "hierfed"], cwd=ROOT, capture_output=True, text=True).stdout.split("\n")
-    except OSError:
-        return "unknown"
-    dirty = [line[3:] for line in dirty if line.strip()]
-    return head + (f" + uncommitted changes to {', '.join(dirty)}" if dirty else "")
-
-
 def _config_section(out: Path, section: str) -> dict:
     import yaml
 
@@ -222,7 +212,7 @@ def main() -> None:
     if args.reuse and (results_dir / "bytes.json").exists():
         previous = json.loads((results_dir / "bytes.json").read_text())
     # before the runs: what they ran (with --reuse, what the earlier invocation recorded)
-    git = previous.get("git", _git_state() + " (recorded at --reuse time, not run time)") if args.reuse else _git_state()
+    git = previous.get("git", git_state() + " (recorded at --reuse time, not run time)") if args.reuse else git_state()
     walls = {r["name"]: r.get("wall_s") for r in previous.get("results", [])}
     results = []
     for name, label, topology, extra in CONFIGS:

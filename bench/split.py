@@ -79,6 +79,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import git_state
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -610,16 +611,6 @@ def machine() -> str:
     import torch
 
     return f"{os.cpu_count()} CPU cores ({cpu}), no GPU used; Python {platform.python_version()}, torch {torch.__version__}"
-
-
-def git_state() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "hierfed"], cwd=ROOT, capture_output=True, text=True).stdout.split("\n")
-    except OSError:
-        return "unknown"
-    dirty = [line[3:] for line in dirty if line.strip()]
-    return head + (f" + uncommitted changes to {', '.join(dirty)}" if dirty else "")
 
 
 def verdicts(mem: dict | None, tp: dict | None) -> list[str]:
