@@ -65,12 +65,13 @@ def build_runtime(placement: Placement, poll: bool, out: str, resume: bool, conf
     ledger = Ledger()
     up = down = None
     if role.kind == "cloud":
-        down = Channel(cloud_comm, "device-cloud" if placement.flat else "edge-cloud", ledger, poll)
+        down = Channel(cloud_comm, "device-cloud" if placement.flat else "edge-cloud", ledger, poll, is_parent=True)
     elif is_leader:
-        up = Channel(cloud_comm, "edge-cloud", ledger, poll)
-        down = Channel(edge_comm, "device-edge", ledger, poll)
+        up = Channel(cloud_comm, "edge-cloud", ledger, poll, is_parent=False)
+        down = Channel(edge_comm, "device-edge", ledger, poll, is_parent=True)
     elif role.kind == "device":
-        up = Channel(cloud_comm, "device-cloud", ledger, poll) if placement.flat else Channel(edge_comm, "device-edge", ledger, poll)
+        link, comm = ("device-cloud", cloud_comm) if placement.flat else ("device-edge", edge_comm)
+        up = Channel(comm, link, ledger, poll, is_parent=False)
     split_comm = world.Dup()
     group = None if edge_group == MPI.COMM_NULL else edge_group
     return Runtime(placement, role, ledger, up, down, group, split_comm, out, resume, config_text)

@@ -59,12 +59,12 @@ def wait_all(requests: list[MPI.Request], poll: bool) -> None:
 class Channel:
     """Parent (rank 0 of `comm`) <-> children (the other ranks) over one communicator."""
 
-    def __init__(self, comm: MPI.Comm, link: str, ledger: Ledger, poll: bool = True) -> None:
+    def __init__(self, comm: MPI.Comm, link: str, ledger: Ledger, poll: bool, is_parent: bool) -> None:
         self.comm = comm
         self.link = link  # "device-edge", "edge-cloud" or "device-cloud"
         self.ledger = ledger
         self.poll = poll
-        self.is_parent = comm.Get_rank() == 0
+        self.is_parent = is_parent  # from the Role; the runtime's split keys make the parent rank 0 of comm
         self.num_children = comm.Get_size() - 1
         self.seconds = 0.0  # time spent inside this channel's calls (waiting + transfer)
 
