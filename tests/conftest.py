@@ -28,6 +28,19 @@ def mpirun(n: int, *args: str, timeout: float = 300, env: dict[str, str] | None 
     return subprocess.run(cmd, cwd=ROOT, env=env or job_env(), capture_output=True, text=True, timeout=timeout)
 
 
+def topology_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
+    """`hierfed topology ARGV` in this process: (exit code, stdout)."""
+    import argparse
+
+    from hierfed.commands.topology import add_parser
+
+    parser = argparse.ArgumentParser(prog="hierfed")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["topology", *argv])
+    code = args.func(args)
+    return code, capsys.readouterr().out
+
+
 def hierfed(*args: str, timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """The `hierfed` console command, as a user runs it."""
     return subprocess.run([str(BIN / "hierfed"), *args], cwd=ROOT, env=env or job_env(), capture_output=True, text=True, timeout=timeout)

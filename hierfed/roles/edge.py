@@ -84,9 +84,9 @@ def run_follower(rt, cfg) -> None:
     """A non-leader rank of a multi-rank edge: a shard of the upper stage's DeepSpeed engine, in
     lockstep with its leader's edge rounds."""
     plan = rt.edge_group.bcast(None, root=0)
-    resumed = RankState(Path(plan.out), rt.role.rank, cfg.checkpoint.keep).load(plan.start_round - 1) if plan.start_round > 1 else {}
-    split = EdgeSplit(rt, cfg, plan, unprefixed("split", resumed))
     saved = RankState(Path(plan.out), rt.role.rank, cfg.checkpoint.keep)
+    resumed = saved.load(plan.start_round - 1) if plan.start_round > 1 else {}
+    split = EdgeSplit(rt, cfg, plan, unprefixed("split", resumed))
     clients = {c for d in rt.placement.edges[rt.role.edge].devices for c in d.clients}
     for t in range(plan.start_round, cfg.schedule.rounds + 1):
         sampled = clients.intersection(sampled_clients(rt.placement.num_clients, cfg.schedule.client_fraction, cfg.seed, t).tolist())

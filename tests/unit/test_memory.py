@@ -3,19 +3,17 @@ against budgets built from the estimator's own totals, and `hierfed topology pla
 
 from __future__ import annotations
 
-import argparse
 import subprocess
 import sys
 
 import pytest
 
 from hierfed import memory
-from hierfed.commands.topology import add_parser
 from hierfed.config import ModelConfig, RunConfig, SplitConfig, TrainConfig
 from hierfed.data import DataConfig
 from hierfed.errors import HierfedError
 from hierfed.topology import parse_topology
-from conftest import ROOT, hierfed, job_env
+from conftest import ROOT, hierfed, job_env, topology_cli
 
 GPT2_SMALL = RunConfig(model=ModelConfig(source="gpt2", size="small"), data=DataConfig(source="corpus"))
 CAUSAL = ("causal_lm", None)
@@ -28,14 +26,6 @@ def topology(*devices: dict):
 
 def gb_between(lo: int, hi: int) -> float:
     return (lo + hi) / 2 / memory.GB
-
-
-def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
-    parser = argparse.ArgumentParser(prog="hierfed")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["topology", *argv])
-    code = args.func(args)
-    return code, capsys.readouterr().out
 
 
 # ------------------------------------------------------------------ exact parameter counts ---
@@ -162,7 +152,7 @@ def test_plan_prints_k_and_why_per_device(tmp_path, write_yaml, capsys: pytest.C
     topo = write_yaml("topo.yaml", {"edges": [{"devices": [
         {"split_layers": "auto", "memory_gb": gb_between(est[2], est[3])},
         {"split_layers": 1, "memory_gb": 4}, {"memory_gb": 8}]}]})
-    code, out = cli(capsys, "plan", topo, "--config", run)
+    code, out = topology_cli(capsys, "plan", topo, "--config", run)
     lines = out.splitlines()
     assert code == 0 and lines[0].startswith("topo: 1 cloud + 1 edge")
     assert "gpt2 small (causal_lm), 4 blocks" in lines[1]
@@ -175,7 +165,7 @@ def test_plan_prints_k_and_why_per_device(tmp_path, write_yaml, capsys: pytest.C
     col = lines[2].index("why")  # aligned: every row's why starts under the header's
     assert [line[col - 1:col + 2] for line in lines[3:]] == [" k=", " k=", " wh"]
 
-    code, out = cli(capsys, "validate", topo, "--config", run)
+    code, out = topology_cli(capsys, "validate", topo, "--config", run)
     assert code == 0 and out.strip().endswith("split: edge0/d0 k=2, edge0/d1 k=1")
 
 

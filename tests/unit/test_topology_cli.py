@@ -2,31 +2,23 @@
 
 from __future__ import annotations
 
-import argparse
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from hierfed.commands.topology import add_parser
 from hierfed.errors import HierfedError
+
+from conftest import topology_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 TOPOS = ROOT / "topologies"
 HIERFED = Path(sys.executable).parent / "hierfed"
 
 
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
-    parser = argparse.ArgumentParser(prog="hierfed")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["topology", *argv])
-    code = args.func(args)
-    return code, capsys.readouterr().out
-
-
 def test_validate(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out = run(capsys, "validate", str(TOPOS / "default.yaml"))
+    code, out = topology_cli(capsys, "validate", str(TOPOS / "default.yaml"))
     assert code == 0
     assert out == "ok: default: 1 cloud + 2 edges × (1 + 2 devices) = 7 ranks, 4 clients\n"
 
@@ -34,11 +26,11 @@ def test_validate(capsys: pytest.CaptureFixture[str]) -> None:
 @pytest.mark.parametrize("name, size", [("default", 7), ("flat", 5), ("uneven", 7), ("virtual", 7)])
 def test_ranks(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, name: str, size: int) -> None:
     monkeypatch.chdir(ROOT)  # bare names resolve in ./topologies
-    assert run(capsys, "ranks", name) == (0, f"{size}\n")
+    assert topology_cli(capsys, "ranks", name) == (0, f"{size}\n")
 
 
 def test_show_default(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out = run(capsys, "show", str(TOPOS / "default.yaml"))
+    code, out = topology_cli(capsys, "show", str(TOPOS / "default.yaml"))
     lines = out.splitlines()
     assert code == 0
     assert lines[0] == "default: 1 cloud + 2 edges × (1 + 2 devices) = 7 ranks, 4 clients"
@@ -53,18 +45,18 @@ def test_show_default(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_show_virtual_is_compact(capsys: pytest.CaptureFixture[str]) -> None:
-    _, out = run(capsys, "show", str(TOPOS / "virtual.yaml"))
+    _, out = topology_cli(capsys, "show", str(TOPOS / "virtual.yaml"))
     assert "clients 0-24 (25)" in out and "clients 75-99 (25)" in out
     assert "clients 0, 1" not in out
 
 
 def test_show_flat_and_uneven(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    _, out = run(capsys, "show", str(TOPOS / "flat.yaml"))
+    _, out = topology_cli(capsys, "show", str(TOPOS / "flat.yaml"))
     assert "└─ d3" in out and "↔ cloud 50 Mb/s, 40 ms" in out and "edge" not in out
     path = tmp_path / "z.yaml"
     path.write_text("edges:\n  - {ranks: 2, devices: [{class: phone, split_layers: 3}]}\n"
                     "device_classes: {phone: {memory_gb: 4, speed: 0.25}}\n", encoding="utf-8")
-    _, out = run(capsys, "show", str(path))
+    _, out = topology_cli(capsys, "show", str(path))
     assert "└─ edge0        ranks 1-2  ↔ cloud" in out
     assert "4 GB ×0.25 phone split 3" in out
 
@@ -73,14 +65,14 @@ def test_errors_propagate_as_hierfed_error(capsys: pytest.CaptureFixture[str], t
     bad = tmp_path / "bad.yaml"
     bad.write_text("edges:\n  - devices:\n      - ranks: 0\n", encoding="utf-8")
     with pytest.raises(HierfedError, match=r"bad\.yaml: edges\[0\]\.devices\[0\]\.ranks: must be >= 1"):
-        run(capsys, "validate", str(bad))
+        topology_cli(capsys, "validate", str(bad))
     with pytest.raises(HierfedError, match="no such topology file"):
-        run(capsys, "show", str(tmp_path / "missing.yaml"))
+        topology_cli(capsys, "show", str(tmp_path / "missing.yaml"))
 
 
 def test_subcommand_is_required(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as e:
-        run(capsys)
+        topology_cli(capsys)
     assert e.value.code == 2
 
 
