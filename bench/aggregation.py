@@ -10,7 +10,8 @@ updates back up to the cloud. Training is skipped: every device's delta is a fix
   hierfed (block)  links (comm.links.Parent/Child), with the calls the roles make: Parent.send /
                    Child.receive / Child.add / Child.send / Parent.receive / FedAvg.aggregate on
                    float64 master copies (cloud and edges), without telemetry (gather_obj); once
-                   with runtime.wait polling (poll=True, the default), once blocking (poll=False).
+                   with runtime.wait `poll` (what `auto` picks when ranks outnumber cores), once
+                   with `block`.
   floor            the bare MPI collectives on the same communicators and buffers: blocking
                    Bcast, Bcast, Reduce, Reduce; no strategy math, no copies.
   object           what many FL frameworks do: the model as a dict of 50 torch tensors, pickled
@@ -176,8 +177,8 @@ def main() -> None:
     except HierfedError as e:
         report_once(str(e))
         raise SystemExit(2) from None
-    rt = build_runtime(placement, poll=True, out="-", resume=False, config_text="")
-    rt_block = build_runtime(placement, poll=False, out="-", resume=False, config_text="")
+    rt = build_runtime(placement, "poll", 1, out="-", resume=False, config_text="")
+    rt_block = build_runtime(placement, "block", 1, out="-", resume=False, config_text="")
     guarded(rt.role.name, lambda: bench(args, placement, rt, rt_block))  # a failed check aborts every rank
 
 

@@ -114,7 +114,7 @@ def _run(args: argparse.Namespace) -> int:
     def body() -> None:
         from hierfed.roles import run_role
 
-        rt = build_runtime(placement, cfg.runtime.wait == "poll", out, args.resume, text)
+        rt = build_runtime(placement, cfg.runtime.wait, cfg.runtime.threads, out, args.resume, text)
         if os.environ.get("HIERFED_INJECT_FAILURE") == role.name:  # test hook: failure handling
             raise RuntimeError("injected failure")
         run_role(rt, cfg)

@@ -143,9 +143,11 @@ class DeepSpeedSection(_Section):
 class RuntimeConfig(_Section):
     threads: int = Field(1, ge=1)  # torch threads per rank (ranks usually outnumber cores)
     device: Literal["cpu", "cuda", "auto"] = "cpu"  # where models train; a GPU per node-local rank (modulo GPUs)
-    # How a rank waits for a collective: "poll" tests with a short backoff sleep so waiting ranks
-    # leave the cores to ranks that compute (oversubscribed nodes); "block" spins inside MPI.
-    wait: Literal["poll", "block"] = "poll"
+    # How a rank waits for a message: "poll" tests with a short backoff sleep so waiting ranks leave
+    # the cores to ranks that compute (oversubscribed nodes); "block" spins inside MPI, which also
+    # keeps large transfers moving (see docs/design.md, Waiting); "auto" picks block when the node's
+    # ranks x threads fit its cores, else poll.
+    wait: Literal["auto", "poll", "block"] = "auto"
     progress: bool = True  # the cloud prints a line per round and a final table
 
 

@@ -43,11 +43,40 @@ class Runtime:
     out: str
     resume: bool
     config_text: str
+    poll: bool = True  # how this rank waits (runtime.wait resolved; the same on every rank)
+    wait_reason: str = ""
     summary: dict[str, Any] = field(default_factory=dict)
 
 
-def build_runtime(placement: Placement, poll: bool, out: str, resume: bool, config_text: str) -> Runtime:
+def choose_wait(mode: str, ranks_per_node: int, cores_per_node: int, threads: int) -> tuple[bool, str]:
+    """(poll, why) for runtime.wait. Blocking waits spin inside MPI: right when every rank has its
+    own cores (and the only way some MPI transports keep a large message moving, see
+    docs/design.md), wrong when ranks outnumber cores (the spinning ranks steal the cores of the
+    ranks that compute). `ranks_per_node` and `cores_per_node` are the busiest node's."""
+    need = ranks_per_node * threads
+    fits = need <= cores_per_node
+    where = f"{ranks_per_node} ranks x {threads} thread{'s' if threads > 1 else ''} on {cores_per_node} cores"
+    if mode == "auto":
+        return (not fits, f"{'block' if fits else 'poll'} (auto: {where})")
+    return (mode == "poll", f"{mode} (set; {where})")
+
+
+def node_load(world: MPI.Comm) -> tuple[int, int]:
+    """(ranks, usable cores) of the busiest node: cores are the union of its ranks' CPU affinity
+    sets, so a launcher that binds ranks to cores is seen as such. Collective over `world`."""
+    node = world.Split_type(MPI.COMM_TYPE_SHARED)
+    try:
+        cpus = set().union(*node.allgather(sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))))
+        mine = (node.Get_size(), len(cpus))
+    finally:
+        node.Free()
+    loads = world.allgather(mine)
+    return max(loads, key=lambda rc: rc[0] / max(rc[1], 1))
+
+
+def build_runtime(placement: Placement, wait: str, threads: int, out: str, resume: bool, config_text: str) -> Runtime:
     world = MPI.COMM_WORLD
+    poll, wait_reason = choose_wait(wait, *node_load(world), threads)
     role = placement.role(world.Get_rank())
     undefined = MPI.UNDEFINED
     is_leader = role.kind == "edge" and role.group_index == 0
@@ -74,7 +103,7 @@ def build_runtime(placement: Placement, poll: bool, out: str, resume: bool, conf
         up = Channel(comm, link, ledger, poll, is_parent=False)
     split_comm = world.Dup()
     group = None if edge_group == MPI.COMM_NULL else edge_group
-    return Runtime(placement, role, ledger, up, down, group, split_comm, out, resume, config_text)
+    return Runtime(placement, role, ledger, up, down, group, split_comm, out, resume, config_text, poll, wait_reason)
 
 
 def report_once(message: str) -> None:

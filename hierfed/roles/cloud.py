@@ -113,6 +113,7 @@ def run(rt, cfg) -> None:
         "world_size": rt.placement.world_size,
         "clients": rt.placement.num_clients,
         "trainable_params": flat.dim,
+        "wait": rt.wait_reason,  # how ranks wait for messages (runtime.wait, resolved)
         "total_params": built.base_params,  # the model without its adapter: full fine-tuning's vector
         "out": str(out),
     })

@@ -47,7 +47,7 @@ def run(rt, cfg) -> None:
         edge = rt.placement.edges[spec.edge]
         split_devices = [d.rank for d in edge.devices if d.split_layers is not None]
         server = edge.ranks[split_devices.index(spec.rank) % len(edge.ranks)]  # as EdgeSplit assigns
-        trainer = SplitClient(rt.split_comm, server, built.model, k, cfg, rt.ledger, cfg.runtime.wait == "poll")
+        trainer = SplitClient(rt.split_comm, server, built.model, k, cfg, rt.ledger, rt.poll)
         flat, mine_idx = trainer.flat, global_index(whole, trainer.flat)
 
     plan = rt.up.bcast_obj()

@@ -125,7 +125,7 @@ class EdgeSplit:
         whole = FlatView(built.model)
         check_plan(plan, whole.dim, whole.fingerprint(), whole.base_fingerprint(), rt.role.name)
         prune_for_edge(built.model, k)
-        poll = cfg.runtime.wait == "poll"
+        poll = rt.poll
         if use_deepspeed(cfg, len(me.ranks)):
             from hierfed.deepspeed_edge import DeepSpeedServer, init_group
 
