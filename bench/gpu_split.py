@@ -5,12 +5,20 @@
 
 Model: a ~1B Llama-shaped config (hidden 2048, 16 layers, 32 heads, 4 KV heads, FFN 5632), bf16
 frozen weights, LoRA r=16 on q,k,v,o (float32), causal LM on sequences of T=1024 tokens, batch 8.
+A ladder of runs, each step adding one cost, so the gap between the split job and the whole model
+is attributed rather than guessed:
 1. whole: the model in one process, plain PyTorch + peft, AdamW, tokens/s over timed steps.
-2. split: `hierfed run` with 1 cloud + 1 edge + 2 split devices (4 processes on the same GPU):
-   each device holds the embeddings and 2 blocks, the edge the other 14 under DeepSpeed ZeRO-2
-   (NCCL); 4 pipelined micro-batches per step, bf16 on the link. tokens/s = tokens the devices
-   trained in an edge round / that edge round's wall time (the first edge round is warm-up).
-Prints one JSON line with both figures, their ratio and the GPU's name.
+2. whole-micro: the same, the batch in the split job's 4 micro-batches (gradient accumulation):
+   what micro-batching alone costs.
+3. inproc-split: the same micro-batches through hierfed's DeviceStage (embeddings + 2 blocks) and
+   EdgeStage (14 blocks + head) in one process, the boundary tensor detached and its gradient handed
+   back as over the wire: what the cut costs without processes or MPI.
+4. split-plain / split-zero2: `hierfed run` with 1 cloud + 1 edge + 2 split devices (4 processes
+   on the same GPU), 4 pipelined micro-batches per step, bf16 on the link, the edge as plain torch,
+   then under DeepSpeed ZeRO-2 (NCCL). tokens/s = tokens the devices trained in an edge round /
+   that edge round's wall time (the first edge round is warm-up). The edge's and devices' phase
+   times (metrics.jsonl) say where each second went.
+Prints one JSON line per run and a final JSON with every figure and its ratio to `whole`.
 """
 
 from __future__ import annotations
@@ -40,7 +48,7 @@ def run_config(args) -> dict:
         "train": {"lr": 1e-4, "batch_size": args.batch},
         "schedule": {"rounds": 1, "tau1": args.steps, "tau2": 3, "eval_batch_size": 4},
         "split": {"micro_batches": 4, "activation_codec": "bf16" if args.device != "cpu" else "fp32", "gradient_codec": "bf16" if args.device != "cpu" else "fp32"},
-        "deepspeed": {"enabled": True, "zero_stage": 2},
+        "deepspeed": {"enabled": True, "zero_stage": 2},  # split(): enabled per run
         "runtime": {"device": args.device, "progress": False},
         "checkpoint": {"keep": 1},
     }
@@ -56,29 +64,9 @@ def write_data(path: Path, lines: int, words: int) -> None:
             f.write(json.dumps({"text": " ".join(rng.choice(vocab, size=words))}) + "\n")
 
 
-def whole(args, cfg: dict) -> dict:
-    """Plain PyTorch + peft, one process: the baseline."""
+def _timed(args, device, step) -> dict:
+    """tokens/s of `step` (one optimiser step on a batch) over args.steps steps after 3 warm-up ones."""
     import torch
-
-    from hierfed.config import RunConfig
-    from hierfed.engine import make_optimizer
-    from hierfed.model import build_model
-
-    rc = RunConfig.model_validate(cfg)
-    device = torch.device("cuda" if args.device != "cpu" else "cpu")
-    built = build_model(rc.model, rc.peft, "causal_lm", None, 0, device)
-    model = built.model
-    model.train()
-    opt = make_optimizer([p for p in model.parameters() if p.requires_grad], rc.train)
-    vocab = model.config.vocab_size
-    ids = torch.randint(0, vocab, (args.batch, args.seq), device=device)
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-
-    def step() -> None:
-        model(**batch).loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
 
     for _ in range(3):
         step()
@@ -93,31 +81,91 @@ def whole(args, cfg: dict) -> dict:
     return {"tokens_per_s": args.steps * args.batch * args.seq / seconds, "seconds": seconds, "peak_bytes": peak}
 
 
-def split(args, cfg: dict) -> dict:
-    """The split job through hierfed's own launcher: cloud + edge (ZeRO-2) + 2 split devices."""
-    topo = {"name": "gpu-split", "edges": [{"name": "edge0", "devices": [{"ranks": 2, "split_layers": 2}]}]}
+def in_process(args, cfg: dict) -> dict:
+    """Runs 1-3 of the ladder in one process on one model: whole, whole-micro, inproc-split."""
+    import torch
+
+    from hierfed.config import RunConfig
+    from hierfed.engine import make_optimizer
+    from hierfed.model import build_model
+    from hierfed.split import DeviceStage, EdgeStage
+
+    rc = RunConfig.model_validate(cfg)
+    device = torch.device("cuda" if args.device != "cpu" else "cpu")
+    model = build_model(rc.model, rc.peft, "causal_lm", None, 0, device).model
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = make_optimizer(trainable, rc.train)
+    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), device=device)
+    mask = torch.ones_like(ids)
+    micro = rc.split.micro_batches
+    lower, upper = DeviceStage(model, args.k), EdgeStage(model, "causal_lm", args.k)
+
+    def finish() -> None:
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def whole() -> None:
+        model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+        finish()
+
+    def whole_micro() -> None:
+        for i, m in zip(ids.chunk(micro), mask.chunk(micro)):
+            (model(input_ids=i, attention_mask=m, labels=i).loss / micro).backward()
+        finish()
+
+    def inproc_split() -> None:
+        for i, m in zip(ids.chunk(micro), mask.chunk(micro)):
+            h = lower(i, m)
+            wire = h.detach().to(torch.bfloat16 if args.device != "cpu" else torch.float32).to(h.dtype).requires_grad_()
+            loss, _ = upper(wire, m, i)
+            (loss / micro).backward()
+            h.backward(wire.grad)
+        finish()
+
+    out = {}
+    for name, step in (("whole", whole), ("whole-micro", whole_micro), ("inproc-split", inproc_split)):
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        out[name] = _timed(args, device, step)
+        print(json.dumps({name: out[name]}), flush=True)
+    return out
+
+
+def split(args, cfg: dict, name: str, deepspeed: bool) -> dict:
+    """The split job through hierfed's own launcher: cloud + edge (plain or ZeRO-2) + 2 split devices."""
+    topo = {"name": "gpu-split", "edges": [{"name": "edge0", "devices": [{"ranks": 2, "split_layers": args.k}]}]}
     (args.out / "topology.yaml").write_text("# 1 cloud + 1 edge × (1 + 2 devices) = 4 ranks\n" + yaml.safe_dump(topo))
-    (args.out / "run.yaml").write_text(yaml.safe_dump(cfg))
-    run_dir = args.out / "run"
-    cmd = [sys.executable, "-m", "hierfed", "run", str(args.out / "topology.yaml"), "--config", str(args.out / "run.yaml"), "--out", str(run_dir)]
+    cfg = {**cfg, "deepspeed": {**cfg["deepspeed"], "enabled": deepspeed}}
+    (args.out / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
+    run_dir = args.out / name
+    cmd = [sys.executable, "-m", "hierfed", "run", str(args.out / "topology.yaml"), "--config", str(args.out / f"{name}.yaml"), "--out", str(run_dir)]
     started = time.perf_counter()
     try:
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired as e:
         text = (e.stdout or b"").decode(errors="replace") + (e.stderr or b"").decode(errors="replace")
-        (args.out / "split.log").write_text(text)
+        (args.out / f"{name}.log").write_text(text)
         return {"error": f"timed out after {args.timeout} s", "tail": text[-3000:]}
-    (args.out / "split.log").write_text(proc.stdout + proc.stderr)
+    (args.out / f"{name}.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
         return {"error": f"exit {proc.returncode}", "tail": (proc.stdout + proc.stderr)[-3000:]}
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     edge = [r for r in rows if r["tier"] == "edge" and r["edge_round"] > 1]  # edge round 1: warm-up
     tokens = sum(args.steps * args.batch * args.seq * r["clients"] for r in edge)
     wall = sum(r["seconds"]["wall"] for r in edge)
-    busy = sum(r["seconds"].get("edge_busy", 0.0) for r in edge)
+    busy = sum(r["seconds"]["edge_busy"] for r in edge)
     summary = json.loads((run_dir / "summary.json").read_text())
+
+    def phases(key: str) -> dict:  # seconds per timed edge round, by phase
+        names = sorted({k for r in edge for k in r["seconds"][key]})
+        return {k: round(sum(r["seconds"][key].get(k, 0.0) for r in edge) / len(edge), 4) for k in names}
+
     return {"tokens_per_s": tokens / wall, "edge_busy_fraction": busy / wall, "edge_rounds_timed": len(edge),
-            "job_seconds": time.perf_counter() - started, "bytes": summary["bytes"], "eval_loss": summary["final"]["eval_loss"]}
+            "edge_round_s": wall / len(edge), "edge_phases_s": phases("edge_phases"), "device_phases_s": phases("device_phases"),
+            "wait": summary.get("wait"), "job_seconds": time.perf_counter() - started, "bytes": summary["bytes"],
+            "eval_loss": summary["final"]["eval_loss"]}
 
 
 def main() -> None:
@@ -126,34 +174,35 @@ def main() -> None:
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--tiny", action="store_true", help="a tiny Llama and short sequences (dry run)")
     p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--timeout", type=int, default=420)
+    p.add_argument("--k", type=int, default=2, help="blocks on each device")
+    p.add_argument("--timeout", type=int, default=240, help="seconds per hierfed job")
     p.add_argument("--tokenizer", default=str(ROOT / ".gpu" / "tokenizer"))
-    p.add_argument("--only", choices=["whole", "split"])
+    p.add_argument("--runs", default="inproc,split-plain,split-zero2",
+                   help="comma-separated: inproc (whole, whole-micro, inproc-split), split-plain, split-zero2, split-zero2-profile")
     args = p.parse_args()
     args.seq, args.batch = (32, 8) if args.tiny else (1024, 8)
     args.out.mkdir(parents=True, exist_ok=True)
     write_data(args.out / "data.jsonl", 64, 40 if args.tiny else 1100)
     cfg = run_config(args)
-    result: dict = {"config": {"seq": args.seq, "batch": args.batch, "steps": args.steps, "tiny": args.tiny}}
+    result: dict = {"config": {"seq": args.seq, "batch": args.batch, "steps": args.steps, "k": args.k, "tiny": args.tiny}}
     try:
         import torch
 
         result["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     except Exception:  # noqa: BLE001 - the name is informational
         result["gpu"] = None
-    if args.only != "split":
-        result["whole"] = whole(args, cfg)
-        print(json.dumps({"whole": result["whole"]}), flush=True)
-    if args.only != "whole":
-        result["split"] = split(args, cfg)
-        if "error" in result["split"]:  # keep what failed, and measure the cut without DeepSpeed
-            print(json.dumps({"split_deepspeed_failed": result["split"]}), flush=True)
-            result["split_deepspeed"] = result["split"]
-            cfg["deepspeed"]["enabled"] = False
-            result["split"] = split(args, cfg)
-            result["split"]["deepspeed"] = False
-    if "whole" in result and "tokens_per_s" in result.get("split", {}):
-        result["ratio"] = result["split"]["tokens_per_s"] / result["whole"]["tokens_per_s"]
+    runs = args.runs.split(",")
+    if "inproc" in runs:
+        result.update(in_process(args, cfg))
+    jobs = {"split-plain": (False, False), "split-zero2": (True, False), "split-zero2-profile": (True, True)}
+    for name in (r for r in runs if r in jobs):
+        deepspeed, profile = jobs[name]
+        job_cfg = {**cfg, "runtime": {**cfg["runtime"], "profile": profile}}
+        result[name] = split(args, job_cfg, name, deepspeed)
+        print(json.dumps({name: result[name]}), flush=True)
+    if "whole" in result:
+        base = result["whole"]["tokens_per_s"]
+        result["ratios"] = {k: v["tokens_per_s"] / base for k, v in result.items() if isinstance(v, dict) and "tokens_per_s" in v}
     (args.out / "gpu_split.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result), flush=True)
 

@@ -148,6 +148,9 @@ class RuntimeConfig(_Section):
     # keeps large transfers moving (see docs/design.md, Waiting); "auto" picks block when the node's
     # ranks x threads fit its cores, else poll.
     wait: Literal["auto", "poll", "block"] = "auto"
+    # Split placement's phase times (metrics.jsonl: edge_phases, device_phases) with the GPU
+    # synchronised at every phase boundary: exact per phase, but slower (the overlap is lost).
+    profile: bool = False
     progress: bool = True  # the cloud prints a line per round and a final table
 
 

@@ -26,7 +26,6 @@ import os
 import warnings
 import shutil
 import socket
-import time
 from pathlib import Path
 
 import numpy as np
@@ -162,23 +161,25 @@ class DeepSpeedServer(SplitServer):
         slots = self.group.allreduce(mine, op=MPI.MAX)
         scale = self.group.Get_size() / total_devices
         self.engine.train()
+        self.phases.start()
         for j in range(steps):
             arrivals = self.arrivals(devices, j)
             for slot in range(slots):
                 self.engine.set_gradient_accumulation_boundary(slot == slots - 1)
                 item = next(arrivals, None) if slot < mine else None
-                started = time.perf_counter()
                 if item is None:
                     self._dummy()
+                    self.phases.mark("compute")
                 else:
                     d, i, wire, mask, labels = item
                     loss, _ = self.engine(wire, mask, labels)
                     share = self.shapes[d].share(i)
                     self.engine.backward(loss * share * scale, scale_wrt_gas=False)
+                    self.phases.mark("compute")
                     # The device's gradient is of its own loss: undo the group weighting.
                     self.reply(d, wire, float(loss.detach()) * share, derive_seed(devices[d], j, i, 3), scale)
                 self.engine.step()
-                self.busy_s += time.perf_counter() - started
+                self.phases.mark("step")
 
     def _dummy(self) -> None:
         """A zero-weight micro-step: keeps ZeRO's collectives in step when this rank has no micro-batch."""

@@ -60,6 +60,36 @@ class TensorWire:
         return torch.from_numpy(self.codec.decode(buf, n)).view(shape).to(device, dtype)
 
 
+class Phases:
+    """Seconds spent in each named phase of one side of the cut, accumulated until taken.
+
+    Lap timing: `mark(name)` charges the time since the previous mark to `name`. On a GPU, work is
+    asynchronous and lands in whichever phase waits for it (the activation's copy to the host
+    waits for the forward) unless `sync` is set (runtime.profile): then every mark synchronises the
+    GPU first, so each phase holds its own work, at the cost of the overlap the phases had."""
+
+    def __init__(self, device: torch.device, sync: bool) -> None:
+        self._sync = torch.cuda.synchronize if sync and device.type == "cuda" else None
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def start(self) -> None:
+        if self._sync:
+            self._sync()
+        self._last = time.perf_counter()
+
+    def mark(self, name: str) -> None:
+        if self._sync:
+            self._sync()
+        now = time.perf_counter()
+        self.seconds[name] = self.seconds.get(name, 0.0) + now - self._last
+        self._last = now
+
+    def take(self) -> dict[str, float]:
+        out, self.seconds = self.seconds, {}
+        return out
+
+
 @dataclass(frozen=True)
 class Shapes:
     """One split device's micro-batch shapes, sent to its edge once (the handshake)."""
@@ -111,6 +141,7 @@ class SplitClient:
         self.device = next(model.parameters()).device
         self.act, self.grad = TensorWire(cfg.split.activation_codec), TensorWire(cfg.split.gradient_codec)
         self.pipeline = cfg.split.pipeline
+        self.phases = Phases(self.device, cfg.runtime.profile)
 
     def handshake(self, data: Tokenized, causal: bool) -> Shapes:
         bs = min(self.cfg.train.batch_size, len(data))
@@ -127,6 +158,7 @@ class SplitClient:
         bs = min(self.cfg.train.batch_size, len(data))
         self.stage.train()
         total = 0.0
+        self.phases.start()
         for j in range(steps):
             batch = data.batch(rng.choice(len(data), size=bs, replace=False), self.device)
             chunks = list(zip(*(batch[k].chunk(self.cfg.split.micro_batches) for k in ("input_ids", "attention_mask", "labels"))))
@@ -134,11 +166,13 @@ class SplitClient:
             for i, (ids, mask, labels) in enumerate(chunks):
                 torch.manual_seed(derive_seed(seed, j, i, 0))  # dropout, independent of arrival order
                 h = self.stage(ids, mask)
+                self.phases.mark("compute")
                 inflight.append((h, self._send(h, mask, labels, derive_seed(seed, j, i, 2))))
                 if not self.pipeline:  # stop-and-wait: this micro-batch's gradient before the next
                     results.append(self._finish(*inflight.pop()))
             results += [self._finish(h, msg) for h, msg in inflight]
             _step(self.flat, opt, self.cfg.train.max_grad_norm)
+            self.phases.mark("step")
             total += sum(results)
         return total / steps, steps * bs
 
@@ -146,6 +180,7 @@ class SplitClient:
         """Send a micro-batch across the cut and post the receives of its gradient and loss."""
         payload = self.act.encode(h, seed)
         meta = np.concatenate([mask.reshape(-1).cpu().numpy(), labels.reshape(-1).cpu().numpy()]).astype(np.int64)
+        self.phases.mark("encode")
         self.ledger.record(LINK, "up", payload.nbytes + meta.nbytes, kind="activation", raw=h.numel() * 4 + meta.nbytes)
         grad = np.empty(self.grad.nbytes(h.numel()), dtype=np.uint8)
         loss = np.zeros(1, dtype=np.float64)
@@ -155,13 +190,18 @@ class SplitClient:
         # copied; completing them now (not at the end) lets large messages move while this rank
         # computes its next micro-batch (a rendezvous transfer needs the sender inside MPI).
         wait_all([self.comm.Isend(payload, dest=to, tag=TAG_ACT), self.comm.Isend(meta, dest=to, tag=TAG_META)], self.poll)
+        self.phases.mark("wait_send")
         return requests, (payload, meta), grad, loss
 
     def _finish(self, h: torch.Tensor, msg: tuple) -> float:
         """Wait for this micro-batch's boundary gradient and weighted loss; finish its backward."""
         requests, _buffers, grad, loss = msg
         wait_all(requests, self.poll)
-        h.backward(self.grad.decode(grad, tuple(h.shape), h.device, h.dtype))
+        self.phases.mark("wait_gradient")
+        g = self.grad.decode(grad, tuple(h.shape), h.device, h.dtype)
+        self.phases.mark("decode")
+        h.backward(g)
+        self.phases.mark("compute")
         return float(loss[0])
 
 
@@ -176,7 +216,7 @@ class SplitServer:
         self.shapes: dict[int, Shapes] = {}
         first = next(model.parameters())  # activations arrive in the frozen weights' dtype
         self.device, self.dtype = first.device, next((p.dtype for p in model.parameters() if not p.requires_grad), first.dtype)
-        self.busy_s = 0.0  # time spent computing (the rest of serve() is waiting for micro-batches)
+        self.phases = Phases(self.device, cfg.runtime.profile)
         self.opt = None
 
     def handshake(self, devices: list[int]) -> None:
@@ -208,20 +248,19 @@ class SplitServer:
         """
         self.stage.train()
         order = sorted(devices)
+        self.phases.start()
         for j in range(steps):
             acc = {d: torch.zeros(self.flat.dim, dtype=torch.float32, device=self.device) for d in order}
             for d, i, wire, mask, labels in self.arrivals(devices, j):
-                started = time.perf_counter()
                 loss = self.forward_backward(wire, mask, labels, self.shapes[d].share(i))
                 acc[d] += flat_grads(self.flat)
                 for _, p in self.flat.params:
                     p.grad = None
+                self.phases.mark("compute")
                 self.reply(d, wire, loss, derive_seed(devices[d], j, i, 3))
-                self.busy_s += time.perf_counter() - started
-            started = time.perf_counter()
             set_grads(self.flat, sum(acc[d] for d in order) / total_devices)
             _step(self.flat, self.opt, self.cfg.train.max_grad_norm)
-            self.busy_s += time.perf_counter() - started
+            self.phases.mark("step")
 
     def forward_backward(self, wire: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, share: float, scale: float = 1.0) -> float:
         """Upper stage forward and backward of one micro-batch; returns its loss weighted by its share."""
@@ -242,9 +281,12 @@ class SplitServer:
             i = nxt[d]
             _, meta_req, payload, meta = posted[d][i]
             wait(meta_req, self.poll)
+            self.phases.mark("wait_activation")
             nxt[d] = i + 1
             torch.manual_seed(derive_seed(devices[d], j, i, 1))  # dropout, independent of arrival order
-            yield (d, i, *self._unpack(d, i, payload, meta))
+            unpacked = self._unpack(d, i, payload, meta)
+            self.phases.mark("decode")
+            yield (d, i, *unpacked)
 
     def _post(self, d: int, i: int):
         s = self.shapes[d]
@@ -266,8 +308,10 @@ class SplitServer:
         loss back; the device posted the receives."""
         grad = self.grad.encode(wire.grad if scale == 1.0 else wire.grad / scale, seed)
         out = np.array([loss], dtype=np.float64)
+        self.phases.mark("encode")
         self.ledger.record(LINK, "down", grad.nbytes + out.nbytes, kind="gradient", raw=wire.grad.numel() * 4 + out.nbytes)
         wait_all([self.comm.Isend(grad, dest=d, tag=TAG_GRAD), self.comm.Isend(out, dest=d, tag=TAG_LOSS)], self.poll)
+        self.phases.mark("wait_send")
 
 
 def split_plan(placement, cfg, kind: str, num_labels: int | None) -> dict[int, int | None]:

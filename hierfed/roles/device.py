@@ -81,6 +81,8 @@ def run(rt, cfg) -> None:
                 loss_sum += loss * weight
             compute_s = time.perf_counter() - started
             weight = link.send()
-            rt.up.gather_obj({"loss_sum": loss_sum, "weight": weight, "clients": len(mine), "compute_s": compute_s, "bytes": rt.ledger.take_round()})
+            phases = trainer.phases.take() if k is not None else {}  # split devices: time per phase of the cut
+            rt.up.gather_obj({"loss_sum": loss_sum, "weight": weight, "clients": len(mine), "compute_s": compute_s, "phases": phases,
+                              "bytes": rt.ledger.take_round()})
         if link.feedback is not None and (t % cfg.checkpoint.every == 0 or t == cfg.schedule.rounds):
             saved.save(t, link.state_dict())

@@ -61,7 +61,7 @@ def run(rt, cfg) -> None:
                 "samples": w,
                 "bytes": merge([d["bytes"] for d in telemetry] + [rt.ledger.take_round()]),
                 "seconds": {"wall": time.perf_counter() - started, "compute": max(d["compute_s"] for d in telemetry), "aggregate": agg_s,
-                            **({"edge_busy": split.take_busy()} if split else {})},
+                            **(split.take_phases(telemetry) if split else {})},
             })
         # Up to the cloud: the edge's whole change this cloud round, weighted by the samples behind it.
         if weight_sum > 0:
@@ -176,9 +176,13 @@ class EdgeSplit:
         if dist.is_initialized():
             dist.destroy_process_group()
 
-    def take_busy(self) -> float:
-        busy, self.server.busy_s = self.server.busy_s, 0.0
-        return busy
+    def take_phases(self, telemetry: list[dict]) -> dict:
+        """This edge round's split-link times for the edge row: the edge's busy time (all but waiting
+        for activations), its phases, and the split devices' mean phases (from their telemetry)."""
+        edge = self.server.phases.take()
+        devices = [d["phases"] for d in telemetry if d.get("phases")]
+        mean = {k: sum(p.get(k, 0.0) for p in devices) / len(devices) for k in sorted({k for p in devices for k in p})}
+        return {"edge_busy": sum(v for k, v in edge.items() if k != "wait_activation"), "edge_phases": edge, "device_phases": mean}
 
 
 def use_deepspeed(cfg, edge_ranks: int) -> bool:

@@ -55,7 +55,13 @@ def test_split_devices_learn_pipelined_and_resume_exactly(tmp_path):
     cloud = [r for r in rows(whole_run) if r["tier"] == "cloud" and r["round"] > 0]
     assert cloud[-1]["loss"] < cloud[0]["loss"]
     edge_rows = [r for r in rows(whole_run) if r["tier"] == "edge"]
-    assert all(r["seconds"]["edge_busy"] > 0 for r in edge_rows)
+    for r in edge_rows:  # the split link's phase times: complete, inside the edge round, busy = all but waiting
+        sec = r["seconds"]
+        assert set(sec["edge_phases"]) == {"wait_activation", "decode", "compute", "encode", "wait_send", "step"}
+        assert set(sec["device_phases"]) == {"compute", "encode", "wait_send", "wait_gradient", "decode", "step"}
+        assert sec["edge_phases"]["compute"] > 0 and sec["device_phases"]["compute"] > 0
+        assert sum(sec["edge_phases"].values()) <= sec["wall"]
+        assert sec["edge_busy"] == pytest.approx(sum(v for k, v in sec["edge_phases"].items() if k != "wait_activation"))
     check_ok(mpirun(7, "run", topo, "--config", cfg, "--out", str(parts), "--rounds", "2"))
     check_ok(mpirun(7, "run", topo, "--config", cfg, "--out", str(parts), "--resume"))
     np.testing.assert_array_equal(final_params(parts), final_params(whole_run))

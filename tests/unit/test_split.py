@@ -211,3 +211,21 @@ def test_pruned_stages_compute_what_the_whole_model_does(source, kind):
         EdgeStage(on_device, kind, k)
     with pytest.raises(RuntimeError, match="pruned"):
         on_device(**batch)
+
+
+def test_phases_charge_each_lap_to_the_named_phase():
+    import time
+
+    from hierfed.splitlink import Phases
+
+    ph = Phases(torch.device("cpu"), sync=True)  # sync is a no-op off the GPU
+    ph.start()
+    time.sleep(0.02)
+    ph.mark("compute")
+    ph.mark("encode")  # an empty lap
+    time.sleep(0.01)
+    ph.mark("compute")
+    got = ph.take()
+    assert set(got) == {"compute", "encode"}
+    assert 0.03 <= got["compute"] < 0.5 and got["encode"] < 0.005
+    assert ph.take() == {}  # taken: the next edge round starts from zero
