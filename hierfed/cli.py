@@ -71,11 +71,17 @@ def _check_supported(placement, cfg) -> None:
     """Topology features that validate but that this version cannot run yet: say so up front."""
     src = placement.topology.source
     for e in placement.edges:
-        if len(e.ranks) > 1 and all(d.split_layers is None for d in e.devices):
+        splits = any(d.split_layers is not None for d in e.devices)
+        if len(e.ranks) > 1 and not splits and not e.clients:
             raise HierfedError(
-                f"{src}: edge '{e.name}' has ranks: {len(e.ranks)} but no split devices; an edge's extra ranks shard the "
-                "upper blocks it trains for split devices (DeepSpeed ZeRO), so they would have nothing to do"
+                f"{src}: edge '{e.name}' has ranks: {len(e.ranks)} but trains nothing; an edge's ranks shard (DeepSpeed ZeRO) "
+                "the upper blocks of its split devices or its own client (train_locally: true), so they would have nothing to do"
             )
+        if splits and e.clients:
+            raise HierfedError(f"{src}: edge '{e.name}' has split devices and train_locally: true; this version trains one of the two on an edge")
+        if e.clients and len(e.ranks) > 1 and cfg.train.batch_size % len(e.ranks):
+            raise HierfedError(f"{src}: edge '{e.name}' trains locally on {len(e.ranks)} ranks, so train.batch_size "
+                               f"({cfg.train.batch_size}) must be a multiple of {len(e.ranks)} (each rank takes an equal slice of a batch)")
         if len(e.ranks) > 1 and cfg.deepspeed.enabled is False:
             raise HierfedError(f"{src}: edge '{e.name}' has ranks: {len(e.ranks)}, which needs DeepSpeed (deepspeed.enabled is false)")
     for d in placement.devices:

@@ -75,7 +75,12 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def ds_config(cfg, micro_batch: int, accumulation: int, group: int, where: str) -> dict:
+SPLIT_FACTORS = ("the micro-batch is train.batch_size / split.micro_batches; accumulation is micro-batches per step "
+                 "x split devices per edge rank")
+LOCAL_FACTORS = "the micro-batch is train.batch_size / edge ranks; accumulation is 1"
+
+
+def ds_config(cfg, micro_batch: int, accumulation: int, group: int, where: str, factors: str = SPLIT_FACTORS) -> dict:
     """The DeepSpeed config of one edge group, checked with DeepSpeed's batch arithmetic:
     train_batch_size = micro-batch per rank x gradient accumulation x group size."""
     ds = cfg.deepspeed
@@ -95,12 +100,58 @@ def ds_config(cfg, micro_batch: int, accumulation: int, group: int, where: str) 
     if tb != mb * ga * group:
         raise HierfedError(
             f"deepspeed ({where}): train_batch_size {tb} != micro-batch per rank {mb} x gradient accumulation {ga} "
-            f"x edge group size {group} = {mb * ga * group} (the micro-batch is train.batch_size / split.micro_batches; "
-            f"accumulation is micro-batches per step x split devices per edge rank)"
+            f"x edge group size {group} = {mb * ga * group} ({factors})"
         )
     if ds.offload_optimizer and cfg.train.optimizer != "adamw":
         raise HierfedError(f"deepspeed ({where}): offload_optimizer needs train.optimizer=adamw (DeepSpeed's CPU Adam)")
     return conf
+
+
+def load_params(flat, vec: np.ndarray, zero3: bool) -> None:
+    """A flat vector into a DeepSpeed engine's trainable parameters: the module's (gathered and
+    re-partitioned under ZeRO-3) and the fp32 master shards the optimiser steps."""
+    deepspeed = quiet_import()
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    src = torch.from_numpy(np.ascontiguousarray(vec, dtype=np.float32))
+    values = [src[a:b] for a, b in zip(flat.offsets[:-1], flat.offsets[1:])]
+    params = [p for _, p in flat.params]
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=0, enabled=zero3), torch.no_grad():
+        for p, v in zip(params, values):
+            p.data.copy_(v.view(p.shape).to(p.device, p.dtype))
+    for p, v in zip(params, values):
+        safe_set_full_fp32_param(p, v.view(getattr(p, "ds_shape", p.shape)).to(p.device))
+
+
+def gather_params(flat) -> np.ndarray:
+    """A DeepSpeed engine's trainable parameters as one flat float32 vector, gathered from the
+    shards (collective: every rank of the group calls it)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    def full(p: torch.nn.Parameter) -> torch.Tensor:
+        hp = safe_get_full_fp32_param(p)  # None without ZeRO: the parameter itself is the master
+        return (p.detach() if hp is None else hp).reshape(-1).to("cpu", torch.float32)
+
+    return np.concatenate([full(p).numpy() for _, p in flat.params])
+
+
+def initialize(cfg, module: torch.nn.Module, params: list, conf: dict, device: torch.device):
+    """deepspeed.initialize over the edge group (already the default process group): hierfed's
+    optimiser with DeepSpeed sharding its state, or DeepSpeed's CPU Adam with offload."""
+    deepspeed = quiet_import()
+    opt = None
+    if not cfg.deepspeed.offload_optimizer:
+        from hierfed.engine import make_optimizer
+
+        opt = make_optimizer(params, cfg.train)
+    else:
+        conf["optimizer"] = {"type": "AdamW", "params": {"lr": cfg.train.lr, "weight_decay": cfg.train.weight_decay}}
+    # The device to use: the rank's GPU (ranks may outnumber GPUs on a node), or the CPU.
+    gpu = device.index if device.type == "cuda" else local_rank()
+    args = argparse.Namespace(device_rank=gpu, local_rank=local_rank())
+    with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed prints its op builds on every rank
+        engine, optimizer, _, _ = deepspeed.initialize(args=args, model=module, model_parameters=params, optimizer=opt, config=conf, dist_init_required=False)
+    return engine, optimizer
 
 
 class DeepSpeedServer(SplitServer):
@@ -111,49 +162,20 @@ class DeepSpeedServer(SplitServer):
         self.group, self.leader, self.slots_per_device, self.where = group, leader, slots_per_device, where
 
     def make_optimizer(self) -> None:
-        deepspeed = quiet_import()
-
         params = [p for _, p in self.flat.params]
         mb = max(max(s.micro) for s in self.shapes.values()) if self.shapes else 1
         acc = self.slots_per_device * max(1, len(self.shapes))
         conf = ds_config(self.cfg, mb, acc, self.group.Get_size(), self.where)
-        opt = None
-        if not self.cfg.deepspeed.offload_optimizer:  # hierfed's optimiser; DeepSpeed shards its state
-            from hierfed.engine import make_optimizer
-
-            opt = make_optimizer(params, self.cfg.train)
-        else:
-            conf["optimizer"] = {"type": "AdamW", "params": {"lr": self.cfg.train.lr, "weight_decay": self.cfg.train.weight_decay}}
-        # The device to use: the rank's GPU (ranks may outnumber GPUs on a node), or the CPU.
-        gpu = self.device.index if self.device.type == "cuda" else local_rank()
-        args = argparse.Namespace(device_rank=gpu, local_rank=local_rank())
-        with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed prints its op builds on every rank
-            self.engine, self.opt, _, _ = deepspeed.initialize(args=args, model=self.stage, model_parameters=params, optimizer=opt, config=conf, dist_init_required=False)
+        self.engine, self.opt = initialize(self.cfg, self.stage, params, conf, self.device)
         self.zero3 = self.cfg.deepspeed.zero_stage == 3
 
     def load(self, vec: np.ndarray) -> None:
         """The global upper parameters into the engine: module parameters and fp32 master shards."""
-        deepspeed = quiet_import()
-        from deepspeed.utils import safe_set_full_fp32_param
-
-        src = torch.from_numpy(np.ascontiguousarray(vec, dtype=np.float32))
-        values = [src[a:b] for a, b in zip(self.flat.offsets[:-1], self.flat.offsets[1:])]
-        params = [p for _, p in self.flat.params]
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=0, enabled=self.zero3), torch.no_grad():
-            for p, v in zip(params, values):
-                p.data.copy_(v.view(p.shape).to(p.device, p.dtype))
-        for p, v in zip(params, values):
-            safe_set_full_fp32_param(p, v.view(getattr(p, "ds_shape", p.shape)).to(p.device))
+        load_params(self.flat, vec, self.zero3)
 
     def get(self) -> np.ndarray:
         """The full upper parameters, gathered from the shards (every rank of the group calls this)."""
-        from deepspeed.utils import safe_get_full_fp32_param
-
-        def full(p: torch.nn.Parameter) -> torch.Tensor:
-            hp = safe_get_full_fp32_param(p)  # None without ZeRO: the parameter itself is the master
-            return (p.detach() if hp is None else hp).reshape(-1).to("cpu", torch.float32)
-
-        return np.concatenate([full(p).numpy() for _, p in self.flat.params])
+        return gather_params(self.flat)
 
     def serve(self, devices: dict[int, int], steps: int, total_devices: int) -> None:
         """`steps` optimiser steps in lockstep with the group, on this rank's devices' micro-batches."""
@@ -206,3 +228,67 @@ class DeepSpeedServer(SplitServer):
         if not (root / tag).is_dir():
             raise HierfedError(f"--resume: {root / tag} is missing (edge {self.where}'s DeepSpeed optimizer state)")
         self.engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False, load_module_strict=False)
+
+
+class DeepSpeedLocal:
+    """The edge's own client (train_locally), trained data-parallel over the edge group.
+
+    Every rank draws the same batch indices as a single-rank trainer would (the client's seed), and
+    rank r trains on the r-th of G equal slices; DeepSpeed averages the gradients over the group,
+    and each rank's loss is weighted so that this average is the whole batch's mean loss (the
+    slice's share of the batch's loss terms: examples, or target tokens for a causal LM) — so a
+    step is the single-rank step on the whole batch. Gradient clipping uses the global norm. The
+    client is stateless between edge rounds like every client: its optimiser state (sharded by
+    ZeRO) is cleared at the start of each `train`.
+    """
+
+    def __init__(self, model, cfg, group: MPI.Comm, where: str, device: torch.device) -> None:
+        from hierfed.model import FlatView
+
+        self.model, self.cfg, self.group, self.device = model, cfg, group, device
+        self.flat = FlatView(model)
+        g = group.Get_size()
+        conf = ds_config(cfg, cfg.train.batch_size // g, 1, g, where, LOCAL_FACTORS)
+        self.engine, self.opt = initialize(cfg, model, [p for _, p in self.flat.params], conf, device)
+        self.zero3 = cfg.deepspeed.zero_stage == 3
+
+    def load(self, vec: np.ndarray) -> None:
+        load_params(self.flat, vec, self.zero3)
+
+    def get(self) -> np.ndarray:
+        return gather_params(self.flat)
+
+    def _clear_optimizer_state(self) -> None:
+        inner = getattr(self.opt, "optimizer", self.opt)  # ZeRO wraps the torch optimiser
+        inner.state.clear()
+
+    def train(self, data, steps: int, seed: int) -> tuple[float, int]:
+        """As LocalTrainer.train, over the group: returns (mean loss, samples seen) of the whole batches."""
+        g, r = self.group.Get_size(), self.group.Get_rank()
+        self._clear_optimizer_state()
+        torch.manual_seed(seed if g == 1 else derive_seed(seed, r))  # dropout: this rank's slice
+        rng = np.random.default_rng(seed)  # batch order: the single-rank trainer's
+        bs = min(self.cfg.train.batch_size, len(data))
+        if bs % g:
+            raise HierfedError(f"edge {r}: a batch of {bs} examples cannot be cut into {g} equal slices (the client has {len(data)} examples)")
+        self.engine.train()
+        total = 0.0
+        for _ in range(steps):
+            idx = rng.choice(len(data), size=bs, replace=False)
+            terms = [_loss_terms(data.labels[torch.from_numpy(part)]) for part in np.split(idx, g)]
+            mine = np.split(idx, g)[r]
+            share = terms[r] / max(sum(terms), 1)
+            loss = self.engine(**data.batch(mine, self.device)).loss
+            self.engine.backward(loss * share * g, scale_wrt_gas=False)  # DeepSpeed averages over the group
+            self.engine.step()
+            total += float(loss.detach()) * share
+        total = self.group.allreduce(total)  # the whole batches' mean losses, summed over steps
+        return total / steps, steps * bs
+
+
+def _loss_terms(labels: torch.Tensor) -> int:
+    """How many terms a slice adds to the batch's mean loss: its examples (classification), or its
+    target tokens after the causal shift (labels of -100 are not targets)."""
+    if labels.dim() == 1:
+        return int(labels.numel())
+    return int((labels[:, 1:] != -100).sum())

@@ -5,12 +5,13 @@ A topology YAML says how many cloud/edge/device ranks a job has and how they are
 
 Rank order: cloud = 0; then per edge in file order its edge ranks followed by its device ranks
 (an edge and its devices are contiguous); a flat topology puts its devices right after the cloud.
-Virtual client ids are handed out in device-rank order, `clients` consecutive ids per rank.
+Virtual client ids are handed out in device-rank order, `clients` consecutive ids per rank; an
+edge that trains a client of its own (`train_locally: true`) gets the next ids, in edge order.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -75,6 +76,7 @@ class EdgeGroup:
     ranks: int
     link: LinkModel
     groups: tuple[DeviceGroup, ...]
+    train_locally: bool = False  # the edge trains a client of its own (whole model, on its ranks)
 
     @property
     def device_ranks(self) -> int:
@@ -102,6 +104,7 @@ class EdgeSpec:
     ranks: tuple[int, ...]  # ranks[0] is the leader (talks to the cloud and to its devices)
     devices: tuple[DeviceSpec, ...]
     link: LinkModel  # link to the cloud
+    clients: tuple[int, ...] = ()  # the client the edge trains itself (train_locally), if any
 
     @property
     def leader(self) -> int:
@@ -113,7 +116,7 @@ class EdgeSpec:
 
     @property
     def num_clients(self) -> int:
-        return sum(len(d.clients) for d in self.devices)
+        return sum(len(d.clients) for d in self.devices) + len(self.clients)
 
 
 @dataclass(frozen=True)
@@ -146,7 +149,7 @@ class Topology:
     @property
     def num_clients(self) -> int:
         groups = self.devices if self.flat else tuple(g for e in self.edges for g in e.groups)
-        return sum(g.ranks * g.clients for g in groups)
+        return sum(g.ranks * g.clients for g in groups) + sum(e.train_locally for e in self.edges)
 
     def arithmetic(self) -> str:
         """The rank arithmetic, e.g. "1 cloud + 2 edges × (1 + 2 devices) = 7 ranks"."""
@@ -202,6 +205,10 @@ class Placement:
             devs = place(e.groups, i, f"{e.name}/")
             edges.append(EdgeSpec(i, e.name, ranks, tuple(devs), e.link))
             devices += devs
+        for i, e in enumerate(topo.edges):  # edges' own clients come after every device's
+            if e.train_locally:
+                edges[i] = replace(edges[i], clients=(next_client,))
+                next_client += 1
 
         roles = [Role("cloud", 0, "cloud", None, None, 0)]
         roles += [Role("edge", r, e.name, e.index, None, j) for e in edges for j, r in enumerate(e.ranks)]
@@ -286,6 +293,7 @@ class _Edge(_Strict):
     ranks: int = Field(default=1, ge=1)
     link: _Link = _Link()
     devices: list[_Group] = Field(min_length=1)
+    train_locally: bool = False
 
 
 class _File(_Strict):
@@ -346,7 +354,7 @@ def parse_topology(data: Any, source: str) -> Topology:
             raise fail(f"edges[{i}].name", f"duplicate edge name {name!r}")
         seen.add(name)
         groups = tuple(group(g, f"edges[{i}].devices[{j}]", "device_edge") for j, g in enumerate(e.devices))
-        edges.append(EdgeGroup(name, e.ranks, link(e.link, "edge_cloud"), groups))
+        edges.append(EdgeGroup(name, e.ranks, link(e.link, "edge_cloud"), groups, e.train_locally))
     flat = tuple(group(g, f"devices[{j}]", "device_cloud") for j, g in enumerate(f.devices or []))
     name = f.name if f.name is not None else Path(source).stem
     return Topology(name, f.description.strip(), source, f.devices is not None, tuple(edges), flat)

@@ -107,7 +107,8 @@ def render_tree(p: Placement) -> list[str]:
                  for i, d in enumerate(p.devices)]
     for i, e in enumerate(p.edges):
         ranks = f"rank {e.leader}" if len(e.ranks) == 1 else f"ranks {e.ranks[0]}-{e.ranks[-1]}"
-        rows.append((f"{_branch(i, len(p.edges))}{e.name}", ranks, (f"↔ cloud {e.link}",)))
+        own = (f"trains client {e.clients[0]} itself",) if e.clients else ()
+        rows.append((f"{_branch(i, len(p.edges))}{e.name}", ranks, (*own, f"↔ cloud {e.link}") if own else (f"↔ cloud {e.link}",)))
         indent = "   " if i == len(p.edges) - 1 else "│  "
         rows += [(f"{indent}{_branch(j, len(e.devices))}{d.name}", f"rank {d.rank}", _device(d, "edge"))
                  for j, d in enumerate(e.devices)]

@@ -1,5 +1,7 @@
 """An edge rank: partial aggregation of its devices every edge round, one update to the cloud per
-cloud round. Works on flat float32 vectors only: it never builds a model (no torch import)."""
+cloud round. A plain edge works on flat vectors only (no model, no torch import); an edge with split
+devices trains their upper blocks (EdgeSplit), one that trains locally its own client (EdgeLocal),
+on its own rank or sharded over its ranks with DeepSpeed ZeRO."""
 
 from __future__ import annotations
 
@@ -32,8 +34,9 @@ def run(rt, cfg) -> None:
     up.load_state_dict(unprefixed("up", resumed_state))
     down.load_state_dict(unprefixed("down", resumed_state))
     me = rt.placement.edges[rt.role.edge]
-    my_clients = {c for d in me.devices for c in d.clients}
+    my_clients = {c for d in me.devices for c in d.clients} | set(me.clients)
     split = EdgeSplit(rt, cfg, plan, unprefixed("split", resumed_state)) if split_here(rt) else None
+    edge_client = EdgeLocal(rt, cfg, plan) if me.clients else None
 
     params = np.empty(plan.dim, dtype=np.float32)
     for t in range(plan.start_round, cfg.schedule.rounds + 1):
@@ -44,12 +47,20 @@ def run(rt, cfg) -> None:
         for s in range(1, cfg.schedule.tau2 + 1):
             started = time.perf_counter()
             rng = codec_rng(cfg.seed, t, s, rt.role.rank, 1)
-            if split is None:
-                local, weight, telemetry, agg_s = aggregation_round(down, local, strategy, receivers=len(sampled), rng=rng)
+            receivers = len(sampled - set(me.clients))  # the edge's own client gets no message
+            if edge_client is not None:
+                start = local.astype(np.float32)
+                local, weight, telemetry, agg_s = aggregation_round(
+                    down, local, strategy, receivers=receivers, rng=rng,
+                    while_children_work=lambda: edge_client.round(start, t, s, sampled), add_own=edge_client.add_own,
+                )
+                telemetry = telemetry + edge_client.telemetry()
+            elif split is None:
+                local, weight, telemetry, agg_s = aggregation_round(down, local, strategy, receivers=receivers, rng=rng)
             else:
                 start = local.astype(np.float32)
                 local, weight, telemetry, agg_s = aggregation_round(
-                    down, local, strategy, receivers=len(sampled), rng=rng,
+                    down, local, strategy, receivers=receivers, rng=rng,
                     while_children_work=lambda: split.round(start, t, s, sampled), add_own=split.add_own,
                 )
             weight_sum += weight
@@ -72,8 +83,17 @@ def run(rt, cfg) -> None:
             own = prefixed("split", split.save(t)) if split else {}
             if has_state or split:
                 saved.save(t, {**prefixed("up", up.state_dict()), **prefixed("down", down.state_dict()), **own})
-    if split:
-        split.close()
+    for part in (split, edge_client):
+        if part is not None:
+            part.close()
+
+
+def close_group() -> None:
+    """End the edge group's torch.distributed process group (DeepSpeed's) before MPI finalises."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def split_here(rt) -> bool:
@@ -81,9 +101,18 @@ def split_here(rt) -> bool:
 
 
 def run_follower(rt, cfg) -> None:
-    """A non-leader rank of a multi-rank edge: a shard of the upper stage's DeepSpeed engine, in
-    lockstep with its leader's edge rounds."""
+    """A non-leader rank of a multi-rank edge: a shard of the DeepSpeed engine (the upper stage of
+    its split devices, or its own client), in lockstep with its leader's edge rounds."""
     plan = rt.edge_group.bcast(None, root=0)
+    me = rt.placement.edges[rt.role.edge]
+    if me.clients:
+        edge_client = EdgeLocal(rt, cfg, plan)
+        for t in range(plan.start_round, cfg.schedule.rounds + 1):
+            sampled = set(me.clients).intersection(sampled_clients(rt.placement.num_clients, cfg.schedule.client_fraction, cfg.seed, t).tolist())
+            for s in range(1, cfg.schedule.tau2 + 1):
+                edge_client.round(None, t, s, sampled)
+        edge_client.close()
+        return
     saved = RankState(Path(plan.out), rt.role.rank, cfg.checkpoint.keep)
     resumed = saved.load(plan.start_round - 1) if plan.start_round > 1 else {}
     split = EdgeSplit(rt, cfg, plan, unprefixed("split", resumed))
@@ -170,11 +199,7 @@ class EdgeSplit:
         return self.server.save_state(self.out, t)
 
     def close(self) -> None:
-        """End the edge group's torch.distributed process group before MPI finalises."""
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        close_group()
 
     def take_phases(self, telemetry: list[dict]) -> dict:
         """This edge round's split-link times for the edge row: the edge's busy time (all but waiting
@@ -187,3 +212,80 @@ class EdgeSplit:
 
 def use_deepspeed(cfg, edge_ranks: int) -> bool:
     return cfg.deepspeed.enabled is True or (cfg.deepspeed.enabled == "auto" and edge_ranks > 1)
+
+
+class EdgeLocal:
+    """The edge's own client (`train_locally: true`): the whole model on the edge's ranks, trained
+    like any client each edge round (from the edge's parameters, tau1 steps, a fresh optimiser) —
+    on one rank with plain torch, or data-parallel over the edge group under DeepSpeed ZeRO. Its
+    weighted update joins the edge's sum as a device's would."""
+
+    def __init__(self, rt, cfg, plan) -> None:
+        from hierfed.data import load_data, partition
+        from hierfed.engine import LocalTrainer, configure_threads, tokenize, torch_device
+        from hierfed.model import FlatView, build_model
+        from hierfed.roles.protocol import check_plan
+
+        configure_threads(cfg.runtime.threads)
+        self.rt, self.cfg = rt, cfg
+        me = rt.placement.edges[rt.role.edge]
+        self.client = me.clients[0]
+        task = load_data(cfg.data)
+        shards = partition(task.train, rt.placement.num_clients, cfg.data.partition, alpha=cfg.data.alpha, seed=cfg.data.seed)
+        device = torch_device(cfg.runtime.device)
+        built = build_model(cfg.model, cfg.peft, task.kind, task.num_labels, cfg.seed, device)
+        flat = FlatView(built.model)
+        check_plan(plan, flat.dim, flat.fingerprint(), flat.base_fingerprint(), rt.role.name)
+        self.data = tokenize(built.tokenizer, [task.train[i] for i in shards[self.client]], task.kind, cfg.model.max_length)
+        if use_deepspeed(cfg, len(me.ranks)):
+            from hierfed.deepspeed_edge import DeepSpeedLocal, init_group
+
+            backend = cfg.deepspeed.backend if cfg.deepspeed.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
+            init_group(rt.edge_group, rt.role.group_index == 0, backend)
+            self.trainer = DeepSpeedLocal(built.model, cfg, rt.edge_group, me.name, device)
+            self.load, self.get = self.trainer.load, self.trainer.get
+        else:
+            self.trainer = LocalTrainer(built.model, cfg.train)
+            self.load, self.get = flat.set, flat.get
+        self.dim = flat.dim
+        self.start: np.ndarray | None = None
+        self.new: np.ndarray | None = None
+        self.weight, self.loss, self.compute_s = 0.0, 0.0, 0.0
+
+    def round(self, params: np.ndarray | None, t: int, s: int, sampled: set[int]) -> None:
+        """Train the client if it is sampled this round. The leader passes the edge's parameters;
+        followers receive them from it."""
+        from hierfed.engine import derive_seed
+
+        self.weight, self.loss, self.compute_s = 0.0, 0.0, 0.0
+        if self.client not in sampled:
+            return
+        if params is None:  # a follower: the leader's parameters come next
+            params = np.empty(self.dim, dtype=np.float32)
+        group = self.rt.edge_group
+        if group is not None and group.Get_size() > 1:
+            group.Bcast(params, root=0)
+        began = time.perf_counter()
+        self.start = params
+        self.load(params)
+        self.loss, _ = self.trainer.train(self.data, self.cfg.schedule.tau1, derive_seed(self.cfg.seed, t, s, self.client))
+        self.new = self.get()
+        self.weight = float(len(self.data))  # FedAvg weights a client by its local data size
+        self.compute_s = time.perf_counter() - began
+
+    def add_own(self, reduced: np.ndarray) -> None:
+        """The client's contribution [w * delta, w] into the edge's sum, computed in float32 exactly
+        as a device computes the one it sends."""
+        if self.weight:
+            from hierfed.strategy import Strategy
+
+            reduced += Strategy.contribution(self.new - self.start, self.weight)
+
+    def telemetry(self) -> list[dict]:
+        """What a device would report for this client (the edge's rows count it the same way)."""
+        if not self.weight:
+            return []
+        return [{"loss_sum": self.loss * self.weight, "weight": self.weight, "clients": 1, "compute_s": self.compute_s, "bytes": {}}]
+
+    def close(self) -> None:
+        close_group()

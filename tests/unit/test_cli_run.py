@@ -71,3 +71,17 @@ def test_shortcut_flags_stay_strings():
     assert (cfg.topology, cfg.out, cfg.seed) == ("yes", "runs/x #1", 7)
     args = build_parser().parse_args(["run", "--out", "2024"])
     assert load_config(None, _overrides(args)).out == "2024"
+
+
+@pytest.mark.parametrize(
+    "edge, expected",
+    [
+        ({"ranks": 2, "devices": [{"ranks": 1}]}, "has ranks: 2 but trains nothing"),
+        ({"train_locally": True, "devices": [{"ranks": 1, "split_layers": 1}]}, "has split devices and train_locally: true"),
+        ({"ranks": 3, "train_locally": True, "devices": [{"ranks": 1}]}, "train.batch_size (8) must be a multiple of 3"),
+    ],
+)
+def test_edges_that_cannot_train_what_they_are_given(write_yaml, edge: dict, expected: str) -> None:
+    topo = write_yaml("edges.yaml", {"name": "e", "edges": [{"name": "e0", **edge}]})
+    run = write_yaml("run.yaml", {"train": {"batch_size": 8}})
+    assert expected in one_line_error(topo, "--config", run)

@@ -38,8 +38,8 @@ def check_invariants(p: Placement) -> None:
     assert [p.role(r).rank for r in range(p.world_size)] == list(range(p.world_size))
     assert p.role(0).kind == "cloud" and p.cloud_rank == 0
     assert [d.rank for d in p.devices] == sorted(d.rank for d in p.devices)
-    ids = [c for d in p.devices for c in d.clients]
-    assert ids == list(range(p.num_clients))  # client ids in device-rank order, no gaps
+    ids = [c for d in p.devices for c in d.clients] + [c for e in p.edges for c in e.clients]
+    assert ids == list(range(p.num_clients))  # device-rank order, then edges' own clients; no gaps
     for e in p.edges:
         members = list(e.ranks) + list(e.device_ranks)
         assert members == list(range(members[0], members[0] + len(members)))  # contiguous
@@ -228,7 +228,7 @@ def hier(**group: object) -> dict:
     (hier(memory_gb=float("inf")), "t.yaml: edges[1].devices[0].memory_gb: must be a finite number (got inf)"),
     ({"edges": [{"ranks": 0, "devices": [{}]}]}, "t.yaml: edges[0].ranks: must be >= 1 (got 0)"),
     ({"edges": [{"fanout": 3, "devices": [{}]}]},
-     "t.yaml: edges[0]: unknown field 'fanout' (allowed: name, ranks, link, devices)"),
+     "t.yaml: edges[0]: unknown field 'fanout' (allowed: name, ranks, link, devices, train_locally)"),
     ({"fanout": 3, "devices": [{}]}, "t.yaml: top level: unknown field 'fanout' "
      "(allowed: name, description, links, device_classes, edges, devices)"),
     (hier(colour="red"), "t.yaml: edges[1].devices[0]: unknown field 'colour' "
@@ -353,3 +353,17 @@ def test_module_is_pure() -> None:
     code = "import sys, hierfed.topology; print(sorted({'torch', 'mpi4py'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_an_edge_that_trains_locally_owns_the_next_client_ids() -> None:
+    topo = parse_topology({"name": "own", "edges": [
+        {"name": "a", "ranks": 2, "train_locally": True, "devices": [{"ranks": 2, "clients": 3}]},
+        {"name": "b", "devices": [{"ranks": 1}]},
+        {"name": "c", "train_locally": True, "devices": [{"ranks": 1}]},
+    ]}, "own.yaml")
+    p = topo.placement()
+    assert [d.clients for d in p.devices] == [(0, 1, 2), (3, 4, 5), (6,), (7,)]  # devices first, unchanged
+    assert [e.clients for e in p.edges] == [(8,), (), (9,)]  # then the edges' own, in edge order
+    assert p.num_clients == topo.num_clients == 10
+    assert [e.num_clients for e in p.edges] == [7, 1, 2]
+    assert p.world_size == 1 + 2 + 2 + 1 + 1 + 1 + 1  # an edge's own client adds no rank

@@ -105,3 +105,11 @@ def test_cli_validate_bad_is_one_line_exit_2(tmp_path: Path, content: str | None
     lines = r.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"hierfed: error: {path}: "), r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_show_an_edge_that_trains_locally(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    path = tmp_path / "own.yaml"
+    path.write_text("edges:\n  - {ranks: 2, train_locally: true, devices: [{ranks: 2}]}\n", encoding="utf-8")
+    _, out = topology_cli(capsys, "show", str(path))
+    assert "1 cloud + 1 edge × (2 + 2 devices) = 5 ranks, 3 clients" in out
+    assert "└─ edge0" in out and "trains client 2 itself" in out
