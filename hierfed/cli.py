@@ -50,11 +50,13 @@ def _prepare(args: argparse.Namespace):
     """Everything every rank checks identically before any message is sent: config, topology, data."""
     from hierfed.config import dump_config, load_config
     from hierfed.data import load_data
+    from hierfed.dsconfig import check_edges
     from hierfed.topology import load_topology
 
     cfg = load_config(args.config, _overrides(args))
     placement = load_topology(cfg.topology).placement()
     _check_supported(placement, cfg)
+    check_edges(placement, cfg)  # DeepSpeed edges: the batch arithmetic of every group
     if cfg.model.source == "path" and not Path(cfg.model.path).is_dir():
         raise HierfedError(f"model.path: {cfg.model.path} is not a directory")
     task = load_data(cfg.data)  # bad data paths and formats fail here, once, not on every rank mid-run

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import io
 import logging
 import os
@@ -32,6 +31,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
+from hierfed.dsconfig import LOCAL_FACTORS, ds_config
 from hierfed.errors import HierfedError
 from hierfed.engine import derive_seed, local_rank
 from hierfed.splitlink import SplitServer
@@ -66,45 +66,6 @@ def init_group(comm: MPI.Comm, leader: bool, backend: str) -> None:
     # LOCAL_RANK is the node-local MPI rank (DeepSpeed checks it against Open MPI's own variable).
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(size), LOCAL_RANK=str(local_rank()), MASTER_ADDR=where[0], MASTER_PORT=str(where[1]))
     dist.init_process_group(backend, init_method=f"tcp://{where[0]}:{where[1]}", rank=rank, world_size=size)
-
-
-def _merge(base: dict, extra: dict) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-SPLIT_FACTORS = ("the micro-batch is train.batch_size / split.micro_batches; accumulation is micro-batches per step "
-                 "x split devices per edge rank")
-LOCAL_FACTORS = "the micro-batch is train.batch_size / edge ranks; accumulation is 1"
-
-
-def ds_config(cfg, micro_batch: int, accumulation: int, group: int, where: str, factors: str = SPLIT_FACTORS) -> dict:
-    """The DeepSpeed config of one edge group, checked with DeepSpeed's batch arithmetic:
-    train_batch_size = micro-batch per rank x gradient accumulation x group size."""
-    ds = cfg.deepspeed
-    zero = {"stage": ds.zero_stage}
-    if ds.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu"}
-    conf = _merge({
-        "train_micro_batch_size_per_gpu": micro_batch,
-        "gradient_accumulation_steps": accumulation,
-        "train_batch_size": micro_batch * accumulation * group,
-        "zero_optimization": zero,
-        "gradient_clipping": cfg.train.max_grad_norm or 0.0,
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 2**31 - 1,
-    }, ds.config)
-    tb, mb, ga = conf["train_batch_size"], conf["train_micro_batch_size_per_gpu"], conf["gradient_accumulation_steps"]
-    if tb != mb * ga * group:
-        raise HierfedError(
-            f"deepspeed ({where}): train_batch_size {tb} != micro-batch per rank {mb} x gradient accumulation {ga} "
-            f"x edge group size {group} = {mb * ga * group} ({factors})"
-        )
-    if ds.offload_optimizer and cfg.train.optimizer != "adamw":
-        raise HierfedError(f"deepspeed ({where}): offload_optimizer needs train.optimizer=adamw (DeepSpeed's CPU Adam)")
-    return conf
 
 
 def load_params(flat, vec: np.ndarray, zero3: bool) -> None:

@@ -12,6 +12,7 @@ import numpy as np
 
 from hierfed.checkpoint import RankState
 from hierfed.comm.ledger import merge
+from hierfed.dsconfig import use_deepspeed
 from hierfed.roles.protocol import aggregation_round, child_link, codec_rng, parent_link, prefixed, sampled_clients, unprefixed
 from hierfed.strategy import build_strategy
 
@@ -208,10 +209,6 @@ class EdgeSplit:
         devices = [d["phases"] for d in telemetry if d.get("phases")]
         mean = {k: sum(p.get(k, 0.0) for p in devices) / len(devices) for k in sorted({k for p in devices for k in p})}
         return {"edge_busy": sum(v for k, v in edge.items() if k != "wait_activation"), "edge_phases": edge, "device_phases": mean}
-
-
-def use_deepspeed(cfg, edge_ranks: int) -> bool:
-    return cfg.deepspeed.enabled is True or (cfg.deepspeed.enabled == "auto" and edge_ranks > 1)
 
 
 class EdgeLocal:

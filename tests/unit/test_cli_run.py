@@ -85,3 +85,8 @@ def test_edges_that_cannot_train_what_they_are_given(write_yaml, edge: dict, exp
     topo = write_yaml("edges.yaml", {"name": "e", "edges": [{"name": "e0", **edge}]})
     run = write_yaml("run.yaml", {"train": {"batch_size": 8}})
     assert expected in one_line_error(topo, "--config", run)
+
+
+def test_deepspeed_batch_arithmetic_is_checked_before_launch() -> None:
+    msg = one_line_error("edge-clients", "--set", "deepspeed.config.train_batch_size=7")
+    assert "deepspeed (edge0): train_batch_size 7 != micro-batch per rank" in msg

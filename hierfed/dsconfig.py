@@ -1,0 +1,68 @@
+"""The DeepSpeed config of an edge group (pure: no torch, no MPI), checked with DeepSpeed's batch
+arithmetic before any rank starts and again by each edge when it builds its engine."""
+
+from __future__ import annotations
+
+import copy
+
+from hierfed.errors import HierfedError
+
+
+def use_deepspeed(cfg, edge_ranks: int) -> bool:
+    """deepspeed.enabled: true, or auto and the edge spans several ranks."""
+    return cfg.deepspeed.enabled is True or (cfg.deepspeed.enabled == "auto" and edge_ranks > 1)
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+SPLIT_FACTORS = ("the micro-batch is train.batch_size / split.micro_batches; accumulation is micro-batches per step "
+                 "x split devices per edge rank")
+LOCAL_FACTORS = "the micro-batch is train.batch_size / edge ranks; accumulation is 1"
+
+
+def ds_config(cfg, micro_batch: int, accumulation: int, group: int, where: str, factors: str = SPLIT_FACTORS) -> dict:
+    """The DeepSpeed config of one edge group, checked with DeepSpeed's batch arithmetic:
+    train_batch_size = micro-batch per rank x gradient accumulation x group size."""
+    ds = cfg.deepspeed
+    zero = {"stage": ds.zero_stage}
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    conf = _merge({
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": accumulation,
+        "train_batch_size": micro_batch * accumulation * group,
+        "zero_optimization": zero,
+        "gradient_clipping": cfg.train.max_grad_norm or 0.0,
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+    }, ds.config)
+    tb, mb, ga = conf["train_batch_size"], conf["train_micro_batch_size_per_gpu"], conf["gradient_accumulation_steps"]
+    if tb != mb * ga * group:
+        raise HierfedError(
+            f"deepspeed ({where}): train_batch_size {tb} != micro-batch per rank {mb} x gradient accumulation {ga} "
+            f"x edge group size {group} = {mb * ga * group} ({factors})"
+        )
+    if ds.offload_optimizer and cfg.train.optimizer != "adamw":
+        raise HierfedError(f"deepspeed ({where}): offload_optimizer needs train.optimizer=adamw (DeepSpeed's CPU Adam)")
+    return conf
+
+
+def check_edges(placement, cfg) -> None:
+    """Every DeepSpeed edge's config as its ranks will build it (one line naming every factor if
+    the batch arithmetic does not add up, e.g. after a `deepspeed.config` override)."""
+    for e in placement.edges:
+        g = len(e.ranks)
+        if not use_deepspeed(cfg, g):
+            continue
+        bs, m = cfg.train.batch_size, cfg.split.micro_batches
+        if e.clients:
+            ds_config(cfg, bs // g, 1, g, e.name, LOCAL_FACTORS)
+            continue
+        splits = sum(d.split_layers is not None for d in e.devices)
+        if splits:  # the busiest rank serves ceil(splits / g) devices, each in m micro-batches
+            ds_config(cfg, -(-bs // m), m * -(-splits // g), g, e.name)
