@@ -270,7 +270,6 @@ def packed_examples(n: int, tok, length: int):
 
 def measure_device(cfg, k: int | None, data, kind: str) -> dict:
     """One local step of a device holding blocks [0, k) (None: the whole model), measured."""
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     from hierfed.comm.ledger import Ledger
