@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from hierfed.errors import HierfedError
+from hierfed.validation import first_error, show
 
 DEFAULT_DIR = "topologies"
 EMBEDDED_DEFAULT = Path(__file__).parent / "defaults" / "topology.yaml"
@@ -284,7 +285,7 @@ class _Group(_DeviceClass):
     def _split(cls, v: Any) -> Any:
         ok = v is None or v in ("all", "auto") or (type(v) is int and v >= 1)
         if not ok:
-            raise ValueError(f"must be an integer >= 1, 'all', 'auto' or null (got {_show(v)})")
+            raise ValueError(f"must be an integer >= 1, 'all', 'auto' or null (got {show(v)})")
         return None if v == "all" else v
 
 
@@ -311,12 +312,12 @@ class _File(_Strict):
 def parse_topology(data: Any, source: str) -> Topology:
     """Validate an already-loaded YAML document; every problem is a one-line HierfedError."""
     if not isinstance(data, dict):
-        got = "an empty file" if data is None else _show(data)
+        got = "an empty file" if data is None else show(data)
         raise HierfedError(f"{source}: top level must be a mapping of topology fields (got {got})")
     try:
         f = _File.model_validate(data)
     except ValidationError as e:
-        raise HierfedError(f"{source}: {_one_line(e)}") from None
+        raise HierfedError(first_error(e, source)) from None
 
     def fail(path: str, why: str) -> HierfedError:
         return HierfedError(f"{source}: {path}: {why}")
@@ -411,55 +412,6 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                     None, None, f"duplicate key {key!r}", key_node.start_mark)
             keys.add(key)
         return super().construct_mapping(node, deep=deep)
-
-
-_MESSAGES = {
-    "missing": "required field is missing",
-    "int_type": "must be an integer",
-    "float_type": "must be a number",
-    "string_type": "must be a string",
-    "list_type": "must be a list",
-    "dict_type": "must be a mapping",
-    "model_type": "must be a mapping",
-    "finite_number": "must be a finite number",
-    "too_short": "must not be empty",
-}
-
-
-def _one_line(e: ValidationError) -> str:
-    """The first pydantic error as "dotted.path[i]: why", plus a count of the rest."""
-    errors = e.errors(include_url=False)
-    err = errors[0]
-    path = "".join(f"[{p}]" if isinstance(p, int) else " key" if p == "[key]" else f".{p}"
-                   for p in err["loc"]).lstrip(".")
-    kind, ctx, got = err["type"], err.get("ctx") or {}, _show(err.get("input"))
-    if kind == "value_error":
-        why = str(ctx.get("error", err["msg"]))
-    elif kind in ("greater_than", "greater_than_equal"):
-        op, bound = (">", ctx["gt"]) if kind == "greater_than" else (">=", ctx["ge"])
-        why = f"must be {op} {bound:g} (got {got})"
-    elif kind in ("missing", "too_short"):
-        why = _MESSAGES[kind]
-    elif kind in _MESSAGES:
-        why = f"{_MESSAGES[kind]} (got {got})"
-    else:
-        why = f"{err['msg'][0].lower()}{err['msg'][1:]} (got {got})"
-    more = f" (and {len(errors) - 1} more problem{'s' * (len(errors) > 2)})" if len(errors) > 1 else ""
-    return f"{path or 'top level'}: {' '.join(why.split())}{more}"
-
-
-def _show(v: Any) -> str:
-    """A short YAML-ish rendering of a bad value for error messages."""
-    if v is None:
-        return "null"
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, dict):
-        return "a mapping"
-    if isinstance(v, list):
-        return "a list"
-    s = repr(v) if isinstance(v, str) else str(v)
-    return s if len(s) <= 40 else s[:37] + "..."
 
 
 def _plural(n: int, word: str) -> str:

@@ -84,11 +84,26 @@ def test_bad_field_names_its_path(override: str, field: str) -> None:
 
 def test_bad_field_in_file_names_file_and_field(write_yaml) -> None:
     path = write_yaml("run.yaml", {"schedule": {"tau1": 0}})
-    assert error(path) == f"{path}: schedule.tau1: input should be greater than or equal to 1 (got 0)"
+    assert error(path) == f"{path}: schedule.tau1: must be >= 1 (got 0)"
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["schedule.client_fraction=1.5"], "schedule.client_fraction: must be <= 1 (got 1.5)"),
+    (["model.max_length=lots"], "model.max_length: must be an integer (got 'lots')"),
+    (["aggregation.edge.name=median"], "aggregation.edge.name: must be 'fedavg' or 'fedavgm' (got 'median')"),
+    (["schedule=[1]"], "schedule: must be a mapping (got a list)"),
+    (["topology=null"], "topology: must be a string (got null)"),
+    # a union (bool | 'auto') is one problem; its member types are not part of the path
+    (["deepspeed.enabled=maybe"], "deepspeed.enabled: must be a boolean or 'auto' (got 'maybe')"),
+    (["model.source=path"], "model: source=path needs model.path (a local transformers directory)"),
+    (["schedule.tau1=0", "schedule.tau2=0"], "schedule.tau1: must be >= 1 (got 0) (and 1 more problem)"),
+])
+def test_bad_value_message(overrides: list[str], expected: str) -> None:
+    assert error(overrides=overrides) == f"run config: {expected}"
 
 
 def test_unknown_field() -> None:
-    assert error(overrides=["x=1"]) == "run config: unknown field 'x'"
+    assert error(overrides=["x=1"]) == "run config: top level: unknown field 'x'"
     assert error(overrides=["schedule.foo=1"]) == "run config: schedule: unknown field 'foo'"
 
 

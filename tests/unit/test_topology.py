@@ -270,6 +270,7 @@ def hier(**group: object) -> dict:
     (hier(**{"class": "laptop"}),
      "t.yaml: edges[1].devices[0].class: unknown device class 'laptop' (known: none defined in device_classes)"),
     ({"description": 3, "devices": [{}]}, "t.yaml: description: must be a string (got 3)"),
+    ({"edges": [{"train_locally": "yes", "devices": [{}]}]}, "t.yaml: edges[0].train_locally: must be a boolean (got 'yes')"),
     ([1, 2], "t.yaml: top level must be a mapping of topology fields (got a list)"),
     (None, "t.yaml: top level must be a mapping of topology fields (got an empty file)"),
     ("edges", "t.yaml: top level must be a mapping of topology fields (got 'edges')"),
