@@ -12,14 +12,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from hierfed.data import DataConfig
 from hierfed.errors import HierfedError
-from hierfed.validation import first_error
+from hierfed.validation import KnownFields, first_error
 
 
-class _Section(BaseModel):
+class _Section(KnownFields):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 

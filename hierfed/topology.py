@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator
 
 from hierfed.errors import HierfedError
-from hierfed.validation import first_error, show
+from hierfed.validation import KnownFields, first_error, show
 
 DEFAULT_DIR = "topologies"
 EMBEDDED_DEFAULT = Path(__file__).parent / "defaults" / "topology.yaml"
@@ -238,19 +238,8 @@ class Placement:
 # ----------------------------------------------------------------------- YAML schema ---
 
 
-class _Strict(BaseModel):
+class _Strict(KnownFields):
     model_config = ConfigDict(extra="forbid", strict=True)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _known_keys(cls, data: Any) -> Any:
-        # Same check as extra="forbid", but the message lists the allowed keys.
-        if isinstance(data, dict):
-            allowed = [f.alias or n for n, f in cls.model_fields.items()]
-            unknown = [k for k in data if k not in allowed]
-            if unknown:
-                raise ValueError(f"unknown field {unknown[0]!r} (allowed: {', '.join(allowed)})")
-        return data
 
 
 def _positive() -> Any:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 # What a value "must be", by pydantic error type (the bounds and lengths are built from ctx).
 _MUST_BE = {
@@ -146,3 +146,20 @@ def _why_union(members: list[dict]) -> str:
     alts = list(dict.fromkeys(musts))
     said = alts[0] if len(alts) == 1 else f"{', '.join(alts[:-1])} or {alts[-1]}"
     return f"must be {said} (got {show(members[0].get('input'))})"
+
+
+class KnownFields(BaseModel):
+    """A strict section of an input file: an unknown key is an error that lists the allowed ones
+    (the same check as extra="forbid", with a message a user can act on)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            allowed = [f.alias or n for n, f in cls.model_fields.items()]
+            unknown = [k for k in data if k not in allowed]
+            if unknown:
+                raise ValueError(f"unknown field {unknown[0]!r} (allowed: {', '.join(allowed)})")
+        return data

@@ -7,11 +7,13 @@ from typing import Literal
 
 import pydantic
 
+from hierfed.validation import KnownFields
+
 BUILTIN_SOURCES = ("topics", "corpus")
 FILE_SOURCES = ("jsonl", "disk")
 
 
-class DataConfig(pydantic.BaseModel, extra="forbid"):
+class DataConfig(KnownFields):
     """Where the task's examples come from and how they are split across clients."""
 
     source: Literal["topics", "corpus", "jsonl", "disk"] = "topics"
