@@ -50,16 +50,16 @@ def _prepare(args: argparse.Namespace):
     """Everything every rank checks identically before any message is sent: config, topology, data."""
     from hierfed.config import dump_config, load_config
     from hierfed.data import load_data
-    from hierfed.dsconfig import check_edges
+    from hierfed.preflight import check_edge_clients, check_supported
     from hierfed.topology import load_topology
 
     cfg = load_config(args.config, _overrides(args))
     placement = load_topology(cfg.topology).placement()
-    _check_supported(placement, cfg)
-    check_edges(placement, cfg)  # DeepSpeed edges: the batch arithmetic of every group
+    check_supported(placement, cfg)
     if cfg.model.source == "path" and not Path(cfg.model.path).is_dir():
         raise HierfedError(f"model.path: {cfg.model.path} is not a directory")
     task = load_data(cfg.data)  # bad data paths and formats fail here, once, not on every rank mid-run
+    check_edge_clients(placement, cfg, task)
     if any(d.split_layers is not None for d in placement.devices):
         from hierfed.splitlink import split_plan
 
@@ -67,32 +67,6 @@ def _prepare(args: argparse.Namespace):
     if args.resume and not cfg.out:
         raise HierfedError("--resume needs --out DIR: the run to continue")
     return cfg, placement, dump_config(cfg)
-
-
-def _check_supported(placement, cfg) -> None:
-    """Topology features that validate but that this version cannot run yet: say so up front."""
-    src = placement.topology.source
-    for e in placement.edges:
-        splits = any(d.split_layers is not None for d in e.devices)
-        if len(e.ranks) > 1 and not splits and not e.clients:
-            raise HierfedError(
-                f"{src}: edge '{e.name}' has ranks: {len(e.ranks)} but trains nothing; an edge's ranks shard (DeepSpeed ZeRO) "
-                "the upper blocks of its split devices or its own client (train_locally: true), so they would have nothing to do"
-            )
-        if splits and e.clients:
-            raise HierfedError(f"{src}: edge '{e.name}' has split devices and train_locally: true; this version trains one of the two on an edge")
-        if e.clients and len(e.ranks) > 1 and cfg.train.batch_size % len(e.ranks):
-            raise HierfedError(f"{src}: edge '{e.name}' trains locally on {len(e.ranks)} ranks, so train.batch_size "
-                               f"({cfg.train.batch_size}) must be a multiple of {len(e.ranks)} (each rank takes an equal slice of a batch)")
-        if len(e.ranks) > 1 and cfg.deepspeed.enabled is False:
-            raise HierfedError(f"{src}: edge '{e.name}' has ranks: {len(e.ranks)}, which needs DeepSpeed (deepspeed.enabled is false)")
-    for d in placement.devices:
-        if d.split_layers is None:
-            continue
-        if placement.flat:
-            raise HierfedError(f"{src}: device {d.name} has split_layers, but a flat topology has no edge to hold the other blocks")
-        if len(d.clients) > 1:
-            raise HierfedError(f"{src}: device {d.name} has split_layers and {len(d.clients)} virtual clients; a split device is one client")
 
 
 def _run(args: argparse.Namespace) -> int:

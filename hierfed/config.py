@@ -131,7 +131,8 @@ class SplitConfig(_Section):
 
 
 class DeepSpeedSection(_Section):
-    """DeepSpeed ZeRO for the upper stage an edge trains for its split devices (hierfed.deepspeed_edge)."""
+    """DeepSpeed ZeRO on edges that train: the upper stage of their split devices, or their own
+    client (train_locally), sharded over the edge's ranks (hierfed.deepspeed_edge)."""
 
     enabled: bool | Literal["auto"] = "auto"  # auto: on for edges with several ranks
     zero_stage: int = Field(2, ge=0, le=3)

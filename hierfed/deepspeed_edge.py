@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from hierfed.dsconfig import LOCAL_FACTORS, ds_config
+from hierfed.dsconfig import local_config, split_config
 from hierfed.errors import HierfedError
 from hierfed.engine import derive_seed, local_rank
 from hierfed.splitlink import SplitServer
@@ -118,15 +118,13 @@ def initialize(cfg, module: torch.nn.Module, params: list, conf: dict, device: t
 class DeepSpeedServer(SplitServer):
     """The edge's upper stage as a DeepSpeed engine over the edge group."""
 
-    def __init__(self, comm, model, kind: str, k: int, cfg, ledger, poll: bool, group: MPI.Comm, leader: bool, slots_per_device: int, where: str) -> None:
+    def __init__(self, comm, model, kind: str, k: int, cfg, ledger, poll: bool, group: MPI.Comm, leader: bool, split_devices: int, where: str) -> None:
         super().__init__(comm, model, kind, k, cfg, ledger, poll)
-        self.group, self.leader, self.slots_per_device, self.where = group, leader, slots_per_device, where
+        self.group, self.leader, self.split_devices, self.where = group, leader, split_devices, where
 
     def make_optimizer(self) -> None:
         params = [p for _, p in self.flat.params]
-        mb = max(max(s.micro) for s in self.shapes.values()) if self.shapes else 1
-        acc = self.slots_per_device * max(1, len(self.shapes))
-        conf = ds_config(self.cfg, mb, acc, self.group.Get_size(), self.where)
+        conf = split_config(self.cfg, self.group.Get_size(), self.split_devices, self.where)
         self.engine, self.opt = initialize(self.cfg, self.stage, params, conf, self.device)
         self.zero3 = self.cfg.deepspeed.zero_stage == 3
 
@@ -158,9 +156,10 @@ class DeepSpeedServer(SplitServer):
                     loss, _ = self.engine(wire, mask, labels)
                     share = self.shapes[d].share(i)
                     self.engine.backward(loss * share * scale, scale_wrt_gas=False)
+                    weighted = float(loss.detach()) * share
                     self.phases.mark("compute")
                     # The device's gradient is of its own loss: undo the group weighting.
-                    self.reply(d, wire, float(loss.detach()) * share, derive_seed(devices[d], j, i, 3), scale)
+                    self.reply(d, wire, weighted, derive_seed(devices[d], j, i, 3), scale)
                 self.engine.step()
                 self.phases.mark("step")
 
@@ -195,7 +194,7 @@ class DeepSpeedLocal:
     """The edge's own client (train_locally), trained data-parallel over the edge group.
 
     Every rank draws the same batch indices as a single-rank trainer would (the client's seed), and
-    rank r trains on the r-th of G equal slices; DeepSpeed averages the gradients over the group,
+    rank r trains on the r-th of G slices (np.array_split); DeepSpeed averages the gradients over the group,
     and each rank's loss is weighted so that this average is the whole batch's mean loss (the
     slice's share of the batch's loss terms: examples, or target tokens for a causal LM) — so a
     step is the single-rank step on the whole batch. Gradient clipping uses the global norm. The
@@ -208,8 +207,7 @@ class DeepSpeedLocal:
 
         self.model, self.cfg, self.group, self.device = model, cfg, group, device
         self.flat = FlatView(model)
-        g = group.Get_size()
-        conf = ds_config(cfg, cfg.train.batch_size // g, 1, g, where, LOCAL_FACTORS)
+        conf = local_config(cfg, group.Get_size(), where)
         self.engine, self.opt = initialize(cfg, model, [p for _, p in self.flat.params], conf, device)
         self.zero3 = cfg.deepspeed.zero_stage == 3
 
@@ -221,7 +219,11 @@ class DeepSpeedLocal:
 
     def _clear_optimizer_state(self) -> None:
         inner = getattr(self.opt, "optimizer", self.opt)  # ZeRO wraps the torch optimiser
-        inner.state.clear()
+        inner.state.clear()  # torch's optimisers (and DeepSpeed's CPU Adam) start afresh on their next step
+        if hasattr(self.opt, "_hp_optimizer_states_linked"):
+            # ZeRO-1/2 link each parameter's fp32 fragment to views of the optimiser state once;
+            # relink them to the new state after the next step (else they pin the old tensors).
+            self.opt._hp_optimizer_states_linked = False
 
     def train(self, data, steps: int, seed: int) -> tuple[float, int]:
         """As LocalTrainer.train, over the group: returns (mean loss, samples seen) of the whole batches."""
@@ -229,17 +231,17 @@ class DeepSpeedLocal:
         self._clear_optimizer_state()
         torch.manual_seed(seed if g == 1 else derive_seed(seed, r))  # dropout: this rank's slice
         rng = np.random.default_rng(seed)  # batch order: the single-rank trainer's
-        bs = min(self.cfg.train.batch_size, len(data))
-        if bs % g:
-            raise HierfedError(f"edge {r}: a batch of {bs} examples cannot be cut into {g} equal slices (the client has {len(data)} examples)")
+        bs = min(self.cfg.train.batch_size, len(data))  # >= g: checked before launch (hierfed.cli)
         self.engine.train()
         total = 0.0
         for _ in range(steps):
             idx = rng.choice(len(data), size=bs, replace=False)
-            terms = [_loss_terms(data.labels[torch.from_numpy(part)]) for part in np.split(idx, g)]
-            mine = np.split(idx, g)[r]
+            slices = np.array_split(idx, g)  # sizes differ by at most one; the weighting keeps the mean exact
+            terms = [_loss_terms(data.labels[torch.from_numpy(part)]) for part in slices]
             share = terms[r] / max(sum(terms), 1)
-            loss = self.engine(**data.batch(mine, self.device)).loss
+            loss = self.engine(**data.batch(slices[r], self.device)).loss
+            if terms[r] == 0:  # no target in this slice: its mean is 0/0; it contributes nothing
+                loss = torch.nan_to_num(loss, nan=0.0)
             self.engine.backward(loss * share * g, scale_wrt_gas=False)  # DeepSpeed averages over the group
             self.engine.step()
             total += float(loss.detach()) * share

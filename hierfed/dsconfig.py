@@ -20,9 +20,9 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-SPLIT_FACTORS = ("the micro-batch is train.batch_size / split.micro_batches; accumulation is micro-batches per step "
-                 "x split devices per edge rank")
-LOCAL_FACTORS = "the micro-batch is train.batch_size / edge ranks; accumulation is 1"
+SPLIT_FACTORS = ("the micro-batch is train.batch_size / split.micro_batches, rounded up; accumulation is "
+                 "split.micro_batches x the split devices of the edge's busiest rank")
+LOCAL_FACTORS = "the micro-batch is train.batch_size / edge ranks, rounded up; accumulation is 1"
 
 
 def ds_config(cfg, micro_batch: int, accumulation: int, group: int, where: str, factors: str = SPLIT_FACTORS) -> dict:
@@ -52,6 +52,18 @@ def ds_config(cfg, micro_batch: int, accumulation: int, group: int, where: str, 
     return conf
 
 
+def split_config(cfg, group: int, split_devices: int, where: str) -> dict:
+    """An edge serving `split_devices` split devices on `group` ranks (device i -> rank i mod G):
+    every rank of the group builds this same config (DeepSpeed's counts are per group)."""
+    m = cfg.split.micro_batches
+    return ds_config(cfg, -(-cfg.train.batch_size // m), m * -(-split_devices // group), group, where)
+
+
+def local_config(cfg, group: int, where: str) -> dict:
+    """An edge training its own client on `group` ranks, one slice of every batch each."""
+    return ds_config(cfg, -(-cfg.train.batch_size // group), 1, group, where, LOCAL_FACTORS)
+
+
 def check_edges(placement, cfg) -> None:
     """Every DeepSpeed edge's config as its ranks will build it (one line naming every factor if
     the batch arithmetic does not add up, e.g. after a `deepspeed.config` override)."""
@@ -59,10 +71,8 @@ def check_edges(placement, cfg) -> None:
         g = len(e.ranks)
         if not use_deepspeed(cfg, g):
             continue
-        bs, m = cfg.train.batch_size, cfg.split.micro_batches
         if e.clients:
-            ds_config(cfg, bs // g, 1, g, e.name, LOCAL_FACTORS)
-            continue
+            local_config(cfg, g, e.name)
         splits = sum(d.split_layers is not None for d in e.devices)
-        if splits:  # the busiest rank serves ceil(splits / g) devices, each in m micro-batches
-            ds_config(cfg, -(-bs // m), m * -(-splits // g), g, e.name)
+        if splits:
+            split_config(cfg, g, splits, e.name)

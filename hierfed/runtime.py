@@ -15,6 +15,7 @@ import os
 import sys
 import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 from mpi4py import MPI
@@ -43,8 +44,8 @@ class Runtime:
     out: str
     resume: bool
     config_text: str
-    poll: bool = True  # how this rank waits (runtime.wait resolved; the same on every rank)
-    wait_reason: str = ""
+    poll: bool = True  # how this rank waits (runtime.wait resolved for its node)
+    wait_reason: str = ""  # how ranks wait, every node's choice
     summary: dict[str, Any] = field(default_factory=dict)
 
 
@@ -52,7 +53,7 @@ def choose_wait(mode: str, ranks_per_node: int, cores_per_node: int, threads: in
     """(poll, why) for runtime.wait. Blocking waits spin inside MPI: right when every rank has its
     own cores (and the only way some MPI transports keep a large message moving, see
     docs/design.md), wrong when ranks outnumber cores (the spinning ranks steal the cores of the
-    ranks that compute). `ranks_per_node` and `cores_per_node` are the busiest node's."""
+    ranks that compute). `ranks_per_node` and `cores_per_node` are this rank's node's."""
     need = ranks_per_node * threads
     fits = need <= cores_per_node
     where = f"{ranks_per_node} ranks x {threads} thread{'s' if threads > 1 else ''} on {cores_per_node} cores"
@@ -61,22 +62,40 @@ def choose_wait(mode: str, ranks_per_node: int, cores_per_node: int, threads: in
     return (mode == "poll", f"{mode} (set; {where})")
 
 
+def cpu_quota(cgroup: str = "/sys/fs/cgroup") -> int | None:
+    """Cores a CPU quota allows this process (cgroup v2 cpu.max, or v1 cfs quota), None if unlimited:
+    a container limited with --cpus sees every host CPU in its affinity mask."""
+    root = Path(cgroup)
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+    except (OSError, ValueError):
+        try:
+            quota = (root / "cpu" / "cpu.cfs_quota_us").read_text().strip()
+            period = (root / "cpu" / "cpu.cfs_period_us").read_text().strip()
+        except OSError:
+            return None
+    if quota in ("max", "-1") or int(period) <= 0:
+        return None
+    return max(1, -(-int(quota) // int(period)))
+
+
 def node_load(world: MPI.Comm) -> tuple[int, int]:
-    """(ranks, usable cores) of the busiest node: cores are the union of its ranks' CPU affinity
-    sets, so a launcher that binds ranks to cores is seen as such. Collective over `world`."""
+    """(ranks, usable cores) of this rank's node: cores are the union of its ranks' CPU affinity
+    sets (a launcher that binds ranks to cores is seen as such), capped by a CPU quota. Collective
+    over `world`; ranks on different nodes may see different loads (waiting is a per-rank choice)."""
     node = world.Split_type(MPI.COMM_TYPE_SHARED)
     try:
-        cpus = set().union(*node.allgather(sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))))
-        mine = (node.Get_size(), len(cpus))
+        mine = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+        cpus = set().union(*node.allgather(mine))
+        return node.Get_size(), min(len(cpus), cpu_quota() or len(cpus))
     finally:
         node.Free()
-    loads = world.allgather(mine)
-    return max(loads, key=lambda rc: rc[0] / max(rc[1], 1))
 
 
 def build_runtime(placement: Placement, wait: str, threads: int, out: str, resume: bool, config_text: str) -> Runtime:
     world = MPI.COMM_WORLD
     poll, wait_reason = choose_wait(wait, *node_load(world), threads)
+    wait_reason = "; ".join(sorted(set(world.allgather(wait_reason))))  # every node's choice, for the summary
     role = placement.role(world.Get_rank())
     undefined = MPI.UNDEFINED
     is_leader = role.kind == "edge" and role.group_index == 0

@@ -18,6 +18,7 @@ per local step. Message sizes are agreed once at start-up (a handshake of shapes
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 
@@ -69,7 +70,7 @@ class Phases:
     GPU first, so each phase holds its own work, at the cost of the overlap the phases had."""
 
     def __init__(self, device: torch.device, sync: bool) -> None:
-        self._sync = torch.cuda.synchronize if sync and device.type == "cuda" else None
+        self._sync = functools.partial(torch.cuda.synchronize, device) if sync and device.type == "cuda" else None
         self.seconds: dict[str, float] = {}
         self._last = time.perf_counter()
 

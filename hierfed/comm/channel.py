@@ -56,6 +56,17 @@ def wait_all(requests: list[MPI.Request], poll: bool) -> None:
         wait(r, poll)
 
 
+def bcast_object(comm: MPI.Comm, obj: Any, root: bool, poll: bool) -> Any:
+    """A pickled object from rank 0 of `comm` to the others (`root`: this rank is rank 0), waiting
+    as runtime.wait says (mpi4py's lower-case bcast would spin inside MPI)."""
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL) if root else b""
+    size = np.array([len(data)], dtype=np.int64)
+    wait(comm.Ibcast(size, root=0), poll)
+    raw = bytearray(data) if root else bytearray(int(size[0]))
+    wait(comm.Ibcast([raw, MPI.BYTE], root=0), poll)
+    return obj if root else pickle.loads(raw)
+
+
 class Channel:
     """Parent (rank 0 of `comm`) <-> children (the other ranks) over one communicator."""
 
@@ -66,12 +77,9 @@ class Channel:
         self.poll = poll
         self.is_parent = is_parent  # from the Role; the runtime's split keys make the parent rank 0 of comm
         self.num_children = comm.Get_size() - 1
-        self.seconds = 0.0  # time spent inside this channel's calls (waiting + transfer)
 
     def _complete(self, request: MPI.Request) -> None:
-        t = time.perf_counter()
         wait(request, self.poll)
-        self.seconds += time.perf_counter() - t
 
     def bcast(self, buf: np.ndarray, receivers: int | None = None, raw: int | None = None) -> None:
         """Parent -> every child, in place. Counted at the parent once per receiver: `receivers`
@@ -116,15 +124,9 @@ class Channel:
     def bcast_obj(self, obj: Any = None) -> Any:
         """A small control message from the parent to every child (pickled)."""
         if self.is_parent:
-            data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-            size = np.array([len(data)], dtype=np.int64)
-            self.ledger.record(self.link, "down", (len(data) + 8) * self.num_children, kind="control")
-        else:
-            size = np.zeros(1, dtype=np.int64)
-        self._complete(self.comm.Ibcast(size, root=0))
-        raw = bytearray(data) if self.is_parent else bytearray(int(size[0]))
-        self._complete(self.comm.Ibcast([raw, MPI.BYTE], root=0))
-        return obj if self.is_parent else pickle.loads(raw)
+            size = len(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
+            self.ledger.record(self.link, "down", (size + 8) * self.num_children, kind="control")
+        return bcast_object(self.comm, obj, self.is_parent, self.poll)
 
     def gather_obj(self, obj: Any) -> list[Any] | None:
         """Telemetry from every child to the parent (not counted: not training traffic).

@@ -1,8 +1,9 @@
 """`hierfed topology validate|ranks|show|plan FILE`: check a topology file and see its rank layout.
 
-`plan` (and `validate`, when the file has `split_layers`) prices each device's share of the model
-with hierfed.memory for the run config given by `--config` (default: the embedded defaults). Only
-those paths import torch: validating a topology without split layers stays fast.
+`validate` also runs the checks `hierfed run` makes before launch (hierfed.preflight) against the
+run config given by `--config` (default: the embedded defaults). `plan` (and `validate`, when the
+file has `split_layers`) prices each device's share of the model with hierfed.memory for that
+config. Only those paths import torch: validating a topology without split layers stays fast.
 """
 
 from __future__ import annotations
@@ -37,13 +38,13 @@ def add_parser(subparsers: Any) -> None:
 
 
 def _validate(args: argparse.Namespace) -> int:
+    from hierfed.config import load_config
+    from hierfed.preflight import check_supported
+
     placement = load_topology(args.file).placement()
+    check_supported(placement, load_config(args.config))  # what `hierfed run` checks before launch
     split = [d for d in placement.devices if d.split_layers is not None]
     if not split:
-        if args.config:
-            from hierfed.config import load_config
-
-            load_config(args.config)  # a bad run config fails here too; no model is built
         print(f"ok: {placement.summary()}")
         return 0
     rows = {r.name: r for r in _rows(placement, args.config)[1]}
@@ -108,7 +109,7 @@ def render_tree(p: Placement) -> list[str]:
     for i, e in enumerate(p.edges):
         ranks = f"rank {e.leader}" if len(e.ranks) == 1 else f"ranks {e.ranks[0]}-{e.ranks[-1]}"
         own = (f"trains client {e.clients[0]} itself",) if e.clients else ()
-        rows.append((f"{_branch(i, len(p.edges))}{e.name}", ranks, (*own, f"↔ cloud {e.link}") if own else (f"↔ cloud {e.link}",)))
+        rows.append((f"{_branch(i, len(p.edges))}{e.name}", ranks, (*own, f"↔ cloud {e.link}")))
         indent = "   " if i == len(p.edges) - 1 else "│  "
         rows += [(f"{indent}{_branch(j, len(e.devices))}{d.name}", f"rank {d.rank}", _device(d, "edge"))
                  for j, d in enumerate(e.devices)]

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from hierfed.checkpoint import RankState
+from hierfed.comm.channel import bcast_object, wait
 from hierfed.comm.ledger import merge
 from hierfed.dsconfig import use_deepspeed
 from hierfed.roles.protocol import aggregation_round, child_link, codec_rng, parent_link, prefixed, sampled_clients, unprefixed
@@ -24,7 +25,7 @@ def run(rt, cfg) -> None:
     plan = rt.up.bcast_obj()
     rt.down.bcast_obj(plan)
     if rt.edge_group.Get_size() > 1:
-        rt.edge_group.bcast(plan, root=0)
+        bcast_object(rt.edge_group, plan, True, rt.poll)
     strategy.load_state_dict(plan.edge_states.get(rt.role.edge, {}))
     up = child_link(rt.up, cfg, False, "cloud", plan.dim, plan.start_round > 1)
     down = parent_link(rt.down, cfg, False, "edge", plan.dim)
@@ -89,12 +90,18 @@ def run(rt, cfg) -> None:
             part.close()
 
 
-def close_group() -> None:
-    """End the edge group's torch.distributed process group (DeepSpeed's) before MPI finalises."""
+def close_group(rt) -> None:
+    """End the edge group's torch.distributed process group (DeepSpeed's) before MPI finalises, all
+    ranks of the group together: a rank that tears its group down (or exits) while another still
+    uses it makes gloo's threads abort the other ("terminate called without an active exception")."""
     import torch.distributed as dist
 
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    if not dist.is_initialized():
+        return
+    group = rt.edge_group
+    wait(group.Ibarrier(), rt.poll)  # every rank is done with the group's collectives
+    dist.destroy_process_group()
+    wait(group.Ibarrier(), rt.poll)  # ... and no rank leaves while another still tears down
 
 
 def split_here(rt) -> bool:
@@ -104,7 +111,7 @@ def split_here(rt) -> bool:
 def run_follower(rt, cfg) -> None:
     """A non-leader rank of a multi-rank edge: a shard of the DeepSpeed engine (the upper stage of
     its split devices, or its own client), in lockstep with its leader's edge rounds."""
-    plan = rt.edge_group.bcast(None, root=0)
+    plan = bcast_object(rt.edge_group, None, False, rt.poll)
     me = rt.placement.edges[rt.role.edge]
     if me.clients:
         edge_client = EdgeLocal(rt, cfg, plan)
@@ -162,7 +169,7 @@ class EdgeSplit:
             backend = cfg.deepspeed.backend if cfg.deepspeed.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
             init_group(rt.edge_group, rt.role.group_index == 0, backend)
             self.server = DeepSpeedServer(rt.split_comm, built.model, task.kind, k, cfg, rt.ledger, poll,
-                                          rt.edge_group, rt.role.group_index == 0, cfg.split.micro_batches, me.name)
+                                          rt.edge_group, rt.role.group_index == 0, len(split_devices), me.name)
         else:
             self.server = SplitServer(rt.split_comm, built.model, task.kind, k, cfg, rt.ledger, poll)
         self.index = global_index(whole, self.server.flat)
@@ -181,8 +188,8 @@ class EdgeSplit:
 
         group = self.rt.edge_group
         start = np.empty(self.server.flat.dim, dtype=np.float32) if params is None else params[self.index].copy()
-        if group.Get_size() > 1:
-            group.Bcast(start, root=0)
+        if group.Get_size() > 1:  # followers wait here between rounds: as runtime.wait says, not spinning
+            wait(group.Ibcast(start, root=0), self.rt.poll)
         self.start = start
         self.server.load(start)
         active = {r: derive_seed(self.cfg.seed, t, s, c) for r, (c, _) in self.devices.items() if c in sampled}
@@ -200,7 +207,7 @@ class EdgeSplit:
         return self.server.save_state(self.out, t)
 
     def close(self) -> None:
-        close_group()
+        close_group(self.rt)
 
     def take_phases(self, telemetry: list[dict]) -> dict:
         """This edge round's split-link times for the edge row: the edge's busy time (all but waiting
@@ -260,8 +267,8 @@ class EdgeLocal:
         if params is None:  # a follower: the leader's parameters come next
             params = np.empty(self.dim, dtype=np.float32)
         group = self.rt.edge_group
-        if group is not None and group.Get_size() > 1:
-            group.Bcast(params, root=0)
+        if group is not None and group.Get_size() > 1:  # followers wait here between rounds, as runtime.wait says
+            wait(group.Ibcast(params, root=0), self.rt.poll)
         began = time.perf_counter()
         self.start = params
         self.load(params)
@@ -285,4 +292,4 @@ class EdgeLocal:
         return [{"loss_sum": self.loss * self.weight, "weight": self.weight, "clients": 1, "compute_s": self.compute_s, "bytes": {}}]
 
     def close(self) -> None:
-        close_group()
+        close_group(self.rt)

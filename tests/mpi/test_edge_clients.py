@@ -87,3 +87,23 @@ def test_resumed_zero_edge_client_equals_the_uninterrupted_run(zero2, tmp_path):
     _zero(tmp_path, 2, "--rounds", "1")
     out = _zero(tmp_path, 2, "--resume")
     np.testing.assert_array_equal(final_params(out), final_params(zero2))
+
+
+def test_edge_client_with_sampling_and_compressed_links(tmp_path):
+    """Client sampling (2 of 3 clients per round: some rounds without the edge's own client) and
+    int8 links on a 2-rank ZeRO edge: leader and follower agree on every round, the rows count
+    the sampled clients, and only the devices' links carry (compressed) bytes."""
+    from hierfed.roles.protocol import sampled_clients
+
+    out = tmp_path / "sampled"
+    check_ok(mpirun(6, "run", _own(tmp_path, 2), "--config", _config(tmp_path), "--out", str(out), "--rounds", "3", "--seed", "2",
+                    "--set", "schedule.client_fraction=0.67", "--set", "compression.device_up=int8", "--set", "compression.edge_down=int8"))
+    edge0 = {0, 2}  # its device's client and its own
+    rounds = {t: set(sampled_clients(3, 0.67, 2, t).tolist()) for t in (1, 2, 3)}
+    assert [2 in s for s in rounds.values()] == [False, True, True] and 0 not in rounds[3]  # seed 2: every case
+    for r in rows(out):
+        if r.get("edge") == "edge0":
+            assert r["clients"] == len(rounds[r["round"]] & edge0)
+            assert np.isfinite(r["loss"]) if r["clients"] else r["loss"] is None
+            if 0 in rounds[r["round"]]:  # its device trained: its update travelled in int8
+                assert 0 < r["bytes"]["device-edge"]["up"] < r["bytes_uncompressed"]["device-edge"]["up"] / 3

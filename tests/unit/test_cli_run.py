@@ -78,7 +78,7 @@ def test_shortcut_flags_stay_strings():
     [
         ({"ranks": 2, "devices": [{"ranks": 1}]}, "has ranks: 2 but trains nothing"),
         ({"train_locally": True, "devices": [{"ranks": 1, "split_layers": 1}]}, "has split devices and train_locally: true"),
-        ({"ranks": 3, "train_locally": True, "devices": [{"ranks": 1}]}, "train.batch_size (8) must be a multiple of 3"),
+        ({"ranks": 9, "train_locally": True, "devices": [{"ranks": 1}]}, "train.batch_size (8) must be at least 9"),
     ],
 )
 def test_edges_that_cannot_train_what_they_are_given(write_yaml, edge: dict, expected: str) -> None:
@@ -90,3 +90,9 @@ def test_edges_that_cannot_train_what_they_are_given(write_yaml, edge: dict, exp
 def test_deepspeed_batch_arithmetic_is_checked_before_launch() -> None:
     msg = one_line_error("edge-clients", "--set", "deepspeed.config.train_batch_size=7")
     assert "deepspeed (edge0): train_batch_size 7 != micro-batch per rank" in msg
+
+
+def test_an_edge_client_smaller_than_its_edge_group(write_yaml) -> None:
+    topo = write_yaml("edges.yaml", {"name": "e", "edges": [{"name": "e0", "ranks": 3, "train_locally": True, "devices": [{"ranks": 1}]}]})
+    run = write_yaml("run.yaml", {"data": {"train_samples": 4}, "train": {"batch_size": 8}})  # 2 clients of 2 examples
+    assert "edge 'e0' trains client 1 on 3 ranks, but the client has 2 examples" in one_line_error(topo, "--config", run)

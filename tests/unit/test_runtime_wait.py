@@ -29,3 +29,18 @@ def test_explicit_mode_wins(mode: str) -> None:
     for ranks, cores in ((7, 2), (2, 64)):
         chosen, why = choose_wait(mode, ranks, cores, 1)
         assert chosen is (mode == "poll") and why.startswith(f"{mode} (set")
+
+
+def test_cpu_quota_of_a_container(tmp_path) -> None:
+    from hierfed.runtime import cpu_quota
+
+    assert cpu_quota(str(tmp_path)) is None  # no cgroup files: unlimited
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert cpu_quota(str(tmp_path)) is None
+    (tmp_path / "cpu.max").write_text("250000 100000\n")  # docker --cpus 2.5
+    assert cpu_quota(str(tmp_path)) == 3
+    (tmp_path / "cpu.max").unlink()
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("100000\n")  # cgroup v1, 1 CPU
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert cpu_quota(str(tmp_path)) == 1

@@ -227,5 +227,5 @@ def test_phases_charge_each_lap_to_the_named_phase():
     ph.mark("compute")
     got = ph.take()
     assert set(got) == {"compute", "encode"}
-    assert 0.03 <= got["compute"] < 0.5 and got["encode"] < 0.005
+    assert 0.03 <= got["compute"] < 0.5 and got["encode"] < got["compute"]
     assert ph.take() == {}  # taken: the next edge round starts from zero

@@ -113,3 +113,14 @@ def test_show_an_edge_that_trains_locally(capsys: pytest.CaptureFixture[str], tm
     _, out = topology_cli(capsys, "show", str(path))
     assert "1 cloud + 1 edge × (2 + 2 devices) = 5 ranks, 3 clients" in out
     assert "└─ edge0" in out and "trains client 2 itself" in out
+
+
+def test_validate_makes_the_checks_run_makes_before_launch(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    path = tmp_path / "both.yaml"
+    path.write_text("edges:\n  - {train_locally: true, devices: [{ranks: 1, split_layers: 1}]}\n", encoding="utf-8")
+    with pytest.raises(HierfedError, match="has split devices and train_locally: true"):
+        topology_cli(capsys, "validate", str(path))
+    run = tmp_path / "run.yaml"
+    run.write_text("deepspeed: {config: {train_batch_size: 7}}\n", encoding="utf-8")
+    with pytest.raises(HierfedError, match=r"deepspeed \(edge0\): train_batch_size 7"):
+        topology_cli(capsys, "validate", str(TOPOS / "edge-clients.yaml"), "--config", str(run))

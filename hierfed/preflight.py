@@ -1,0 +1,54 @@
+"""Checks before any rank starts (pure: no torch, no MPI): what a topology asks of a run config.
+
+`hierfed run` calls them on the launcher before mpiexec starts, `hierfed topology validate` with
+the run config it is given, so a job that cannot run fails in one line, not on a rank mid-run.
+"""
+
+from __future__ import annotations
+
+from hierfed.dsconfig import check_edges
+from hierfed.errors import HierfedError
+
+
+def check_supported(placement, cfg) -> None:
+    """What a topology asks that this run config (or this version) cannot run: say so up front,
+    in one line. Includes every DeepSpeed edge's batch arithmetic."""
+    src = placement.topology.source
+    for e in placement.edges:
+        splits = any(d.split_layers is not None for d in e.devices)
+        if len(e.ranks) > 1 and not splits and not e.clients:
+            raise HierfedError(
+                f"{src}: edge '{e.name}' has ranks: {len(e.ranks)} but trains nothing; an edge's ranks shard (DeepSpeed ZeRO) "
+                "the upper blocks of its split devices or its own client (train_locally: true), so they would have nothing to do"
+            )
+        if splits and e.clients:
+            raise HierfedError(f"{src}: edge '{e.name}' has split devices and train_locally: true; this version trains one of the two on an edge")
+        if e.clients and cfg.train.batch_size < len(e.ranks):
+            raise HierfedError(f"{src}: edge '{e.name}' trains locally on {len(e.ranks)} ranks, so train.batch_size "
+                               f"({cfg.train.batch_size}) must be at least {len(e.ranks)} (each rank trains a slice of every batch)")
+        if len(e.ranks) > 1 and cfg.deepspeed.enabled is False:
+            raise HierfedError(f"{src}: edge '{e.name}' has ranks: {len(e.ranks)}, which needs DeepSpeed (deepspeed.enabled is false)")
+    for d in placement.devices:
+        if d.split_layers is None:
+            continue
+        if placement.flat:
+            raise HierfedError(f"{src}: device {d.name} has split_layers, but a flat topology has no edge to hold the other blocks")
+        if len(d.clients) > 1:
+            raise HierfedError(f"{src}: device {d.name} has split_layers and {len(d.clients)} virtual clients; a split device is one client")
+    check_edges(placement, cfg)
+
+
+def check_edge_clients(placement, cfg, task) -> None:
+    """An edge that trains its own client on G ranks cuts every batch into G slices: its client
+    needs at least G examples."""
+    from hierfed.data import partition
+
+    edges = [e for e in placement.edges if e.clients and len(e.ranks) > 1]
+    if not edges:
+        return
+    shards = partition(task.train, placement.num_clients, cfg.data.partition, alpha=cfg.data.alpha, seed=cfg.data.seed)
+    for e in edges:
+        n = len(shards[e.clients[0]])
+        if n < len(e.ranks):
+            raise HierfedError(f"{placement.topology.source}: edge '{e.name}' trains client {e.clients[0]} on {len(e.ranks)} ranks, "
+                               f"but the client has {n} example{'s' * (n != 1)} (each rank needs one per batch)")
