@@ -81,6 +81,10 @@ class Rank:
         self.strategy = FedAvg()
         self.params = params_of(dim) if self.kind == "cloud" else np.empty(dim, dtype=np.float32)
         self.master = self.params.astype(np.float64) if self.kind == "cloud" else None  # roles/cloud.py
+        # The float64 buffers the roles reuse every round: the edge's master copy; the cloud updates
+        # its master in place, here into `new` instead so that every repetition starts from the same one.
+        self.local = np.empty(dim, dtype=np.float64) if self.kind == "edge" else None
+        self.new = np.empty(dim, dtype=np.float64) if self.kind == "cloud" else None
         ident = parse_codec("identity")  # what protocol.parent_link/child_link build when uncompressed
         self.links = {b: (Parent(r.down, ident, ident, dim) if r.down else None,
                           Child(r.up, ident, ident, dim, error_feedback=False) if r.up else None)
@@ -98,13 +102,14 @@ class Rank:
         down, up = self.links[block]
         if self.kind == "cloud":
             down.send(self.master)
-            return self.strategy.aggregate(self.master, down.receive())[0]
+            return self.strategy.aggregate(self.master, down.receive(), out=self.new)[0]
         if self.kind == "edge":
             up.receive(self.params)
-            local = self.params.astype(np.float64)  # the edge's master copy
+            local = self.local
+            np.copyto(local, self.params)  # the edge's master copy
             down.send(local)
-            local, weight = self.strategy.aggregate(local, down.receive())
-            up.add(0, weight, local - self.params)
+            local, weight = self.strategy.aggregate(local, down.receive(), out=local)
+            up.add(0, weight, np.subtract(local, self.params, out=local))
             up.send()
             return None
         up.receive(self.params)

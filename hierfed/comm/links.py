@@ -51,6 +51,22 @@ def _unpack(blob: np.ndarray) -> list[tuple[float, np.ndarray]]:
     return parts
 
 
+class _Scratch:
+    """Full-size work buffers kept from round to round, one per (dtype, size, use): no fresh
+    temporaries of the model's size on the aggregation path."""
+
+    def __init__(self, dim: int) -> None:
+        self.dim = dim
+        self._bufs: dict[tuple[np.dtype, int, str], np.ndarray] = {}
+
+    def get(self, dtype, size: int | None = None, use: str = "") -> np.ndarray:
+        key = (np.dtype(dtype), self.dim if size is None else size, use)
+        buf = self._bufs.get(key)
+        if buf is None:
+            buf = self._bufs[key] = np.empty(key[1], dtype=key[0])
+        return buf
+
+
 class Parent:
     """The parent end of a tier: sends parameters down, receives summed updates."""
 
@@ -60,6 +76,7 @@ class Parent:
         self.decode_s = 0.0  # time spent decoding the last round's updates (part of aggregation)
         self._resync = False
         self._buf32 = np.empty(dim + 1, dtype=np.float32)  # one buffer for sends and reduced sums
+        self._scratch = _Scratch(dim)  # codec paths: the downlink difference, the decoded sums
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """What the children hold (codec downlinks): checkpointed so a resumed run continues exactly."""
@@ -80,7 +97,7 @@ class Parent:
             self.channel.bcast(buf[: self.dim], receivers)
             self.held = None if self.down.is_identity else buf[: self.dim].copy()
             return
-        payload = self.down.encode(params - self.held, rng)
+        payload = self.down.encode(np.subtract(params, self.held, out=self._scratch.get(np.result_type(params, self.held))), rng)
         self.channel.bcast(payload, receivers, raw=self.dim * 4)
         self.held += self.down.decode(payload, self.dim)
 
@@ -89,13 +106,14 @@ class Parent:
         if self.up.is_identity:
             self.channel.reduce_sum(self._buf32)  # valid until the next send/receive
             return self._buf32
-        total = np.zeros(self.dim + 1, dtype=np.float64)
+        total = self._scratch.get(np.float64, self.dim + 1, "total")  # valid until the next receive
+        total[...] = 0
         blobs = self.channel.gather_bytes(np.empty(0, dtype=np.uint8))
         started = time.perf_counter()
         for blob in blobs:
             for weight, payload in _unpack(blob):
-                total[:-1] += weight * self.up.decode(payload, self.dim)
-                total[-1] += weight
+                decoded = self.up.decode(payload, self.dim)
+                Strategy.accumulate(total, decoded, weight, self._scratch.get(Strategy.scratch_dtype(decoded, weight)))
         self.decode_s = time.perf_counter() - started
         return total
 
@@ -110,6 +128,7 @@ class Child:
         lossy = not (up.is_identity or up.spec in ("fp32",))
         self.feedback: dict[int, ErrorFeedback] | None = {} if (error_feedback and lossy) else None
         self._acc = np.zeros(dim + 1, dtype=np.float32)
+        self._scratch = _Scratch(dim)  # weight * delta, for the uncompressed sum
         self._parts: list[tuple[float, np.ndarray]] = []
         self._senders = 0
 
@@ -132,7 +151,7 @@ class Child:
         """Queue one sender's update (a client's, or an edge's) for this round's send."""
         self._senders += 1
         if self.up.is_identity:
-            Strategy.accumulate(self._acc, delta, weight)
+            Strategy.accumulate(self._acc, delta, weight, self._scratch.get(Strategy.scratch_dtype(delta, weight)))
             return
         if self.feedback is not None:
             ef = self.feedback.setdefault(sender, ErrorFeedback(self.up, self.dim))

@@ -96,7 +96,8 @@ def run(rt, cfg) -> None:
         job = pending
         # Flat: the broadcast stands for one copy per sampled client; hierarchical: one per edge.
         receivers = len(sampled_clients(rt.placement.num_clients, cfg.schedule.client_fraction, cfg.seed, t)) if rt.placement.flat else None
-        params_new, _weight, telemetry, agg_s = aggregation_round(
+        # Updates params in place: by then finish(*job) has evaluated and saved the last round's model.
+        params, _weight, telemetry, agg_s = aggregation_round(
             link, params, strategy, receivers, codec_rng(cfg.seed, t, 0, rt.role.rank, 1), while_children_work=(lambda: finish(*job)) if job else None
         )
         row, raw = _round_row(t, telemetry, rt.placement.flat, agg_s, log)
@@ -104,7 +105,7 @@ def run(rt, cfg) -> None:
         row["seconds"]["round"] = time.perf_counter() - started
         states = {} if rt.placement.flat else {e: d["strategy_state"] for e, d in enumerate(telemetry) if d["strategy_state"]}
         cloud_state = {**prefixed("strategy", strategy.state_dict()), **prefixed("link", link.state_dict())}  # as of round t
-        pending, params = (row, raw, params_new, states, cloud_state), params_new
+        pending = (row, raw, params, states, cloud_state)
     if pending:
         finish(*pending)
 

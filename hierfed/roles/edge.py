@@ -41,9 +41,10 @@ def run(rt, cfg) -> None:
     edge_client = EdgeLocal(rt, cfg, plan) if me.clients else None
 
     params = np.empty(plan.dim, dtype=np.float32)
+    local = np.empty(plan.dim, dtype=np.float64)  # the edge's master copy; aggregation_round updates it in place
     for t in range(plan.start_round, cfg.schedule.rounds + 1):
         up.receive(params)
-        local = params.astype(np.float64)  # the edge's master copy
+        np.copyto(local, params)
         sampled = my_clients.intersection(sampled_clients(rt.placement.num_clients, cfg.schedule.client_fraction, cfg.seed, t).tolist())
         weight_sum, rows = 0.0, []
         for s in range(1, cfg.schedule.tau2 + 1):
@@ -78,7 +79,8 @@ def run(rt, cfg) -> None:
             })
         # Up to the cloud: the edge's whole change this cloud round, weighted by the samples behind it.
         if weight_sum > 0:
-            up.add(rt.role.edge, weight_sum, local - params, codec_rng(cfg.seed, t, 0, rt.role.rank, 2))
+            delta = np.subtract(local, params, out=local)  # the master copy is spent until the next round
+            up.add(rt.role.edge, weight_sum, delta, codec_rng(cfg.seed, t, 0, rt.role.rank, 2))
         up.send()
         rt.up.gather_obj({"rows": rows, "bytes": rt.ledger.take_round(), "strategy_state": strategy.state_dict()})
         if t % cfg.checkpoint.every == 0 or t == cfg.schedule.rounds:

@@ -92,7 +92,9 @@ def aggregation_round(
     """Parent side of one round. Returns (new params, total weight, children's telemetry, aggregate s).
 
     `params` is the parent's float64 master copy; children receive it as float32 (or its encoded
-    change). `receivers` is how many logical receivers the broadcast stands for (ledger).
+    change). It is updated in place (the returned new params are `params` itself), so a round
+    allocates no model-sized array. `receivers` is how many logical receivers the broadcast stands
+    for (ledger).
     `while_children_work` runs after the broadcast, while the children train (the cloud's eval, an
     edge serving its split devices); `add_own` adds the parent's own contribution to the sum (an
     edge's upper adapter trained for its split devices).
@@ -104,7 +106,7 @@ def aggregation_round(
     t = time.perf_counter()
     if add_own is not None:
         add_own(reduced)
-    new, weight = strategy.aggregate(params, reduced)
+    new, weight = strategy.aggregate(params, reduced, out=params)
     agg_s = time.perf_counter() - t + link.decode_s
     telemetry = link.channel.gather_obj(None)
     return new, weight, telemetry, agg_s

@@ -51,29 +51,62 @@ class Strategy(ABC):
         return out
 
     @staticmethod
-    def accumulate(acc: np.ndarray, delta: np.ndarray, weight: float) -> None:
-        """acc += contribution(delta, weight): how a rank with many virtual clients sums locally."""
-        acc[:-1] += weight * delta
+    def accumulate(acc: np.ndarray, delta: np.ndarray, weight: float, scratch: np.ndarray | None = None) -> None:
+        """acc += contribution(delta, weight): how a rank with many virtual clients sums locally.
+
+        `scratch`, if given, holds weight * delta instead of a fresh temporary: a buffer of delta's
+        size and of dtype `np.result_type(delta, weight)` (see `scratch_dtype`), so the numbers are
+        the same as without it.
+        """
+        if scratch is None:
+            acc[:-1] += weight * delta
+        else:
+            np.add(acc[:-1], np.multiply(delta, weight, out=scratch), out=acc[:-1])
         acc[-1] += weight
 
     @staticmethod
-    def mean_delta(reduced: np.ndarray) -> tuple[np.ndarray | None, float]:
-        """[sum w delta, sum w] -> (weighted mean delta in float64, total weight); None if weight 0."""
+    def scratch_dtype(delta: np.ndarray, weight: float) -> np.dtype:
+        """The dtype of weight * delta, i.e. of the `scratch` that `accumulate` takes."""
+        return np.result_type(delta, weight)
+
+    @staticmethod
+    def mean_delta(reduced: np.ndarray, out: np.ndarray | None = None) -> tuple[np.ndarray | None, float]:
+        """[sum w delta, sum w] -> (weighted mean delta in float64, total weight); None if weight 0.
+
+        `out`: a float64 buffer of the delta's size to write the mean into (else a new array)."""
         total = float(reduced[-1])
         if total <= 0:
             return None, 0.0
-        return np.divide(reduced[:-1], total, dtype=np.float64), total  # one pass, in float64
+        return np.divide(reduced[:-1], total, out=out, dtype=np.float64), total  # one pass, in float64
 
-    def aggregate(self, params: np.ndarray, reduced: np.ndarray) -> tuple[np.ndarray, float]:
-        """New parameters from the summed contributions; unchanged params when no child trained."""
-        delta, total = self.mean_delta(reduced)
+    def aggregate(self, params: np.ndarray, reduced: np.ndarray, out: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+        """New parameters from the summed contributions; unchanged params when no child trained.
+
+        With `out` (a float64 buffer of params' size, `params` itself allowed) the new parameters
+        are written there and no full-size array is allocated: the mean delta goes into a buffer the
+        strategy keeps from round to round. Without it they are a new array and params is untouched.
+        """
+        delta, total = self.mean_delta(reduced, out=self._mean_buffer(params.size) if out is not None else None)
         if delta is None:
-            return params, 0.0
-        return self.step(params, delta), total
+            if out is None or out is params:
+                return params, 0.0
+            np.copyto(out, params)
+            return out, 0.0
+        return self.step(params, delta, out), total
+
+    def _mean_buffer(self, dim: int) -> np.ndarray:
+        """The float64 mean delta of `aggregate(out=...)`, reused across rounds."""
+        buf = getattr(self, "_mean", None)  # subclasses need not call Strategy.__init__
+        if buf is None or buf.size != dim:
+            buf = self._mean = np.empty(dim, dtype=np.float64)
+        return buf
 
     @abstractmethod
-    def step(self, params: np.ndarray, mean_delta: np.ndarray) -> np.ndarray:
-        """The server optimiser: apply the mean client delta (a pseudo-gradient, negated); float64."""
+    def step(self, params: np.ndarray, mean_delta: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """The server optimiser: apply the mean client delta (a pseudo-gradient, negated); float64.
+
+        Writes the new parameters into `out` (may be `params`) if given, else returns a new array.
+        May overwrite `mean_delta` (aggregate passes its own buffer)."""
 
     def state_dict(self) -> dict[str, np.ndarray]:
         return {}

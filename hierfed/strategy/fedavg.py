@@ -21,10 +21,10 @@ class FedAvg(Strategy):
     def from_config(cls, cfg: Any) -> FedAvg:
         return cls(server_lr=cfg.server_lr)
 
-    def step(self, params: np.ndarray, mean_delta: np.ndarray) -> np.ndarray:
+    def step(self, params: np.ndarray, mean_delta: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         if self.server_lr != 1.0:
-            mean_delta *= self.server_lr  # a temporary of aggregate's: scaled in place
-        return params + mean_delta
+            mean_delta *= self.server_lr  # aggregate's buffer: scaled in place
+        return np.add(params, mean_delta, out=out)
 
 
 class FedAvgM(Strategy):
@@ -41,12 +41,16 @@ class FedAvgM(Strategy):
     def from_config(cls, cfg: Any) -> FedAvgM:
         return cls(server_lr=cfg.server_lr, momentum=cfg.momentum)
 
-    def step(self, params: np.ndarray, mean_delta: np.ndarray) -> np.ndarray:
+    def step(self, params: np.ndarray, mean_delta: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         if self.velocity is None:
             self.velocity = np.zeros_like(mean_delta)
         self.velocity *= self.momentum
         self.velocity += mean_delta
-        return params + self.server_lr * self.velocity
+        if self.server_lr == 1.0:  # 1.0 * v == v exactly
+            return np.add(params, self.velocity, out=out)
+        spent = mean_delta if mean_delta.dtype == self.velocity.dtype else None  # reuse the spent mean delta
+        scaled = np.multiply(self.velocity, self.server_lr, out=spent)
+        return np.add(params, scaled, out=out)
 
     def state_dict(self) -> dict[str, np.ndarray]:
         return {} if self.velocity is None else {"velocity": self.velocity}

@@ -134,3 +134,46 @@ def test_build_strategy_from_config() -> None:
     assert type(s) is FedAvg and s.server_lr == 1.0
     m = build_strategy(AggregatorConfig(name="fedavgm", server_lr=0.5, momentum=0.8))
     assert type(m) is FedAvgM and (m.server_lr, m.momentum) == (0.5, 0.8)
+
+
+@pytest.mark.parametrize("make", [FedAvg, lambda: FedAvg(server_lr=0.5), FedAvgM, lambda: FedAvgM(server_lr=2.0, momentum=0.5)])
+def test_aggregate_in_place_equals_the_allocating_formula(make) -> None:
+    """aggregate(out=params) (what the roles do: reused buffers, no temporaries) gives exactly the
+    numbers of the allocating path, round after round, momentum state and a round with no updates included."""
+    rng = np.random.default_rng(7)
+    dim = 1001
+    ref, fast = make(), make()
+    ref_params = rng.standard_normal(dim)
+    params = ref_params.copy()
+    for r in range(4):
+        reduced = np.append(rng.standard_normal(dim).astype(np.float32) * 3, np.float32(0 if r == 2 else 7 + r))
+        ref_params, ref_total = ref.aggregate(ref_params, reduced)
+        new, total = fast.aggregate(params, reduced, out=params)
+        assert new is params and total == ref_total
+        np.testing.assert_array_equal(params, ref_params)
+        assert ref.state_dict().keys() == fast.state_dict().keys()
+        for k, v in ref.state_dict().items():
+            np.testing.assert_array_equal(fast.state_dict()[k], v)
+
+
+def test_aggregate_into_another_buffer_leaves_params_alone() -> None:
+    params, out = PARAMS.copy(), np.full(3, np.nan)
+    new, _ = FedAvg().aggregate(params, summed(DELTAS, WEIGHTS), out=out)
+    assert new is out
+    np.testing.assert_array_equal(out, [10.625, 26.0, 31.875])
+    np.testing.assert_array_equal(params, PARAMS)
+    new, total = FedAvg().aggregate(params, np.zeros(4, dtype=np.float32), out=out)  # nobody trained: a copy
+    assert new is out and total == 0.0
+    np.testing.assert_array_equal(out, PARAMS)
+
+
+@pytest.mark.parametrize(("dtype", "weight"), [(np.float32, 3), (np.float32, 0.1), (np.float64, 0.1), (np.float32, np.float64(0.1))])
+def test_accumulate_with_scratch_equals_without(dtype, weight) -> None:
+    rng = np.random.default_rng(3)
+    deltas = [rng.standard_normal(101).astype(dtype) for _ in range(3)]
+    plain, fast = np.zeros(102, dtype=np.float32), np.zeros(102, dtype=np.float32)
+    scratch = np.empty(101, dtype=Strategy.scratch_dtype(deltas[0], weight))
+    for d in deltas:
+        Strategy.accumulate(plain, d, weight)
+        Strategy.accumulate(fast, d, weight, scratch)
+    np.testing.assert_array_equal(fast, plain)
