@@ -82,8 +82,11 @@ def run(rt, cfg) -> None:
             delta = np.subtract(local, params, out=local)  # the master copy is spent until the next round
             up.add(rt.role.edge, weight_sum, delta, codec_rng(cfg.seed, t, 0, rt.role.rank, 2))
         up.send()
-        rt.up.gather_obj({"rows": rows, "bytes": rt.ledger.take_round(), "strategy_state": strategy.state_dict()})
-        if t % cfg.checkpoint.every == 0 or t == cfg.schedule.rounds:
+        checkpoint = t % cfg.checkpoint.every == 0 or t == cfg.schedule.rounds
+        # The edge strategy's state (FedAvgM's velocity: model-sized) goes into the cloud's
+        # checkpoint of this round, so it travels only when there is one.
+        rt.up.gather_obj({"rows": rows, "bytes": rt.ledger.take_round(), "strategy_state": strategy.state_dict() if checkpoint else {}})
+        if checkpoint:
             own = prefixed("split", split.save(t)) if split else {}
             if has_state or split:
                 saved.save(t, {**prefixed("up", up.state_dict()), **prefixed("down", down.state_dict()), **own})

@@ -120,10 +120,11 @@ def test_uneven_topology_causal_lm(tmp_path):
 def test_resume_equals_uninterrupted_run(tmp_path):
     """Stop after 2 of 3 rounds, resume: the same global adapter as one uninterrupted run.
 
-    Server momentum at both tiers and client sampling make the state that must survive non-trivial.
+    Server momentum at both tiers and client sampling make the state that must survive non-trivial;
+    checkpoints every 2 rounds: the edges' momentum reaches the cloud's checkpoint of round 2 only.
     """
     cfg = _tiny_config(tmp_path, schedule={"rounds": 3, "tau1": 2, "tau2": 2, "client_fraction": 0.75},
-                       aggregation={"edge": {"name": "fedavgm"}, "cloud": {"name": "fedavgm"}})
+                       aggregation={"edge": {"name": "fedavgm"}, "cloud": {"name": "fedavgm"}}, checkpoint={"every": 2})
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     check_ok(mpirun(7, "run", "--config", cfg, "--out", str(whole)))
     check_ok(mpirun(7, "run", "--config", cfg, "--out", str(parts), "--rounds", "2"))
