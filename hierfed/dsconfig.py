@@ -73,6 +73,5 @@ def check_edges(placement, cfg) -> None:
             continue
         if e.clients:
             local_config(cfg, g, e.name)
-        splits = sum(d.split_layers is not None for d in e.devices)
-        if splits:
-            split_config(cfg, g, splits, e.name)
+        if e.split_devices:
+            split_config(cfg, g, len(e.split_devices), e.name)

@@ -15,13 +15,12 @@ def check_supported(placement, cfg) -> None:
     in one line. Includes every DeepSpeed edge's batch arithmetic."""
     src = placement.topology.source
     for e in placement.edges:
-        splits = any(d.split_layers is not None for d in e.devices)
-        if len(e.ranks) > 1 and not splits and not e.clients:
+        if len(e.ranks) > 1 and not e.split_devices and not e.clients:
             raise HierfedError(
                 f"{src}: edge '{e.name}' has ranks: {len(e.ranks)} but trains nothing; an edge's ranks shard (DeepSpeed ZeRO) "
                 "the upper blocks of its split devices or its own client (train_locally: true), so they would have nothing to do"
             )
-        if splits and e.clients:
+        if e.split_devices and e.clients:
             raise HierfedError(f"{src}: edge '{e.name}' has split devices and train_locally: true; this version trains one of the two on an edge")
         if e.clients and cfg.train.batch_size < len(e.ranks):
             raise HierfedError(f"{src}: edge '{e.name}' trains locally on {len(e.ranks)} ranks, so train.batch_size "

@@ -116,6 +116,16 @@ class EdgeSpec:
         return tuple(d.rank for d in self.devices)
 
     @property
+    def split_devices(self) -> tuple[DeviceSpec, ...]:
+        """Its devices with split_layers (they hold blocks [0, k); the edge holds the rest)."""
+        return tuple(d for d in self.devices if d.split_layers is not None)
+
+    @property
+    def all_clients(self) -> set[int]:
+        """Every client the edge aggregates: its devices' and its own."""
+        return {c for d in self.devices for c in d.clients} | set(self.clients)
+
+    @property
     def num_clients(self) -> int:
         return sum(len(d.clients) for d in self.devices) + len(self.clients)
 

@@ -45,7 +45,7 @@ def run(rt, cfg) -> None:
         whole = flat
         prune_for_device(built.model, k)
         edge = rt.placement.edges[spec.edge]
-        split_devices = [d.rank for d in edge.devices if d.split_layers is not None]
+        split_devices = [d.rank for d in edge.split_devices]
         server = edge.ranks[split_devices.index(spec.rank) % len(edge.ranks)]  # as EdgeSplit assigns
         trainer = SplitClient(rt.split_comm, server, built.model, k, cfg, rt.ledger, rt.poll)
         flat, mine_idx = trainer.flat, global_index(whole, trainer.flat)

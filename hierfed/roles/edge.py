@@ -36,9 +36,8 @@ def run(rt, cfg) -> None:
     up.load_state_dict(unprefixed("up", resumed_state))
     down.load_state_dict(unprefixed("down", resumed_state))
     me = rt.placement.edges[rt.role.edge]
-    my_clients = {c for d in me.devices for c in d.clients} | set(me.clients)
-    split = EdgeSplit(rt, cfg, plan, unprefixed("split", resumed_state)) if split_here(rt) else None
-    edge_client = EdgeLocal(rt, cfg, plan) if me.clients else None
+    my_clients = me.all_clients
+    trainer = edge_trainer(rt, cfg, plan, unprefixed("split", resumed_state))  # None: the edge only aggregates
 
     params = np.empty(plan.dim, dtype=np.float32)
     local = np.empty(plan.dim, dtype=np.float64)  # the edge's master copy; aggregation_round updates it in place
@@ -51,21 +50,15 @@ def run(rt, cfg) -> None:
             started = time.perf_counter()
             rng = codec_rng(cfg.seed, t, s, rt.role.rank, 1)
             receivers = len(sampled - set(me.clients))  # the edge's own client gets no message
-            if edge_client is not None:
-                start = local.astype(np.float32)
-                local, weight, telemetry, agg_s = aggregation_round(
-                    down, local, strategy, receivers=receivers, rng=rng,
-                    while_children_work=lambda: edge_client.round(start, t, s, sampled), add_own=edge_client.add_own,
-                )
-                telemetry = telemetry + edge_client.telemetry()
-            elif split is None:
+            if trainer is None:
                 local, weight, telemetry, agg_s = aggregation_round(down, local, strategy, receivers=receivers, rng=rng)
-            else:
+            else:  # the edge trains while its devices do, and adds its own update to theirs
                 start = local.astype(np.float32)
                 local, weight, telemetry, agg_s = aggregation_round(
                     down, local, strategy, receivers=receivers, rng=rng,
-                    while_children_work=lambda: split.round(start, t, s, sampled), add_own=split.add_own,
+                    while_children_work=lambda: trainer.round(start, t, s, sampled), add_own=trainer.add_own,
                 )
+                telemetry = telemetry + trainer.telemetry()
             weight_sum += weight
             w = sum(d["weight"] for d in telemetry)
             rows.append({
@@ -75,7 +68,7 @@ def run(rt, cfg) -> None:
                 "samples": w,
                 "bytes": merge([d["bytes"] for d in telemetry] + [rt.ledger.take_round()]),
                 "seconds": {"wall": time.perf_counter() - started, "compute": max(d["compute_s"] for d in telemetry), "aggregate": agg_s,
-                            **(split.take_phases(telemetry) if split else {})},
+                            **(trainer.row_seconds(telemetry) if trainer else {})},
             })
         # Up to the cloud: the edge's whole change this cloud round, weighted by the samples behind it.
         if weight_sum > 0:
@@ -87,12 +80,19 @@ def run(rt, cfg) -> None:
         # checkpoint of this round, so it travels only when there is one.
         rt.up.gather_obj({"rows": rows, "bytes": rt.ledger.take_round(), "strategy_state": strategy.state_dict() if checkpoint else {}})
         if checkpoint:
-            own = prefixed("split", split.save(t)) if split else {}
-            if has_state or split:
-                saved.save(t, {**prefixed("up", up.state_dict()), **prefixed("down", down.state_dict()), **own})
-    for part in (split, edge_client):
-        if part is not None:
-            part.close()
+            own = trainer.save(t) if trainer else None  # None: nothing of the trainer's to keep
+            if has_state or own is not None:
+                saved.save(t, {**prefixed("up", up.state_dict()), **prefixed("down", down.state_dict()), **prefixed("split", own or {})})
+    if trainer:
+        trainer.close()
+
+
+def edge_trainer(rt, cfg, plan, resumed: dict[str, np.ndarray]):
+    """What this edge trains besides aggregating: its split devices' upper stage (EdgeSplit), its
+    own client (EdgeLocal; the two are never combined, see hierfed.preflight), or nothing (None)."""
+    if split_here(rt):
+        return EdgeSplit(rt, cfg, plan, resumed)
+    return EdgeLocal(rt, cfg, plan) if rt.placement.edges[rt.role.edge].clients else None
 
 
 def close_group(rt) -> None:
@@ -110,33 +110,60 @@ def close_group(rt) -> None:
 
 
 def split_here(rt) -> bool:
-    return any(d.split_layers is not None for d in rt.placement.edges[rt.role.edge].devices)
+    return bool(rt.placement.edges[rt.role.edge].split_devices)
 
 
 def run_follower(rt, cfg) -> None:
     """A non-leader rank of a multi-rank edge: a shard of the DeepSpeed engine (the upper stage of
     its split devices, or its own client), in lockstep with its leader's edge rounds."""
     plan = bcast_object(rt.edge_group, None, False, rt.poll)
-    me = rt.placement.edges[rt.role.edge]
-    if me.clients:
-        edge_client = EdgeLocal(rt, cfg, plan)
-        for t in range(plan.start_round, cfg.schedule.rounds + 1):
-            sampled = set(me.clients).intersection(sampled_clients(rt.placement.num_clients, cfg.schedule.client_fraction, cfg.seed, t).tolist())
-            for s in range(1, cfg.schedule.tau2 + 1):
-                edge_client.round(None, t, s, sampled)
-        edge_client.close()
-        return
     saved = RankState(Path(plan.out), rt.role.rank, cfg.checkpoint.keep)
-    resumed = saved.load(plan.start_round - 1) if plan.start_round > 1 else {}
-    split = EdgeSplit(rt, cfg, plan, unprefixed("split", resumed))
-    clients = {c for d in rt.placement.edges[rt.role.edge].devices for c in d.clients}
+    resumed = saved.load(plan.start_round - 1) if plan.start_round > 1 and split_here(rt) else {}
+    trainer = edge_trainer(rt, cfg, plan, unprefixed("split", resumed))
+    clients = rt.placement.edges[rt.role.edge].all_clients
     for t in range(plan.start_round, cfg.schedule.rounds + 1):
         sampled = clients.intersection(sampled_clients(rt.placement.num_clients, cfg.schedule.client_fraction, cfg.seed, t).tolist())
         for s in range(1, cfg.schedule.tau2 + 1):
-            split.round(None, t, s, sampled)
+            trainer.round(None, t, s, sampled)
         if t % cfg.checkpoint.every == 0 or t == cfg.schedule.rounds:
-            saved.save(t, prefixed("split", split.save(t)))
-    split.close()
+            own = trainer.save(t)  # collective over the group (DeepSpeed's checkpoint), on every rank
+            if own is not None:
+                saved.save(t, prefixed("split", own))
+    trainer.close()
+
+
+def _build_model(rt, cfg, plan):
+    """The model of an edge that trains, with its task and every client's shard: built as every
+    rank builds it and checked against the cloud's plan before anything is pruned."""
+    from hierfed.data import load_data, partition
+    from hierfed.engine import configure_threads, torch_device
+    from hierfed.model import FlatView, build_model
+    from hierfed.roles.protocol import check_plan
+
+    configure_threads(cfg.runtime.threads)
+    task = load_data(cfg.data)
+    shards = partition(task.train, rt.placement.num_clients, cfg.data.partition, alpha=cfg.data.alpha, seed=cfg.data.seed)
+    device = torch_device(cfg.runtime.device)
+    built = build_model(cfg.model, cfg.peft, task.kind, task.num_labels, cfg.seed, device)
+    whole = FlatView(built.model)
+    check_plan(plan, whole.dim, whole.fingerprint(), whole.base_fingerprint(), rt.role.name)
+    return task, shards, device, built, whole
+
+
+def _join_deepspeed_group(rt, cfg, device) -> None:
+    """This edge's torch.distributed group (the leader picks address and port): NCCL on GPUs, gloo
+    on CPUs unless deepspeed.backend says otherwise."""
+    from hierfed.deepspeed_edge import init_group
+
+    backend = cfg.deepspeed.backend if cfg.deepspeed.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
+    init_group(rt.edge_group, rt.role.group_index == 0, backend)
+
+
+def _from_leader(rt, buf: np.ndarray) -> None:
+    """The leader's `buf` to every rank of a multi-rank edge. Followers wait here between rounds,
+    as runtime.wait says (a blocking Bcast would spin)."""
+    if rt.edge_group.Get_size() > 1:
+        wait(rt.edge_group.Ibcast(buf, root=0), rt.poll)
 
 
 class EdgeSplit:
@@ -144,17 +171,11 @@ class EdgeSplit:
     rank (plain torch) or sharded over the edge's ranks (DeepSpeed ZeRO)."""
 
     def __init__(self, rt, cfg, plan, resumed: dict[str, np.ndarray]) -> None:
-        from hierfed.data import load_data, partition
-        from hierfed.engine import configure_threads, torch_device
-        from hierfed.model import FlatView, build_model
-        from hierfed.roles.protocol import check_plan
         from hierfed.split import prune_for_edge
         from hierfed.splitlink import SplitServer, global_index, split_plan
 
-        configure_threads(cfg.runtime.threads)
         self.rt, self.cfg, self.out = rt, cfg, Path(plan.out)
-        task = load_data(cfg.data)
-        shards = partition(task.train, rt.placement.num_clients, cfg.data.partition, alpha=cfg.data.alpha, seed=cfg.data.seed)
+        task, shards, device, built, whole = _build_model(rt, cfg, plan)
         ks = split_plan(rt.placement, cfg, task.kind, task.num_labels)
         me = rt.placement.edges[rt.role.edge]
         split_devices = [d for d in me.devices if ks[d.rank] is not None]
@@ -162,17 +183,12 @@ class EdgeSplit:
         # split device rank -> (client, weight); device i is served by edge rank i mod G
         self.devices = {d.rank: (d.clients[0], len(shards[d.clients[0]])) for d in split_devices}
         self.mine = {d.rank for i, d in enumerate(split_devices) if me.ranks[i % len(me.ranks)] == rt.role.rank}
-        device = torch_device(cfg.runtime.device)
-        built = build_model(cfg.model, cfg.peft, task.kind, task.num_labels, cfg.seed, device)
-        whole = FlatView(built.model)
-        check_plan(plan, whole.dim, whole.fingerprint(), whole.base_fingerprint(), rt.role.name)
         prune_for_edge(built.model, k)
         poll = rt.poll
         if use_deepspeed(cfg, len(me.ranks)):
-            from hierfed.deepspeed_edge import DeepSpeedServer, init_group
+            from hierfed.deepspeed_edge import DeepSpeedServer
 
-            backend = cfg.deepspeed.backend if cfg.deepspeed.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
-            init_group(rt.edge_group, rt.role.group_index == 0, backend)
+            _join_deepspeed_group(rt, cfg, device)
             self.server = DeepSpeedServer(rt.split_comm, built.model, task.kind, k, cfg, rt.ledger, poll,
                                           rt.edge_group, rt.role.group_index == 0, len(split_devices), me.name)
         else:
@@ -191,10 +207,8 @@ class EdgeSplit:
         The leader passes the edge's parameters; followers receive them from it."""
         from hierfed.engine import derive_seed
 
-        group = self.rt.edge_group
         start = np.empty(self.server.flat.dim, dtype=np.float32) if params is None else params[self.index].copy()
-        if group.Get_size() > 1:  # followers wait here between rounds: as runtime.wait says, not spinning
-            wait(group.Ibcast(start, root=0), self.rt.poll)
+        _from_leader(self.rt, start)
         self.start = start
         self.server.load(start)
         active = {r: derive_seed(self.cfg.seed, t, s, c) for r, (c, _) in self.devices.items() if c in sampled}
@@ -214,7 +228,10 @@ class EdgeSplit:
     def close(self) -> None:
         close_group(self.rt)
 
-    def take_phases(self, telemetry: list[dict]) -> dict:
+    def telemetry(self) -> list[dict]:
+        return []  # the split devices report their own clients
+
+    def row_seconds(self, telemetry: list[dict]) -> dict:
         """This edge round's split-link times for the edge row: the edge's busy time (all but waiting
         for activations), its phases, and the split devices' mean phases (from their telemetry)."""
         edge = self.server.phases.take()
@@ -230,27 +247,17 @@ class EdgeLocal:
     weighted update joins the edge's sum as a device's would."""
 
     def __init__(self, rt, cfg, plan) -> None:
-        from hierfed.data import load_data, partition
-        from hierfed.engine import LocalTrainer, configure_threads, tokenize, torch_device
-        from hierfed.model import FlatView, build_model
-        from hierfed.roles.protocol import check_plan
+        from hierfed.engine import LocalTrainer, tokenize
 
-        configure_threads(cfg.runtime.threads)
         self.rt, self.cfg = rt, cfg
         me = rt.placement.edges[rt.role.edge]
         self.client = me.clients[0]
-        task = load_data(cfg.data)
-        shards = partition(task.train, rt.placement.num_clients, cfg.data.partition, alpha=cfg.data.alpha, seed=cfg.data.seed)
-        device = torch_device(cfg.runtime.device)
-        built = build_model(cfg.model, cfg.peft, task.kind, task.num_labels, cfg.seed, device)
-        flat = FlatView(built.model)
-        check_plan(plan, flat.dim, flat.fingerprint(), flat.base_fingerprint(), rt.role.name)
+        task, shards, device, built, flat = _build_model(rt, cfg, plan)
         self.data = tokenize(built.tokenizer, [task.train[i] for i in shards[self.client]], task.kind, cfg.model.max_length)
         if use_deepspeed(cfg, len(me.ranks)):
-            from hierfed.deepspeed_edge import DeepSpeedLocal, init_group
+            from hierfed.deepspeed_edge import DeepSpeedLocal
 
-            backend = cfg.deepspeed.backend if cfg.deepspeed.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
-            init_group(rt.edge_group, rt.role.group_index == 0, backend)
+            _join_deepspeed_group(rt, cfg, device)
             self.trainer = DeepSpeedLocal(built.model, cfg, rt.edge_group, me.name, device)
             self.load, self.get = self.trainer.load, self.trainer.get
         else:
@@ -271,9 +278,7 @@ class EdgeLocal:
             return
         if params is None:  # a follower: the leader's parameters come next
             params = np.empty(self.dim, dtype=np.float32)
-        group = self.rt.edge_group
-        if group is not None and group.Get_size() > 1:  # followers wait here between rounds, as runtime.wait says
-            wait(group.Ibcast(params, root=0), self.rt.poll)
+        _from_leader(self.rt, params)
         began = time.perf_counter()
         self.start = params
         self.load(params)
@@ -289,6 +294,12 @@ class EdgeLocal:
             from hierfed.strategy import Strategy
 
             reduced += Strategy.contribution(self.new - self.start, self.weight)
+
+    def save(self, t: int) -> None:
+        return None  # a client starts every round afresh: nothing to checkpoint
+
+    def row_seconds(self, telemetry: list[dict]) -> dict:
+        return {}
 
     def telemetry(self) -> list[dict]:
         """What a device would report for this client (the edge's rows count it the same way)."""

@@ -367,4 +367,5 @@ def test_an_edge_that_trains_locally_owns_the_next_client_ids() -> None:
     assert [e.clients for e in p.edges] == [(8,), (), (9,)]  # then the edges' own, in edge order
     assert p.num_clients == topo.num_clients == 10
     assert [e.num_clients for e in p.edges] == [7, 1, 2]
+    assert [sorted(e.all_clients) for e in p.edges] == [[0, 1, 2, 3, 4, 5, 8], [6], [7, 9]]
     assert p.world_size == 1 + 2 + 2 + 1 + 1 + 1 + 1  # an edge's own client adds no rank
