@@ -19,6 +19,8 @@ is attributed rather than guessed:
    that edge round's wall time (the first edge round is warm-up). The edge's and devices' phase
    times (metrics.jsonl) say where each second went.
 Prints one JSON line per run and a final JSON with every figure and its ratio to `whole`.
+A run may name its micro-batch count after a colon (`split-zero2:1`, `whole-micro:2`); without one it
+uses --micro-batches. `inproc` stands for whole, whole-micro and inproc-split.
 """
 
 from __future__ import annotations
@@ -81,8 +83,9 @@ def _timed(args, device, step) -> dict:
     return {"tokens_per_s": args.steps * args.batch * args.seq / seconds, "seconds": seconds, "peak_bytes": peak}
 
 
-def in_process(args, cfg: dict) -> dict:
-    """Runs 1-3 of the ladder in one process on one model: whole, whole-micro, inproc-split."""
+def in_process(args, cfg: dict, runs: list[tuple[str, int]]) -> dict:
+    """Runs 1-3 of the ladder in one process on one model: whole, whole-micro, inproc-split
+    (each with its own micro-batch count)."""
     import torch
 
     from hierfed.config import RunConfig
@@ -98,7 +101,6 @@ def in_process(args, cfg: dict) -> dict:
     opt = make_optimizer(trainable, rc.train)
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), device=device)
     mask = torch.ones_like(ids)
-    micro = rc.split.micro_batches
     lower, upper = DeviceStage(model, args.k), EdgeStage(model, "causal_lm", args.k)
 
     def finish() -> None:
@@ -110,12 +112,12 @@ def in_process(args, cfg: dict) -> dict:
         model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
         finish()
 
-    def whole_micro() -> None:
+    def whole_micro(micro: int) -> None:
         for i, m in zip(ids.chunk(micro), mask.chunk(micro)):
             (model(input_ids=i, attention_mask=m, labels=i).loss / micro).backward()
         finish()
 
-    def inproc_split() -> None:
+    def inproc_split(micro: int) -> None:
         for i, m in zip(ids.chunk(micro), mask.chunk(micro)):
             h = lower(i, m)
             wire = h.detach().to(torch.bfloat16 if args.device != "cpu" else torch.float32).to(h.dtype).requires_grad_()
@@ -124,12 +126,15 @@ def in_process(args, cfg: dict) -> dict:
             h.backward(wire.grad)
         finish()
 
+    steps = {"whole": lambda micro: whole, "whole-micro": lambda micro: lambda: whole_micro(micro),
+             "inproc-split": lambda micro: lambda: inproc_split(micro)}
     out = {}
-    for name, step in (("whole", whole), ("whole-micro", whole_micro), ("inproc-split", inproc_split)):
+    for name, micro in runs:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        out[name] = _timed(args, device, step)
-        print(json.dumps({name: out[name]}), flush=True)
+        key = name if name == "whole" else f"{name}:{micro}"
+        out[key] = _timed(args, device, steps[name](micro))
+        print(json.dumps({key: out[key]}), flush=True)
     return out
 
 
@@ -177,8 +182,10 @@ def main() -> None:
     p.add_argument("--k", type=int, default=2, help="blocks on each device")
     p.add_argument("--timeout", type=int, default=240, help="seconds per hierfed job")
     p.add_argument("--tokenizer", default=str(ROOT / ".gpu" / "tokenizer"))
-    p.add_argument("--runs", default="inproc,split-plain,split-zero2",
-                   help="comma-separated: inproc (whole, whole-micro, inproc-split), split-plain, split-zero2, split-zero2-profile")
+    p.add_argument("--micro-batches", type=int, default=4, help="split.micro_batches of runs that name none")
+    p.add_argument("--runs", default="whole,whole-micro:4,inproc-split:1,split-zero2:1,split-plain:1,split-zero2:4",
+                   help="comma-separated, each optionally NAME:MICRO_BATCHES: whole, whole-micro, inproc-split (inproc = all three), "
+                        "split-plain, split-zero2, split-zero2-profile")
     args = p.parse_args()
     args.seq, args.batch = (32, 8) if args.tiny else (1024, 8)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -191,15 +198,23 @@ def main() -> None:
         result["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     except Exception:  # noqa: BLE001 - the name is informational
         result["gpu"] = None
-    runs = args.runs.split(",")
-    if "inproc" in runs:
-        result.update(in_process(args, cfg))
     jobs = {"split-plain": (False, False), "split-zero2": (True, False), "split-zero2-profile": (True, True)}
-    for name in (r for r in runs if r in jobs):
+    runs = []
+    for token in args.runs.split(","):
+        name, _, micro = token.partition(":")
+        for n in ("whole", "whole-micro", "inproc-split") if name == "inproc" else (name,):
+            if n not in jobs and n not in ("whole", "whole-micro", "inproc-split"):
+                p.error(f"--runs: unknown run {n!r}")
+            runs.append((n, int(micro) if micro else args.micro_batches))
+    inproc = [r for r in runs if r[0] not in jobs]
+    if inproc:
+        result.update(in_process(args, cfg, inproc))
+    for name, micro in (r for r in runs if r[0] in jobs):
         deepspeed, profile = jobs[name]
-        job_cfg = {**cfg, "runtime": {**cfg["runtime"], "profile": profile}}
-        result[name] = split(args, job_cfg, name, deepspeed)
-        print(json.dumps({name: result[name]}), flush=True)
+        label = f"{name}:{micro}"
+        job_cfg = {**cfg, "runtime": {**cfg["runtime"], "profile": profile}, "split": {**cfg["split"], "micro_batches": micro}}
+        result[label] = split(args, job_cfg, label.replace(":", "-mb"), deepspeed)
+        print(json.dumps({label: result[label]}), flush=True)
     if "whole" in result:
         base = result["whole"]["tokens_per_s"]
         result["ratios"] = {k: v["tokens_per_s"] / base for k, v in result.items() if isinstance(v, dict) and "tokens_per_s" in v}
