@@ -77,6 +77,7 @@ class ScheduleConfig(_Section):
     tau1: int = Field(5, ge=1)  # local steps per edge round
     tau2: int = Field(2, ge=1)  # edge rounds per cloud round (flat topologies aggregate once per round)
     client_fraction: float = Field(1.0, gt=0, le=1)  # clients sampled per cloud round
+    eval_every: int = Field(1, ge=1)  # the cloud evaluates every N cloud rounds (and always round 0 and the last)
     eval_batch_size: int = Field(64, ge=1)
 
 

@@ -58,8 +58,8 @@ class RunLog:
             self._print_round(row)
 
     def _print_round(self, row: dict[str, Any]) -> None:
-        acc = row.get("eval_accuracy")
-        score = f"acc {acc:.3f}" if acc is not None else f"eval loss {row['eval_loss']:.3f}"
+        acc, eval_loss = row.get("eval_accuracy"), row.get("eval_loss")
+        score = f"acc {acc:.3f}" if acc is not None else f"eval loss {eval_loss:.3f}" if eval_loss is not None else "(no eval)"
         loss = f"loss {row['loss']:.3f}" if row.get("loss") is not None else "loss   -  "
         sent = sum(d["up"] + d["down"] for d in row.get("bytes", {}).values())
         self.console.print(f"round {row['round']:>3}  {loss}  {score}  sent {human_bytes(sent):>9}  {row['elapsed_s']:7.1f} s")

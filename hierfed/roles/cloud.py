@@ -79,9 +79,10 @@ def run(rt, cfg) -> None:
     def finish(row: dict, raw: dict, params: np.ndarray, states: dict, cloud_state: dict) -> None:
         """Evaluate and checkpoint a finished round, then write its row."""
         t0 = time.perf_counter()
-        flat.set(params)
-        row.update(evaluator.evaluate(eval_data, task.kind, cfg.schedule.eval_batch_size))
         last = row["round"] == cfg.schedule.rounds
+        if row["round"] % cfg.schedule.eval_every == 0 or last:  # round 0 included: where learning starts
+            flat.set(params)
+            row.update(evaluator.evaluate(eval_data, task.kind, cfg.schedule.eval_batch_size))
         if row["round"] > 0 and (last or row["round"] % cfg.checkpoint.every == 0):
             ckpts.save(State(row["round"], params, cloud_state, states), built.model, flat, meta)
         row["seconds"]["eval"] = time.perf_counter() - t0

@@ -105,14 +105,18 @@ def test_hierarchy_with_tau2_1_equals_flat_fedavg(tmp_path):
 
 
 def test_uneven_topology_causal_lm(tmp_path):
-    """Uneven fan-outs (3 devices and 1) with a tiny Llama on the built-in corpus: eval loss falls."""
+    """Uneven fan-outs (3 devices and 1) with a tiny Llama on the built-in corpus: eval loss falls.
+    With `eval_every: 2` the cloud evaluates rounds 0, 2 and the last (3), not round 1."""
     cfg = _tiny_config(tmp_path, model={"source": "llama", "size": "tiny", "max_length": 24},
                        data={"source": "corpus", "train_samples": 400, "eval_samples": 64},
-                       schedule={"rounds": 3, "tau1": 4, "tau2": 2})
+                       schedule={"rounds": 3, "tau1": 4, "tau2": 2, "eval_every": 2})
     out = tmp_path / "uneven"
-    check_ok(mpirun(7, "run", "uneven", "--config", cfg, "--out", str(out)))
+    proc = mpirun(7, "run", "uneven", "--config", cfg, "--out", str(out))
+    check_ok(proc)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["final"]["eval_loss"] < summary["initial"]["eval_loss"]
+    evaluated = {r["round"]: "eval_loss" in r for r in rows(out) if r["tier"] == "cloud"}
+    assert evaluated == {0: True, 1: False, 2: True, 3: True}
     edges = {r["edge"]: r["clients"] for r in rows(out) if r["tier"] == "edge" and r["round"] == 1 and r["edge_round"] == 1}
     assert sorted(edges.values()) == [1, 3]
 
