@@ -49,8 +49,11 @@ def quiet_import():
     return deepspeed
 
 
-def init_group(comm: MPI.Comm, leader: bool, backend: str) -> None:
-    """torch.distributed's default process group = this edge group (address/port from its leader)."""
+def init_group(comm: MPI.Comm, leader: bool, backend: str, device: torch.device) -> None:
+    """torch.distributed's default process group = this edge group (address/port from its leader).
+    On a GPU the group is bound to this rank's device, which follows the node-local MPI rank, not
+    the rank in the group (NCCL would otherwise guess GPU = group rank, wrong when several edges
+    share a node)."""
     import torch.distributed as dist
 
     host = socket.gethostname()
@@ -65,7 +68,10 @@ def init_group(comm: MPI.Comm, leader: bool, backend: str) -> None:
     rank, size = comm.Get_rank(), comm.Get_size()
     # LOCAL_RANK is the node-local MPI rank (DeepSpeed checks it against Open MPI's own variable).
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(size), LOCAL_RANK=str(local_rank()), MASTER_ADDR=where[0], MASTER_PORT=str(where[1]))
-    dist.init_process_group(backend, init_method=f"tcp://{where[0]}:{where[1]}", rank=rank, world_size=size)
+    bound = device if device.type == "cuda" else None
+    if bound is not None:
+        torch.cuda.set_device(bound)
+    dist.init_process_group(backend, init_method=f"tcp://{where[0]}:{where[1]}", rank=rank, world_size=size, device_id=bound)
 
 
 def load_params(flat, vec: np.ndarray, zero3: bool) -> None:

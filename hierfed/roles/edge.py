@@ -156,7 +156,7 @@ def _join_deepspeed_group(rt, cfg, device) -> None:
     from hierfed.deepspeed_edge import init_group
 
     backend = cfg.deepspeed.backend if cfg.deepspeed.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
-    init_group(rt.edge_group, rt.role.group_index == 0, backend)
+    init_group(rt.edge_group, rt.role.group_index == 0, backend, device)
 
 
 def _from_leader(rt, buf: np.ndarray) -> None:
