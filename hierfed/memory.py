@@ -195,9 +195,94 @@ def estimate(cfg: RunConfig, kind: str, num_labels: int | None, k: int | None) -
         mb, n = micro_batching(cfg)
         # per micro-batch: k blocks' graphs, plus the boundary activations held until their gradient returns
         act = n * (k * block_activation_bytes(s, mb, t) + 4 * mb * t * s.hidden)
-    slots = 2 if cfg.train.optimizer == "adamw" else (1 if cfg.train.momentum > 0 else 0)  # AdamW: m and v
-    return Estimate(k, part.frozen_bytes, part.trainable_bytes, 4 * slots * part.trainable,
+    return Estimate(k, part.frozen_bytes, part.trainable_bytes, 4 * _optimizer_slots(cfg) * part.trainable,
                     part.trainable_bytes, act)
+
+
+def _optimizer_slots(cfg: RunConfig) -> int:
+    """float32 values of optimiser state per trainable value: AdamW m and v, SGD's momentum buffer."""
+    return 2 if cfg.train.optimizer == "adamw" else (1 if cfg.train.momentum > 0 else 0)
+
+
+@dataclass(frozen=True)
+class EdgeEstimate:
+    """What one rank of a training edge needs: the upper stage it trains for its split devices, or
+    the client it trains itself (`train_locally`), on `ranks` ranks (a ZeRO group when DeepSpeed is on)."""
+
+    name: str
+    ranks: int
+    trains: str  # what it trains, in words
+    engine: str  # "plain torch" or "ZeRO-s over G ranks", and where the optimiser state lives
+    per_rank: Estimate  # accelerator (or CPU) memory of one rank of the group
+    host: int  # per rank, in host memory: the optimiser state and fp32 master offloaded to the CPU
+    single: Estimate  # the same work on one rank with plain torch: what the group saves
+
+
+def edge_estimate(cfg: RunConfig, kind: str, num_labels: int | None, k: int | None, group: int,
+                  zero: tuple[int, bool] | None) -> tuple[Estimate, int]:
+    """(bytes per rank, host bytes per rank) of an edge rank. `k`: it trains the upper stage
+    [k, L) + head for split devices, one micro-batch at a time; None: it trains its own client's
+    whole model on a ceil(batch / group) slice of each batch. `zero`: (stage, offload) when the edge
+    runs DeepSpeed.
+
+    ZeRO over G ranks (Rajbhandari et al. 2020) divides by G, per rank: from stage 1 the optimiser
+    state plus the fp32 master copy DeepSpeed keeps of the trainable values, from stage 2 the
+    gradients, at stage 3 the parameters, frozen ones included. Offload moves the optimiser state
+    and the master copy to host memory. DeepSpeed's communication buckets and stage 3's gathered
+    block are not counted.
+    """
+    s, t = shape(cfg, kind, num_labels), cfg.model.max_length
+    n_blocks = len(s.blocks)
+    if k is None:
+        part, blocks, b, received = s.embed + sum(s.blocks, Part()) + s.head, n_blocks, math.ceil(cfg.train.batch_size / group), 0
+    else:
+        if not 1 <= k < n_blocks:
+            raise HierfedError(f"split_layers: {k} is out of range: {_model(cfg)} has {n_blocks} blocks, so k must be 1..{n_blocks - 1}")
+        b = micro_batching(cfg)[0]
+        part, blocks = sum(s.blocks[k:], Part()) + s.head, n_blocks - k
+        received = 4 * b * t * s.hidden  # the boundary activations, a leaf whose gradient goes back down
+    # the blocks' graphs, plus the logits and cross-entropy's log-probabilities (float32)
+    act = blocks * block_activation_bytes(s, b, t) + received + 2 * 4 * b * (t if kind == "causal_lm" else 1) * s.outputs
+    frozen, adapter, grads = part.frozen_bytes, part.trainable_bytes, part.trainable_bytes
+    state, host = 4 * _optimizer_slots(cfg) * part.trainable, 0
+    if zero is not None and zero[0] >= 1:
+        stage, offload = zero
+        state = math.ceil((state + 4 * part.trainable) / group)  # + the fp32 master partition
+        if offload:
+            state, host = 0, state
+        if stage >= 2:
+            grads = math.ceil(grads / group)
+        if stage == 3:
+            frozen, adapter = math.ceil(frozen / group), math.ceil(adapter / group)
+    return Estimate(k, frozen, adapter, state, grads, act), host
+
+
+def edge_plan(placement: Placement, cfg: RunConfig, kind: str, num_labels: int | None) -> list[EdgeEstimate]:
+    """Per training edge of the topology: its memory per rank (edges that only aggregate are left out)."""
+    from hierfed.dsconfig import use_deepspeed
+    from hierfed.splitlink import split_plan
+
+    ks = split_plan(placement, cfg, kind, num_labels) if any(d.split_layers is not None for d in placement.devices) else {}
+    n_blocks, ds = len(shape(cfg, kind, num_labels).blocks), cfg.deepspeed
+    rows = []
+    for e in placement.edges:
+        g = len(e.ranks)
+        zero = (ds.zero_stage, ds.offload_optimizer) if use_deepspeed(cfg, g) else None
+        engine = "plain torch" if zero is None else f"ZeRO-{zero[0]} over {g} rank{'s' if g > 1 else ''}" + (
+            ", optimizer on the CPU" if zero[1] and zero[0] >= 1 else "")
+        split = [d for d in e.devices if ks.get(d.rank) is not None]
+        work = []
+        if split:
+            k = ks[split[0].rank]
+            blocks = f"block {k}" if k == n_blocks - 1 else f"blocks {k}-{n_blocks - 1}"
+            work.append((k, f"{blocks} + head for {len(split)} split device{'s' if len(split) > 1 else ''}"))
+        if e.clients:
+            work.append((None, "its own client (whole model)"))
+        for k, trains in work:
+            per_rank, host = edge_estimate(cfg, kind, num_labels, k, g, zero)
+            single, _ = edge_estimate(cfg, kind, num_labels, k, 1, None)
+            rows.append(EdgeEstimate(e.name, g, trains, engine, per_rank, host, single))
+    return rows
 
 
 def link_bytes(cfg: RunConfig, k: int | None, kind: str | None = None,

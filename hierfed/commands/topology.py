@@ -62,28 +62,41 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def _rows(placement: Placement, config: str | None) -> tuple[str, list[Any]]:
-    """hierfed.memory's plan for this topology under the run config, and a line of its factors."""
+def _rows(placement: Placement, config: str | None, edges: bool = False) -> tuple[str, list[Any], list[Any]]:
+    """hierfed.memory's plan for this topology under the run config, a line of its factors, and
+    (with `edges`) the training edges' memory per rank."""
     from hierfed import memory
     from hierfed.config import load_config
 
     cfg = load_config(config)
     kind, num_labels = memory.task_of(cfg)
     rows = memory.plan(placement, cfg, kind, num_labels)  # raises HierfedError on impossible budgets
-    return memory.describe(cfg, kind, num_labels), rows
+    edge_rows = memory.edge_plan(placement, cfg, kind, num_labels) if edges else []
+    return memory.describe(cfg, kind, num_labels), rows, edge_rows
+
+
+def _aligned(table: list[tuple[str, ...]]) -> list[str]:
+    """Rows of cells in columns as wide as their widest cell (the last column left ragged)."""
+    widths = [max(len(row[i]) for row in table) + 2 for i in range(len(table[0]) - 1)]
+    return ["".join(c.ljust(w) for c, w in zip(row[:-1], widths)) + row[-1] for row in table]
 
 
 def render_plan(placement: Placement, config: str | None) -> list[str]:
-    """The plan as aligned text: the summary, the factors, then one row per device."""
+    """The plan as aligned text: the summary, the factors, one row per device, then one per
+    training edge (its memory per rank, and on one rank without DeepSpeed)."""
     from hierfed.memory import human
 
-    factors, rows = _rows(placement, config)
+    factors, rows, edges = _rows(placement, config, edges=True)
     table = [("device", "rank", "memory", "split", "k", "estimate", "up/step", "down/step", "why")]
     table += [(r.name, str(r.rank), f"{r.memory_gb:g} GB", "all" if r.requested is None else str(r.requested),
                _k(r.k), human(r.estimate.total), human(r.up), human(r.down), r.why) for r in rows]
-    widths = [max(len(row[i]) for row in table) + 2 for i in range(len(table[0]) - 1)]
-    return [placement.summary(), f"  {factors}"] + [
-        "".join(c.ljust(w) for c, w in zip(row[:-1], widths)) + row[-1] for row in table]
+    lines = [placement.summary(), f"  {factors}"] + _aligned(table)
+    if edges:
+        table = [("edge", "ranks", "per rank", "host/rank", "1 rank, plain", "engine", "trains")]
+        table += [(e.name, str(e.ranks), human(e.per_rank.total), human(e.host) if e.host else "-",
+                   human(e.single.total), e.engine, e.trains) for e in edges]
+        lines += [""] + _aligned(table)
+    return lines
 
 
 def _k(k: int | None) -> str:

@@ -158,12 +158,17 @@ def test_plan_prints_k_and_why_per_device(tmp_path, write_yaml, capsys: pytest.C
     assert "gpt2 small (causal_lm), 4 blocks" in lines[1]
     header = lines[2].split()
     assert header == ["device", "rank", "memory", "split", "k", "estimate", "up/step", "down/step", "why"]
-    rows = {line.split()[0]: line for line in lines[3:]}
+    devices = lines[3:6]
+    rows = {line.split()[0]: line for line in devices}
     assert rows["edge0/d0"].split()[4:6] == ["auto", "2"] and "k=2: 3 blocks would need" in rows["edge0/d0"]
     assert rows["edge0/d1"].split()[4:6] == ["1", "1"] and "k=1 as configured (fits:" in rows["edge0/d1"]
     assert rows["edge0/d2"].split()[4:6] == ["all", "all"] and "whole model (" in rows["edge0/d2"]
     col = lines[2].index("why")  # aligned: every row's why starts under the header's
-    assert [line[col - 1:col + 2] for line in lines[3:]] == [" k=", " k=", " wh"]
+    assert [line[col - 1:col + 2] for line in devices] == [" k=", " k=", " wh"]
+    # then the edge: it trains blocks [1, 4) + head (the smallest k of its split devices) on one rank
+    assert lines[6] == "" and lines[7].split()[:5] == ["edge", "ranks", "per", "rank", "host/rank"]
+    edge = memory.edge_estimate(GPT2_SMALL, *CAUSAL, 1, 1, None)[0].total
+    assert lines[8].split()[:3] == ["edge0", "1", memory.human(edge).split()[0]] and lines[8].endswith("blocks 1-3 + head for 2 split devices")
 
     code, out = topology_cli(capsys, "validate", topo, "--config", run)
     assert code == 0 and out.strip().endswith("split: edge0/d0 k=2, edge0/d1 k=1")
@@ -187,3 +192,52 @@ def test_validate_without_split_does_not_import_torch(write_yaml) -> None:
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("ok: topo: 1 cloud + 1 edge × (1 + 3 devices) = 5 ranks")
+
+
+# ------------------------------------------------------------------ training edges ---
+
+
+def test_edge_estimate_by_hand() -> None:
+    """GPT-2 tiny, causal LM, AdamW, batch 4 in 2 micro-batches of 2 x 8 tokens: an edge training
+    blocks [1, 2) + head one micro-batch at a time, and ZeRO over 2 ranks dividing what it shards."""
+    cfg = RunConfig(model=ModelConfig(source="gpt2", max_length=8), data=DataConfig(source="corpus"),
+                    train=TrainConfig(batch_size=4), split=SplitConfig(micro_batches=2))
+    s = memory.shape(cfg, *CAUSAL)
+    part = s.blocks[1] + s.head
+    act = memory.block_activation_bytes(s, 2, 8) + 4 * 2 * 8 * 64 + 2 * 4 * 2 * 8 * 30522
+    plain, host = memory.edge_estimate(cfg, *CAUSAL, 1, 1, None)
+    assert (plain.frozen, plain.adapter, plain.gradients, plain.optimizer, plain.activations, host) == (
+        part.frozen_bytes, part.trainable_bytes, part.trainable_bytes, 8 * part.trainable, act, 0)
+    state = (8 + 4) * part.trainable  # AdamW m, v and DeepSpeed's fp32 master copy
+    z1, _ = memory.edge_estimate(cfg, *CAUSAL, 1, 2, (1, False))
+    z2, _ = memory.edge_estimate(cfg, *CAUSAL, 1, 2, (2, False))
+    z3, _ = memory.edge_estimate(cfg, *CAUSAL, 1, 2, (3, False))
+    assert (z1.optimizer, z1.gradients, z1.frozen) == (state // 2, part.trainable_bytes, part.frozen_bytes)
+    assert (z2.optimizer, z2.gradients, z2.frozen) == (state // 2, part.trainable_bytes // 2, part.frozen_bytes)
+    assert (z3.frozen, z3.adapter) == (part.frozen_bytes // 2, part.trainable_bytes // 2)
+    off, host = memory.edge_estimate(cfg, *CAUSAL, 1, 2, (2, True))
+    assert (off.optimizer, host) == (0, state // 2)
+    # its own client: the whole model on a ceil(4 / 2) = 2-sequence slice of every batch
+    whole, _ = memory.edge_estimate(cfg, *CAUSAL, None, 2, (2, False))
+    assert whole.frozen == (s.embed + s.blocks[0] + s.blocks[1] + s.head).frozen_bytes
+    assert whole.activations == 2 * memory.block_activation_bytes(s, 2, 8) + 2 * 4 * 2 * 8 * 30522
+
+
+def test_plan_prices_zero_edge_groups(tmp_path, write_yaml, capsys: pytest.CaptureFixture[str]) -> None:
+    """`topology plan` on 2-rank edges under ZeRO-3: one row per training edge, per rank below one plain rank."""
+    run = write_yaml("run.yaml", {"model": {"source": "gpt2", "size": "small"}, "data": {"source": "corpus"},
+                                  "train": {"batch_size": 8}, "deepspeed": {"enabled": True, "zero_stage": 3}})
+    topo = write_yaml("topo.yaml", {"edges": [{"ranks": 2, "devices": [{"ranks": 2, "split_layers": 2}]},
+                                              {"ranks": 2, "train_locally": True, "devices": [{"ranks": 1}]},
+                                              {"devices": [{"ranks": 1}]}]})
+    code, out = topology_cli(capsys, "plan", topo, "--config", run)
+    edges = out.split("\n\n")[1].splitlines()
+    assert code == 0 and len(edges) == 3  # the header, edge0 and edge1; edge2 only aggregates
+    cfg = RunConfig.model_validate({"model": {"source": "gpt2", "size": "small"}, "data": {"source": "corpus"},
+                                    "train": {"batch_size": 8}, "deepspeed": {"enabled": True, "zero_stage": 3}})
+    for line, k in zip(edges[1:], (2, None)):
+        per_rank, single = memory.edge_estimate(cfg, *CAUSAL, k, 2, (3, False))[0], memory.edge_estimate(cfg, *CAUSAL, k, 1, None)[0]
+        assert per_rank.total < single.total
+        assert line.split()[2:7] == [*memory.human(per_rank.total).split(), "-", *memory.human(single.total).split()]
+        assert "ZeRO-3 over 2 ranks" in line
+    assert edges[1].endswith("blocks 2-3 + head for 2 split devices") and edges[2].endswith("its own client (whole model)")
