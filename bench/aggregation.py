@@ -29,6 +29,7 @@ hierfed and object results are checked against a numpy float64 reference every r
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -196,8 +197,8 @@ def bench(args, placement, rt, rt_block) -> None:
     for dim in (int(float(s)) for s in args.sizes.split(",")):
         me = Rank(rt, rt_block, dim)
         ref = reference(placement, dim) if is_cloud else None
-        runs = {"floor": me.floor, "hierfed (poll)": lambda: me.hierfed(False),
-                "hierfed (block)": lambda: me.hierfed(True), "object": me.objects}
+        runs = {"floor": me.floor, "hierfed (poll)": functools.partial(me.hierfed, False),
+                "hierfed (block)": functools.partial(me.hierfed, True), "object": me.objects}
         times: dict[str, list[float]] = {m: [] for m in methods}
         for rep in range(args.warmup + args.repeats):
             for m in methods:  # interleaved, so drift on the machine hits every method alike
