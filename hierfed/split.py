@@ -264,6 +264,14 @@ def split_model(model: nn.Module, kind: str, k: int) -> tuple[DeviceStage, EdgeS
     return DeviceStage(model, k), EdgeStage(model, kind, k)
 
 
+def pad_blocks(model: nn.Module, total: int) -> None:
+    """A model loaded with only its first k blocks, padded to `total` entries with `Pruned`
+    placeholders: blocks keep their indices, parameters their names (`model._load_first_blocks`)."""
+    hf = _hf(model)
+    blocks = _blocks(hf, _arch(hf))
+    blocks.extend(Pruned(f"block {i}") for i in range(len(blocks), total))
+
+
 def prune_for_device(model: nn.Module, k: int) -> None:
     """Keep the embeddings and blocks [0, k); drop blocks [k, L), the final norm and the head (in place)."""
     hf = _hf(model)

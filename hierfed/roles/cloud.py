@@ -70,7 +70,7 @@ def run(rt, cfg) -> None:
         start, params, edge_states = 1, flat.get().astype(np.float64), {}  # float64 master copy
     log = RunLog(out, start - 1 if rt.resume else None, cfg.runtime.progress)
     (out / "config.yaml").write_text(rt.config_text)
-    rt.down.bcast_obj(Plan(start, flat.dim, flat.fingerprint(), flat.base_fingerprint(), str(out), edge_states))
+    rt.down.bcast_obj(Plan(start, flat.dim, flat.fingerprint(), flat.base_hashes(), str(out), edge_states))
     link = parent_link(rt.down, cfg, rt.placement.flat, "cloud", flat.dim)
     if rt.resume:
         link.load_state_dict(unprefixed("link", state.cloud_state))

@@ -26,32 +26,32 @@ def run(rt, cfg) -> None:
     spec = rt.role.device
     task = load_data(cfg.data)
     shards = partition(task.train, rt.placement.num_clients, cfg.data.partition, alpha=cfg.data.alpha, seed=cfg.data.seed)
-    built = build_model(cfg.model, cfg.peft, task.kind, task.num_labels, cfg.seed, torch_device(cfg.runtime.device))
-    flat = FlatView(built.model)
-    data = {c: tokenize(built.tokenizer, [task.train[i] for i in shards[c]], task.kind, cfg.model.max_length) for c in spec.clients}
-    fingerprints = flat.dim, flat.fingerprint(), flat.base_fingerprint()
-
     k = None
     if spec.split_layers is not None:
         from hierfed.splitlink import split_plan
 
         k = split_plan(rt.placement, cfg, task.kind, task.num_labels)[spec.rank]
+    # A split device holds only the embeddings and its k blocks (from disk, only they are loaded).
+    built = build_model(cfg.model, cfg.peft, task.kind, task.num_labels, cfg.seed, torch_device(cfg.runtime.device), blocks=k)
+    data = {c: tokenize(built.tokenizer, [task.train[i] for i in shards[c]], task.kind, cfg.model.max_length) for c in spec.clients}
+
     if k is None:
+        layout = flat = FlatView(built.model)  # the whole model's trainable parameters: the vector that travels
         trainer, mine_idx = LocalTrainer(built.model, cfg.train), None
     else:
-        from hierfed.split import prune_for_device
+        from hierfed.memory import skeleton
         from hierfed.splitlink import SplitClient, global_index
 
-        whole = flat
-        prune_for_device(built.model, k)
+        layout = FlatView(skeleton(cfg, task.kind, task.num_labels))  # the whole model's, from its meta skeleton
         edge = rt.placement.edges[spec.edge]
         split_devices = [d.rank for d in edge.split_devices]
         server = edge.ranks[split_devices.index(spec.rank) % len(edge.ranks)]  # as EdgeSplit assigns
         trainer = SplitClient(rt.split_comm, server, built.model, k, cfg, rt.ledger, rt.poll)
-        flat, mine_idx = trainer.flat, global_index(whole, trainer.flat)
+        flat, mine_idx = trainer.flat, global_index(layout, trainer.flat)
 
     plan = rt.up.bcast_obj()
-    check_plan(plan, *fingerprints, rt.role.name)
+    # the frozen weights this rank holds (a split device: its part) must be the cloud's
+    check_plan(plan, layout.dim, layout.fingerprint(), FlatView(built.model).base_hashes(), rt.role.name)
     if k is not None:
         trainer.handshake(data[spec.clients[0]], task.kind == "causal_lm")
     link = child_link(rt.up, cfg, rt.placement.flat, "cloud" if rt.placement.flat else "edge", plan.dim, plan.start_round > 1)

@@ -146,7 +146,7 @@ def _build_model(rt, cfg, plan):
     device = torch_device(cfg.runtime.device)
     built = build_model(cfg.model, cfg.peft, task.kind, task.num_labels, cfg.seed, device)
     whole = FlatView(built.model)
-    check_plan(plan, whole.dim, whole.fingerprint(), whole.base_fingerprint(), rt.role.name)
+    check_plan(plan, whole.dim, whole.fingerprint(), whole.base_hashes(), rt.role.name)
     return task, shards, device, built, whole
 
 

@@ -28,16 +28,20 @@ class Plan:
     start_round: int  # first cloud round to run (1, or after a resumed checkpoint)
     dim: int  # length of the flat trainable vector
     fingerprint: str  # names and shapes of the trainable parameters
-    base_fingerprint: str  # the frozen base weights
+    base_hashes: dict[str, str]  # a hash of every frozen base weight, by name
     out: str  # the run directory (ranks with state to checkpoint write there)
     edge_states: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)  # edge strategy state on resume
 
 
-def check_plan(plan: Plan, dim: int, fingerprint: str, base_fingerprint: str, who: str) -> None:
+def check_plan(plan: Plan, dim: int, fingerprint: str, base_hashes: dict[str, str], who: str) -> None:
+    """This rank's model against the cloud's: the same trainable layout, and every frozen weight it
+    holds (all of them, or a split device's part) equal to the cloud's."""
     if (dim, fingerprint) != (plan.dim, plan.fingerprint):
         raise HierfedError(f"{who}: trainable parameters differ from the cloud's ({dim} values vs {plan.dim}); all ranks must build the same model")
-    if base_fingerprint != plan.base_fingerprint:
-        raise HierfedError(f"{who}: frozen base weights differ from the cloud's; all ranks must load the same base model")
+    differ = next((n for n, h in base_hashes.items() if plan.base_hashes.get(n) != h), None)
+    if differ is not None:
+        what = "differs from" if differ in plan.base_hashes else "is not in"
+        raise HierfedError(f"{who}: frozen base weight {differ} {what} the cloud's model; all ranks must load the same base model")
 
 
 def sampled_clients(num_clients: int, fraction: float, seed: int, round_: int) -> np.ndarray:

@@ -21,8 +21,11 @@ def topology(tmp_path, name: str, edge0: list[dict], edge1: list[dict]) -> str:
     return str(path)
 
 
-def test_split_device_equals_whole_device(tmp_path):
+@pytest.mark.parametrize("weights", ["seeded", "on disk"])
+def test_split_device_equals_whole_device(tmp_path, weights):
     """One device split at k=1 vs the same run with that device whole: the same global adapter.
+    With the weights on disk (source: path) the split device loads only its embeddings and block
+    0; the others load the whole model.
 
     Tiny Llama (no dropout), one micro-batch per step and no gradient clipping, so the split run
     computes exactly what the whole device computes (the cut is bit-exact, tests/unit/test_split.py;
@@ -30,8 +33,19 @@ def test_split_device_equals_whole_device(tmp_path):
     float32 rounding where the edge adds its upper-block update to the devices' sum instead of the
     device sending it: one ulp of values of ~0.1, hence the bound of 1e-6 (observed: ~1e-9).
     """
-    cfg = _tiny_config(tmp_path, model={"source": "llama", "size": "tiny", "max_length": 24},
-                       train={"lr": 0.01, "batch_size": 8, "max_grad_norm": None},
+    model = {"source": "llama", "size": "tiny", "max_length": 24}
+    if weights == "on disk":
+        from hierfed.config import ModelConfig
+        from hierfed.model import _base_model, load_tokenizer
+
+        import torch
+
+        tok = load_tokenizer(ModelConfig(source="llama"))
+        torch.manual_seed(0)
+        _base_model(ModelConfig(source="llama"), "classification", 4, tok).save_pretrained(tmp_path / "m")
+        tok.save_pretrained(tmp_path / "m")
+        model = {"source": "path", "path": str(tmp_path / "m"), "max_length": 24}
+    cfg = _tiny_config(tmp_path, model=model, train={"lr": 0.01, "batch_size": 8, "max_grad_norm": None},
                        schedule={"rounds": 1, "tau1": 2, "tau2": 1}, split={"micro_batches": 1})
     split = topology(tmp_path, "split", [{"ranks": 1, "split_layers": 1}, {"ranks": 1}], [{"ranks": 2}])
     whole = topology(tmp_path, "whole", [{"ranks": 2}], [{"ranks": 2}])
