@@ -34,7 +34,7 @@ from mpi4py import MPI
 from hierfed.dsconfig import local_config, split_config
 from hierfed.errors import HierfedError
 from hierfed.engine import derive_seed, local_rank
-from hierfed.splitlink import SplitServer
+from hierfed.splitlink import Phases, SplitServer
 
 DS_SUBDIR = "deepspeed"
 
@@ -68,7 +68,7 @@ def init_group(comm: MPI.Comm, leader: bool, backend: str, device: torch.device)
     rank, size = comm.Get_rank(), comm.Get_size()
     # LOCAL_RANK is the node-local MPI rank (DeepSpeed checks it against Open MPI's own variable).
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(size), LOCAL_RANK=str(local_rank()), MASTER_ADDR=where[0], MASTER_PORT=str(where[1]))
-    bound = device if device.type == "cuda" else None
+    bound = device if device.type == "cuda" and backend == "nccl" else None
     if bound is not None:
         torch.cuda.set_device(bound)
     dist.init_process_group(backend, init_method=f"tcp://{where[0]}:{where[1]}", rank=rank, world_size=size, device_id=bound)
@@ -102,10 +102,45 @@ def gather_params(flat) -> np.ndarray:
     return np.concatenate([full(p).numpy() for _, p in flat.params])
 
 
+@contextlib.contextmanager
+def _local_rank_env(value: int):
+    """LOCAL_RANK set to `value` for the block: `zero.Init` takes its device index from it, while
+    the engine later insists LOCAL_RANK equals the launcher's node-local rank."""
+    before = os.environ.get("LOCAL_RANK")
+    os.environ["LOCAL_RANK"] = str(value)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("LOCAL_RANK", None)
+        else:
+            os.environ["LOCAL_RANK"] = before
+
+
+def partition_on(module: torch.nn.Module, conf: dict, device: torch.device) -> None:
+    """ZeRO-3 from a module on the CPU: buffers to `device`, then every parameter partitioned over
+    the group one at a time (moved to `device` whole, then cut to this rank's shard), so the
+    device never holds the whole model; the engine then leaves the module where it is."""
+    deepspeed = quiet_import()
+    for m in module.modules():
+        for name, buf in m._buffers.items():
+            if buf is not None:
+                m._buffers[name] = buf.to(device)
+    import torch.distributed as dist
+
+    with _local_rank_env(device.index if device.type == "cuda" else local_rank()), contextlib.redirect_stdout(io.StringIO()):
+        # deepspeed.comm over the edge group first: the config's batch check reads its world size
+        deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False, dist_init_required=False)
+        deepspeed.zero.Init(module=module, config_dict_or_path=conf, mem_efficient_linear=False)
+
+
 def initialize(cfg, module: torch.nn.Module, params: list, conf: dict, device: torch.device):
     """deepspeed.initialize over the edge group (already the default process group): hierfed's
-    optimiser with DeepSpeed sharding its state, or DeepSpeed's CPU Adam with offload."""
+    optimiser with DeepSpeed sharding its state, or DeepSpeed's CPU Adam with offload. Under ZeRO-3
+    the module comes from the CPU and is partitioned before the engine is built (`partition_on`)."""
     deepspeed = quiet_import()
+    if conf["zero_optimization"]["stage"] == 3:
+        partition_on(module, conf, device)
     opt = None
     if not cfg.deepspeed.offload_optimizer:
         from hierfed.engine import make_optimizer
@@ -124,9 +159,12 @@ def initialize(cfg, module: torch.nn.Module, params: list, conf: dict, device: t
 class DeepSpeedServer(SplitServer):
     """The edge's upper stage as a DeepSpeed engine over the edge group."""
 
-    def __init__(self, comm, model, kind: str, k: int, cfg, ledger, poll: bool, group: MPI.Comm, leader: bool, split_devices: int, where: str) -> None:
+    def __init__(self, comm, model, kind: str, k: int, cfg, ledger, poll: bool, group: MPI.Comm, leader: bool, split_devices: int,
+                 where: str, device: torch.device) -> None:
         super().__init__(comm, model, kind, k, cfg, ledger, poll)
         self.group, self.leader, self.split_devices, self.where = group, leader, split_devices, where
+        # where the stage runs: under ZeRO-3 the model is still on the CPU here (see `initialize`)
+        self.device, self.phases = device, Phases(device, cfg.runtime.profile)
 
     def make_optimizer(self) -> None:
         params = [p for _, p in self.flat.params]

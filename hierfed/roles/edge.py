@@ -144,7 +144,10 @@ def _build_model(rt, cfg, plan):
     task = load_data(cfg.data)
     shards = partition(task.train, rt.placement.num_clients, cfg.data.partition, alpha=cfg.data.alpha, seed=cfg.data.seed)
     device = torch_device(cfg.runtime.device)
-    built = build_model(cfg.model, cfg.peft, task.kind, task.num_labels, cfg.seed, device)
+    # Under ZeRO-3 the model stays on the CPU: DeepSpeed moves each parameter's shard to `device`
+    # (hierfed.deepspeed_edge.initialize), so no GPU of the group ever holds the whole model.
+    sharded = use_deepspeed(cfg, len(rt.placement.edges[rt.role.edge].ranks)) and cfg.deepspeed.zero_stage == 3
+    built = build_model(cfg.model, cfg.peft, task.kind, task.num_labels, cfg.seed, "cpu" if sharded else device)
     whole = FlatView(built.model)
     check_plan(plan, whole.dim, whole.fingerprint(), whole.base_hashes(), rt.role.name)
     return task, shards, device, built, whole
@@ -190,7 +193,7 @@ class EdgeSplit:
 
             _join_deepspeed_group(rt, cfg, device)
             self.server = DeepSpeedServer(rt.split_comm, built.model, task.kind, k, cfg, rt.ledger, poll,
-                                          rt.edge_group, rt.role.group_index == 0, len(split_devices), me.name)
+                                          rt.edge_group, rt.role.group_index == 0, len(split_devices), me.name, device)
         else:
             self.server = SplitServer(rt.split_comm, built.model, task.kind, k, cfg, rt.ledger, poll)
         self.index = global_index(whole, self.server.flat)
