@@ -50,7 +50,7 @@ def _prepare(args: argparse.Namespace):
     """Everything every rank checks identically before any message is sent: config, topology, data."""
     from hierfed.config import dump_config, load_config
     from hierfed.data import load_data
-    from hierfed.preflight import check_edge_clients, check_supported
+    from hierfed.preflight import check_edge_clients, check_resolved_split, check_supported
     from hierfed.topology import load_topology
 
     cfg = load_config(args.config, _overrides(args))
@@ -63,7 +63,8 @@ def _prepare(args: argparse.Namespace):
     if any(d.split_layers is not None for d in placement.devices):
         from hierfed.splitlink import split_plan
 
-        split_plan(placement, cfg, task.kind, task.num_labels)  # memory budgets and k, checked once
+        # memory budgets and k, checked once; then what the resolved k leave each edge to do
+        check_resolved_split(placement, cfg, split_plan(placement, cfg, task.kind, task.num_labels))
     if args.resume and not cfg.out:
         raise HierfedError("--resume needs --out DIR: the run to continue")
     return cfg, placement, dump_config(cfg)

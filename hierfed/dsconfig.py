@@ -64,14 +64,18 @@ def local_config(cfg, group: int, where: str) -> dict:
     return ds_config(cfg, -(-cfg.train.batch_size // group), 1, group, where, LOCAL_FACTORS)
 
 
-def check_edges(placement, cfg) -> None:
+def check_edges(placement, cfg, ks: dict[int, int | None] | None = None) -> None:
     """Every DeepSpeed edge's config as its ranks will build it (one line naming every factor if
-    the batch arithmetic does not add up, e.g. after a `deepspeed.config` override)."""
+    the batch arithmetic does not add up, e.g. after a `deepspeed.config` override). `ks`: the
+    split devices' resolved k (`splitlink.split_plan`); without it an edge whose devices have
+    `split_layers: auto` is left for the check that has them."""
     for e in placement.edges:
         g = len(e.ranks)
         if not use_deepspeed(cfg, g):
             continue
         if e.clients:
             local_config(cfg, g, e.name)
-        if e.split_devices:
+        if ks is not None and e.served(ks):
+            split_config(cfg, g, len(e.served(ks)), e.name)
+        elif ks is None and e.split_devices and all(d.split_layers != "auto" for d in e.split_devices):
             split_config(cfg, g, len(e.split_devices), e.name)

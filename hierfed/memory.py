@@ -57,6 +57,7 @@ class Shape:
     heads: int
     ffn: int  # MLP intermediate size
     outputs: int  # vocabulary size (causal LM) or number of labels (classification)
+    tied: Part = Part()  # a causal LM head tied to the token embeddings: counted in `embed`, held by the edge too
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,10 @@ def skeleton(cfg: RunConfig, kind: str, num_labels: int | None) -> torch.nn.Modu
             base = auto.from_config(conf, dtype=dtype)
         else:
             base = _base_model(m, kind, num_labels, load_tokenizer(m))  # the same config as the run
+        if m.dtype != "float32":  # as build_model: frozen weights in 16 bits (adapters stay float32)
+            base = base.to(getattr(torch, m.dtype))
+        if cfg.peft.method == "none":  # full fine-tuning: the plain model, every parameter trains
+            return base
         try:
             return get_peft_model(base, peft_config(cfg.peft, kind))
         except (ValueError, TypeError) as e:
@@ -128,7 +133,8 @@ def shape(cfg: RunConfig, kind: str, num_labels: int | None) -> Shape:
 
 
 def _read_shape(model: torch.nn.Module, kind: str) -> Shape:
-    conf = model.get_base_model().config
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT-wrapped or plain
+    conf = hf.config
     n = conf.num_hidden_layers
     # The block stack is the ModuleList with one entry per layer (transformer.h, model.layers,
     # bert.encoder.layer); parameters are registered embeddings -> blocks -> head, in that order.
@@ -148,7 +154,12 @@ def _read_shape(model: torch.nn.Module, kind: str) -> Shape:
     hidden = conf.hidden_size
     ffn = getattr(conf, "intermediate_size", None) or getattr(conf, "n_inner", None) or 4 * hidden
     outputs = conf.num_labels if kind == "classification" else conf.vocab_size
-    return Shape(embed, tuple(blocks), head, hidden, conf.num_attention_heads, ffn, outputs)
+    tied = Part()
+    if kind == "causal_lm" and getattr(conf, "tie_word_embeddings", False):
+        w = hf.get_input_embeddings().weight
+        size = w.numel() * w.element_size()
+        tied = Part(0, 0, w.numel(), size) if w.requires_grad else Part(w.numel(), size)
+    return Shape(embed, tuple(blocks), head, hidden, conf.num_attention_heads, ffn, outputs, tied)
 
 
 def micro_batching(cfg: RunConfig) -> tuple[int, int]:
@@ -228,8 +239,9 @@ def edge_estimate(cfg: RunConfig, kind: str, num_labels: int | None, k: int | No
     ZeRO over G ranks (Rajbhandari et al. 2020) divides by G, per rank: from stage 1 the optimiser
     state plus the fp32 master copy DeepSpeed keeps of the trainable values, from stage 2 the
     gradients, at stage 3 the parameters, frozen ones included. Offload moves the optimiser state
-    and the master copy to host memory. DeepSpeed's communication buckets and stage 3's gathered
-    block are not counted.
+    and the master copy to host memory, where DeepSpeed also keeps an fp32 copy of the gradient
+    partition. DeepSpeed's communication buckets and stage 3's gathered block are not counted. A
+    causal LM head tied to the embeddings (GPT-2) is held by the edge as well.
     """
     s, t = shape(cfg, kind, num_labels), cfg.model.max_length
     n_blocks = len(s.blocks)
@@ -239,7 +251,7 @@ def edge_estimate(cfg: RunConfig, kind: str, num_labels: int | None, k: int | No
         if not 1 <= k < n_blocks:
             raise HierfedError(f"split_layers: {k} is out of range: {_model(cfg)} has {n_blocks} blocks, so k must be 1..{n_blocks - 1}")
         b = micro_batching(cfg)[0]
-        part, blocks = sum(s.blocks[k:], Part()) + s.head, n_blocks - k
+        part, blocks = sum(s.blocks[k:], Part()) + s.head + s.tied, n_blocks - k  # a tied LM head stays with the edge
         received = 4 * b * t * s.hidden  # the boundary activations, a leaf whose gradient goes back down
     # the blocks' graphs, plus the logits and cross-entropy's log-probabilities (float32)
     act = blocks * block_activation_bytes(s, b, t) + received + 2 * 4 * b * (t if kind == "causal_lm" else 1) * s.outputs
@@ -248,8 +260,8 @@ def edge_estimate(cfg: RunConfig, kind: str, num_labels: int | None, k: int | No
     if zero is not None and zero[0] >= 1:
         stage, offload = zero
         state = math.ceil((state + 4 * part.trainable) / group)  # + the fp32 master partition
-        if offload:
-            state, host = 0, state
+        if offload:  # the optimiser state, the fp32 master and DeepSpeed's fp32 gradient partition
+            state, host = 0, state + math.ceil(4 * part.trainable / group)
         if stage >= 2:
             grads = math.ceil(grads / group)
         if stage == 3:

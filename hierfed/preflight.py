@@ -37,6 +37,19 @@ def check_supported(placement, cfg) -> None:
     check_edges(placement, cfg)
 
 
+def check_resolved_split(placement, cfg, ks: dict[int, int | None]) -> None:
+    """After `split_layers: auto` is resolved (`splitlink.split_plan`, rank -> k or None): an
+    edge group left with nothing to train, and every DeepSpeed edge's batch arithmetic with the
+    split devices it really serves."""
+    src = placement.topology.source
+    for e in placement.edges:
+        if e.split_devices and not e.served(ks) and len(e.ranks) > 1 and not e.clients:
+            raise HierfedError(
+                f"{src}: edge '{e.name}' has ranks: {len(e.ranks)}, but the whole model fits each of its split_layers: auto "
+                "devices, so they train whole and its ranks would have nothing to do; give it ranks: 1 or an integer split_layers")
+    check_edges(placement, cfg, ks)
+
+
 def check_edge_clients(placement, cfg, task) -> None:
     """An edge that trains its own client on G ranks cuts every batch into G slices: its client
     needs at least G examples."""

@@ -29,6 +29,7 @@ from hierfed.comm.channel import wait, wait_all, wait_any
 from hierfed.comm.codecs import Codec, parse_codec
 from hierfed.comm.ledger import Ledger
 from hierfed.engine import Tokenized, derive_seed, load_optimizer_arrays, make_optimizer, optimizer_arrays
+from hierfed.errors import HierfedError
 from hierfed.model import FlatView
 from hierfed.split import DeviceStage, EdgeStage
 
@@ -109,9 +110,14 @@ class Shapes:
 
 
 def global_index(whole: FlatView, part: FlatView) -> np.ndarray:
-    """Positions in the whole model's flat vector of a pruned model's trainable parameters."""
-    where = {n: (a, b) for (n, _), a, b in zip(whole.params, whole.offsets[:-1], whole.offsets[1:])}
-    return np.concatenate([np.arange(*where[n]) for n, _ in part.params]).astype(np.int64)
+    """Positions in the whole model's flat vector of a pruned model's trainable parameters (each
+    must be in the whole model's layout, with the same shape)."""
+    where = {n: (a, b, tuple(p.shape)) for (n, p), a, b in zip(whole.params, whole.offsets[:-1], whole.offsets[1:])}
+    for n, p in part.params:
+        if n not in where or where[n][2] != tuple(p.shape):
+            got = "is missing" if n not in where else f"has shape {list(where[n][2])}"
+            raise HierfedError(f"split placement: trainable parameter {n} {list(p.shape)}: the whole model's layout {got}")
+    return np.concatenate([np.arange(*where[n][:2]) for n, _ in part.params]).astype(np.int64)
 
 
 def flat_grads(flat: FlatView) -> torch.Tensor:

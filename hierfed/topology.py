@@ -120,6 +120,12 @@ class EdgeSpec:
         """Its devices with split_layers (they hold blocks [0, k); the edge holds the rest)."""
         return tuple(d for d in self.devices if d.split_layers is not None)
 
+    def served(self, ks: dict[int, int | None]) -> tuple[DeviceSpec, ...]:
+        """Its split devices as resolved (`splitlink.split_plan`: rank -> k, None where `auto`
+        found the whole model fits, which then trains whole), in topology order: the i-th is served
+        by edge rank i mod G."""
+        return tuple(d for d in self.devices if ks.get(d.rank) is not None)
+
     @property
     def all_clients(self) -> set[int]:
         """Every client the edge aggregates: its devices' and its own."""

@@ -39,14 +39,19 @@ def add_parser(subparsers: Any) -> None:
 
 def _validate(args: argparse.Namespace) -> int:
     from hierfed.config import load_config
-    from hierfed.preflight import check_supported
+    from hierfed.preflight import check_resolved_split, check_supported
 
     placement = load_topology(args.file).placement()
-    check_supported(placement, load_config(args.config))  # what `hierfed run` checks before launch
+    cfg = load_config(args.config)
+    check_supported(placement, cfg)  # what `hierfed run` checks before launch
     split = [d for d in placement.devices if d.split_layers is not None]
     if not split:
         print(f"ok: {placement.summary()}")
         return 0
+    from hierfed.memory import task_of
+    from hierfed.splitlink import split_plan
+
+    check_resolved_split(placement, cfg, split_plan(placement, cfg, *task_of(cfg)))
     rows = {r.name: r for r in _rows(placement, args.config)[1]}
     for d in split:
         if not rows[d.name].fits:

@@ -26,11 +26,12 @@ def run(rt, cfg) -> None:
     spec = rt.role.device
     task = load_data(cfg.data)
     shards = partition(task.train, rt.placement.num_clients, cfg.data.partition, alpha=cfg.data.alpha, seed=cfg.data.seed)
-    k = None
+    ks = {}  # split device rank -> its k (None: its `auto` resolved to the whole model)
     if spec.split_layers is not None:
         from hierfed.splitlink import split_plan
 
-        k = split_plan(rt.placement, cfg, task.kind, task.num_labels)[spec.rank]
+        ks = split_plan(rt.placement, cfg, task.kind, task.num_labels)
+    k = ks.get(spec.rank)
     # A split device holds only the embeddings and its k blocks (from disk, only they are loaded).
     built = build_model(cfg.model, cfg.peft, task.kind, task.num_labels, cfg.seed, torch_device(cfg.runtime.device), blocks=k)
     data = {c: tokenize(built.tokenizer, [task.train[i] for i in shards[c]], task.kind, cfg.model.max_length) for c in spec.clients}
@@ -44,14 +45,14 @@ def run(rt, cfg) -> None:
 
         layout = FlatView(skeleton(cfg, task.kind, task.num_labels))  # the whole model's, from its meta skeleton
         edge = rt.placement.edges[spec.edge]
-        split_devices = [d.rank for d in edge.split_devices]
+        split_devices = [d.rank for d in edge.served(ks)]
         server = edge.ranks[split_devices.index(spec.rank) % len(edge.ranks)]  # as EdgeSplit assigns
         trainer = SplitClient(rt.split_comm, server, built.model, k, cfg, rt.ledger, rt.poll)
         flat, mine_idx = trainer.flat, global_index(layout, trainer.flat)
 
     plan = rt.up.bcast_obj()
     # the frozen weights this rank holds (a split device: its part) must be the cloud's
-    check_plan(plan, layout.dim, layout.fingerprint(), FlatView(built.model).base_hashes(), rt.role.name)
+    check_plan(plan, layout.dim, layout.fingerprint(), FlatView(built.model).base_hashes(), rt.role.name, part=k is not None)
     if k is not None:
         trainer.handshake(data[spec.clients[0]], task.kind == "causal_lm")
     link = child_link(rt.up, cfg, rt.placement.flat, "cloud" if rt.placement.flat else "edge", plan.dim, plan.start_round > 1)

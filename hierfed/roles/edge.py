@@ -32,7 +32,7 @@ def run(rt, cfg) -> None:
     # Sender state: the uplink's error-feedback residual and what the devices hold (codec downlink).
     saved = RankState(Path(plan.out), rt.role.rank, cfg.checkpoint.keep)
     has_state = up.feedback is not None or not down.down.is_identity
-    resumed_state = saved.load(plan.start_round - 1) if plan.start_round > 1 and (has_state or split_here(rt)) else {}
+    resumed_state = saved.load(plan.start_round - 1) if plan.start_round > 1 and (has_state or split_here(rt, cfg)) else {}
     up.load_state_dict(unprefixed("up", resumed_state))
     down.load_state_dict(unprefixed("down", resumed_state))
     me = rt.placement.edges[rt.role.edge]
@@ -90,7 +90,7 @@ def run(rt, cfg) -> None:
 def edge_trainer(rt, cfg, plan, resumed: dict[str, np.ndarray]):
     """What this edge trains besides aggregating: its split devices' upper stage (EdgeSplit), its
     own client (EdgeLocal; the two are never combined, see hierfed.preflight), or nothing (None)."""
-    if split_here(rt):
+    if split_here(rt, cfg):
         return EdgeSplit(rt, cfg, plan, resumed)
     return EdgeLocal(rt, cfg, plan) if rt.placement.edges[rt.role.edge].clients else None
 
@@ -109,8 +109,16 @@ def close_group(rt) -> None:
     wait(group.Ibarrier(), rt.poll)  # ... and no rank leaves while another still tears down
 
 
-def split_here(rt) -> bool:
-    return bool(rt.placement.edges[rt.role.edge].split_devices)
+def split_here(rt, cfg) -> bool:
+    """The edge serves split devices: some device of it has split_layers that did not resolve to
+    the whole model (`auto` on a device the whole model fits)."""
+    edge = rt.placement.edges[rt.role.edge]
+    if not edge.split_devices:
+        return False
+    from hierfed.memory import task_of
+    from hierfed.splitlink import split_plan
+
+    return bool(edge.served(split_plan(rt.placement, cfg, *task_of(cfg))))
 
 
 def run_follower(rt, cfg) -> None:
@@ -118,7 +126,7 @@ def run_follower(rt, cfg) -> None:
     its split devices, or its own client), in lockstep with its leader's edge rounds."""
     plan = bcast_object(rt.edge_group, None, False, rt.poll)
     saved = RankState(Path(plan.out), rt.role.rank, cfg.checkpoint.keep)
-    resumed = saved.load(plan.start_round - 1) if plan.start_round > 1 and split_here(rt) else {}
+    resumed = saved.load(plan.start_round - 1) if plan.start_round > 1 and split_here(rt, cfg) else {}
     trainer = edge_trainer(rt, cfg, plan, unprefixed("split", resumed))
     clients = rt.placement.edges[rt.role.edge].all_clients
     for t in range(plan.start_round, cfg.schedule.rounds + 1):
@@ -181,7 +189,7 @@ class EdgeSplit:
         task, shards, device, built, whole = _build_model(rt, cfg, plan)
         ks = split_plan(rt.placement, cfg, task.kind, task.num_labels)
         me = rt.placement.edges[rt.role.edge]
-        split_devices = [d for d in me.devices if ks[d.rank] is not None]
+        split_devices = list(me.served(ks))
         k = min(ks[d.rank] for d in split_devices)
         # split device rank -> (client, weight); device i is served by edge rank i mod G
         self.devices = {d.rank: (d.clients[0], len(shards[d.clients[0]])) for d in split_devices}

@@ -33,11 +33,15 @@ class Plan:
     edge_states: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)  # edge strategy state on resume
 
 
-def check_plan(plan: Plan, dim: int, fingerprint: str, base_hashes: dict[str, str], who: str) -> None:
+def check_plan(plan: Plan, dim: int, fingerprint: str, base_hashes: dict[str, str], who: str, part: bool = False) -> None:
     """This rank's model against the cloud's: the same trainable layout, and every frozen weight it
-    holds (all of them, or a split device's part) equal to the cloud's."""
+    holds equal to the cloud's. `part`: it holds only a part of the model (a split device); else it
+    must hold every frozen weight the cloud has."""
     if (dim, fingerprint) != (plan.dim, plan.fingerprint):
         raise HierfedError(f"{who}: trainable parameters differ from the cloud's ({dim} values vs {plan.dim}); all ranks must build the same model")
+    missing = None if part else next((n for n in plan.base_hashes if n not in base_hashes), None)
+    if missing is not None:
+        raise HierfedError(f"{who}: frozen base weight {missing} of the cloud's model is missing here; all ranks must load the same base model")
     differ = next((n for n, h in base_hashes.items() if plan.base_hashes.get(n) != h), None)
     if differ is not None:
         what = "differs from" if differ in plan.base_hashes else "is not in"

@@ -81,6 +81,26 @@ def test_split_devices_learn_pipelined_and_resume_exactly(tmp_path):
     np.testing.assert_array_equal(final_params(parts), final_params(whole_run))
 
 
+def test_auto_split_devices_that_fit_whole_train_whole(tmp_path):
+    """`split_layers: auto` on a device the whole model fits resolves to the whole model: it trains
+    whole, and the edges agree. edge0 (a 2-rank ZeRO group) serves only its second device, which
+    every rank must assign to the same edge rank; edge1's only device trains whole, so edge1
+    serves no split device at all."""
+    import yaml
+
+    cfg = _tiny_config(tmp_path, model={"source": "llama", "size": "tiny", "max_length": 24},
+                       schedule={"rounds": 1, "tau1": 2, "tau2": 1}, deepspeed={"zero_stage": 1})
+    path = tmp_path / "auto.yaml"
+    path.write_text(yaml.safe_dump({"name": "auto", "edges": [
+        {"name": "edge0", "ranks": 2, "devices": [{"ranks": 1, "split_layers": "auto", "memory_gb": 16}, {"ranks": 1, "split_layers": 1}]},
+        {"name": "edge1", "devices": [{"ranks": 1, "split_layers": "auto", "memory_gb": 16}]}]}))
+    out = tmp_path / "run"
+    check_ok(mpirun(7, "run", str(path), "--config", cfg, "--out", str(out), timeout=240))
+    edge = {r["edge"]: r for r in rows(out) if r["tier"] == "edge"}
+    assert edge["edge0"]["clients"] == 2 and "edge_phases" in edge["edge0"]["seconds"]  # its split device was served
+    assert edge["edge1"]["clients"] == 1 and "edge_phases" not in edge["edge1"]["seconds"]  # nothing split on edge1
+
+
 def test_impossible_memory_budget_is_rejected_before_launch(tmp_path):
     from conftest import hierfed
 

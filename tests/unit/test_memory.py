@@ -50,6 +50,22 @@ def test_meta_skeleton_counts_equal_the_real_model(source: str, kind: str, num_l
     assert len(s.blocks) == 2 and len(set(s.blocks)) == 1  # identical blocks
 
 
+@pytest.mark.parametrize("source, kind, num_labels, method, dtype", [
+    ("gpt2", "causal_lm", None, "none", "float32"), ("minilm", "classification", 4, "none", "bfloat16"),
+    ("llama", "causal_lm", None, "lora", "bfloat16")])
+def test_meta_skeleton_layout_for_full_fine_tuning_and_16_bit(source, kind, num_labels, method, dtype) -> None:
+    """peft.method none (every parameter trains) and 16-bit frozen weights: the skeleton is the real
+    model's layout (a split device takes the vector's layout from it) and dtypes (the plan prices them)."""
+    from hierfed.config import PeftConfig
+    from hierfed.model import FlatView, build_model
+
+    cfg = RunConfig(model=ModelConfig(source=source, dtype=dtype), peft=PeftConfig(method=method))
+    real = build_model(cfg.model, cfg.peft, kind, num_labels, seed=0).model
+    meta = memory.skeleton(cfg, kind, num_labels)
+    assert FlatView(meta).manifest() == FlatView(real).manifest()
+    assert [(n, p.dtype) for n, p in meta.named_parameters()] == [(n, p.dtype) for n, p in real.named_parameters()]
+
+
 def test_estimate_by_hand() -> None:
     """GPT-2 tiny, causal LM, LoRA r=8 on c_attn, batch 4 in 2 micro-batches of 2 x 8 tokens, k=1."""
     cfg = RunConfig(model=ModelConfig(source="gpt2", max_length=8), data=DataConfig(source="corpus"),
@@ -183,6 +199,18 @@ def test_validate_rejects_an_impossible_budget(write_yaml) -> None:
     assert r.stderr.startswith(f"hierfed: error: {topo}: edge0/d1: split_layers auto: not even 1 block fits in 1 MB")
 
 
+def test_validate_rejects_an_edge_group_whose_auto_devices_all_train_whole(write_yaml, capsys) -> None:
+    """`auto` on devices the whole model fits resolves to the whole model: a 2-rank edge that would
+    serve only them has nothing to train (hierfed run checks the same before launch)."""
+    run = write_yaml("run.yaml", {"model": {"source": "gpt2"}, "data": {"source": "corpus"}})
+    topo = write_yaml("topo.yaml", {"edges": [{"ranks": 2, "devices": [{"split_layers": "auto", "memory_gb": 16}]}]})
+    with pytest.raises(HierfedError, match=r"edge 'edge0' has ranks: 2, but the whole model fits each of its split_layers: auto devices"):
+        topology_cli(capsys, "validate", topo, "--config", run)
+    topo = write_yaml("topo2.yaml", {"edges": [{"ranks": 2, "devices": [{"split_layers": "auto", "memory_gb": 16}, {"split_layers": 1}]}]})
+    code, out = topology_cli(capsys, "validate", topo, "--config", run)
+    assert code == 0 and out.strip().endswith("split: edge0/d0 k=all, edge0/d1 k=1")
+
+
 def test_validate_without_split_does_not_import_torch(write_yaml) -> None:
     topo = write_yaml("topo.yaml", {"edges": [{"devices": [{"memory_gb": 0.001}, {"ranks": 2}]}]})
     run = write_yaml("run.yaml", {"model": {"source": "gpt2"}})
@@ -203,11 +231,20 @@ def test_edge_estimate_by_hand() -> None:
     cfg = RunConfig(model=ModelConfig(source="gpt2", max_length=8), data=DataConfig(source="corpus"),
                     train=TrainConfig(batch_size=4), split=SplitConfig(micro_batches=2))
     s = memory.shape(cfg, *CAUSAL)
-    part = s.blocks[1] + s.head
+    assert s.tied.frozen == 30522 * 64  # GPT-2's LM head is the token embedding matrix: the edge holds it too
+    part = s.blocks[1] + s.head + s.tied
     act = memory.block_activation_bytes(s, 2, 8) + 4 * 2 * 8 * 64 + 2 * 4 * 2 * 8 * 30522
     plain, host = memory.edge_estimate(cfg, *CAUSAL, 1, 1, None)
     assert (plain.frozen, plain.adapter, plain.gradients, plain.optimizer, plain.activations, host) == (
         part.frozen_bytes, part.trainable_bytes, part.trainable_bytes, 8 * part.trainable, act, 0)
+    from hierfed.model import build_model
+    from hierfed.split import prune_for_edge
+
+    real = build_model(cfg.model, cfg.peft, "causal_lm", None, seed=0).model  # what an edge really holds
+    prune_for_edge(real, 1)
+    held = {id(p): p for p in real.parameters()}.values()  # a tied matrix once
+    assert plain.frozen == sum(p.numel() * p.element_size() for p in held if not p.requires_grad)
+    assert plain.adapter == sum(p.numel() * p.element_size() for p in held if p.requires_grad)
     state = (8 + 4) * part.trainable  # AdamW m, v and DeepSpeed's fp32 master copy
     z1, _ = memory.edge_estimate(cfg, *CAUSAL, 1, 2, (1, False))
     z2, _ = memory.edge_estimate(cfg, *CAUSAL, 1, 2, (2, False))
@@ -216,7 +253,7 @@ def test_edge_estimate_by_hand() -> None:
     assert (z2.optimizer, z2.gradients, z2.frozen) == (state // 2, part.trainable_bytes // 2, part.frozen_bytes)
     assert (z3.frozen, z3.adapter) == (part.frozen_bytes // 2, part.trainable_bytes // 2)
     off, host = memory.edge_estimate(cfg, *CAUSAL, 1, 2, (2, True))
-    assert (off.optimizer, host) == (0, state // 2)
+    assert (off.optimizer, host) == (0, state // 2 + 4 * part.trainable // 2)  # + the fp32 gradient partition
     # its own client: the whole model on a ceil(4 / 2) = 2-sequence slice of every batch
     whole, _ = memory.edge_estimate(cfg, *CAUSAL, None, 2, (2, False))
     assert whole.frozen == (s.embed + s.blocks[0] + s.blocks[1] + s.head).frozen_bytes

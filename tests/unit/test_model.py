@@ -124,7 +124,7 @@ def test_split_device_loads_only_its_blocks_from_disk(tmp_path, source, kind, nu
     layout = FlatView(skeleton(rc, kind, num_labels))
     assert (layout.dim, layout.fingerprint()) == (FlatView(full.model).dim, FlatView(full.model).fingerprint())
     plan = Plan(1, layout.dim, layout.fingerprint(), FlatView(full.model).base_hashes(), str(tmp_path))
-    check_plan(plan, layout.dim, layout.fingerprint(), FlatView(part.model).base_hashes(), "edge0/d0")
+    check_plan(plan, layout.dim, layout.fingerprint(), FlatView(part.model).base_hashes(), "edge0/d0", part=True)
 
 
 def test_split_device_part_of_a_config_built_model():
@@ -145,10 +145,30 @@ def test_check_plan_names_the_frozen_weight_that_differs():
     from hierfed.roles.protocol import Plan, check_plan
 
     plan = Plan(1, 10, "f", {"a.weight": "1", "b.weight": "2"}, "/tmp")
-    check_plan(plan, 10, "f", {"b.weight": "2"}, "edge0/d0")  # a part of the model: fine
+    check_plan(plan, 10, "f", {"b.weight": "2"}, "edge0/d0", part=True)  # a split device's part: fine
+    check_plan(plan, 10, "f", {"a.weight": "1", "b.weight": "2"}, "edge0/d1")
+    with pytest.raises(HierfedError, match=r"edge0/d1: frozen base weight a.weight of the cloud's model is missing here"):
+        check_plan(plan, 10, "f", {"b.weight": "2"}, "edge0/d1")  # a whole-model rank must hold them all
     with pytest.raises(HierfedError, match=r"edge0/d0: frozen base weight b.weight differs from the cloud's model"):
         check_plan(plan, 10, "f", {"a.weight": "1", "b.weight": "3"}, "edge0/d0")
     with pytest.raises(HierfedError, match=r"frozen base weight c.weight is not in the cloud's model"):
-        check_plan(plan, 10, "f", {"c.weight": "1"}, "edge0/d0")
+        check_plan(plan, 10, "f", {"c.weight": "1"}, "edge0/d0", part=True)
     with pytest.raises(HierfedError, match=r"trainable parameters differ from the cloud's \(11 values vs 10\)"):
         check_plan(plan, 11, "f", {}, "edge0/d0")
+
+
+def test_global_index_checks_names_and_shapes():
+    """A split rank's parameters are placed in the whole model's vector by name; a name or shape
+    the whole layout lacks is one clear error, not a misplaced slice."""
+    from hierfed.split import prune_for_device
+    from hierfed.splitlink import global_index
+
+    whole = build_model(ModelConfig(source="llama"), PeftConfig(r=4), "causal_lm", None, seed=0)
+    part = build_model(ModelConfig(source="llama"), PeftConfig(r=4), "causal_lm", None, seed=0, blocks=1)
+    w, p = FlatView(whole.model), FlatView(part.model)
+    idx = global_index(w, p)
+    assert (w.get()[idx] == p.get()).all() and len(idx) == p.dim < w.dim
+    other = build_model(ModelConfig(source="llama"), PeftConfig(r=8), "causal_lm", None, seed=0)
+    prune_for_device(other.model, 1)
+    with pytest.raises(HierfedError, match=r"split placement: trainable parameter .*lora_A.* \[8, 64\]: the whole model's layout has shape \[4, 64\]"):
+        global_index(w, FlatView(other.model))
