@@ -227,6 +227,11 @@ class EdgeEstimate:
     per_rank: Estimate  # accelerator (or CPU) memory of one rank of the group
     host: int  # per rank, in host memory: the optimiser state and fp32 master offloaded to the CPU
     single: Estimate  # the same work on one rank with plain torch: what the group saves
+    memory_gb: float | None  # the topology's budget per edge rank (None: not given)
+
+    @property
+    def fits(self) -> bool:
+        return self.memory_gb is None or self.per_rank.total <= self.memory_gb * GB
 
 
 def edge_estimate(cfg: RunConfig, kind: str, num_labels: int | None, k: int | None, group: int,
@@ -293,7 +298,7 @@ def edge_plan(placement: Placement, cfg: RunConfig, kind: str, num_labels: int |
         for k, trains in work:
             per_rank, host = edge_estimate(cfg, kind, num_labels, k, g, zero)
             single, _ = edge_estimate(cfg, kind, num_labels, k, 1, None)
-            rows.append(EdgeEstimate(e.name, g, trains, engine, per_rank, host, single))
+            rows.append(EdgeEstimate(e.name, g, trains, engine, per_rank, host, single, e.memory_gb))
     return rows
 
 

@@ -78,6 +78,7 @@ class EdgeGroup:
     link: LinkModel
     groups: tuple[DeviceGroup, ...]
     train_locally: bool = False  # the edge trains a client of its own (whole model, on its ranks)
+    memory_gb: float | None = None  # of each edge rank; None: not given, not checked
 
     @property
     def device_ranks(self) -> int:
@@ -106,6 +107,7 @@ class EdgeSpec:
     devices: tuple[DeviceSpec, ...]
     link: LinkModel  # link to the cloud
     clients: tuple[int, ...] = ()  # the client the edge trains itself (train_locally), if any
+    memory_gb: float | None = None  # of each edge rank (its GPU); None: not given
 
     @property
     def leader(self) -> int:
@@ -220,7 +222,7 @@ class Placement:
             ranks = tuple(range(next_rank, next_rank + e.ranks))
             next_rank += e.ranks
             devs = place(e.groups, i, f"{e.name}/")
-            edges.append(EdgeSpec(i, e.name, ranks, tuple(devs), e.link))
+            edges.append(EdgeSpec(i, e.name, ranks, tuple(devs), e.link, memory_gb=e.memory_gb))
             devices += devs
         for i, e in enumerate(topo.edges):  # edges' own clients come after every device's
             if e.train_locally:
@@ -297,6 +299,7 @@ class _Group(_DeviceClass):
 class _Edge(_Strict):
     name: Optional[str] = None
     ranks: int = Field(default=1, ge=1)
+    memory_gb: Optional[float] = _positive()  # of each edge rank (its GPU): checked by `topology plan`
     link: _Link = _Link()
     devices: list[_Group] = Field(min_length=1)
     train_locally: bool = False
@@ -360,7 +363,7 @@ def parse_topology(data: Any, source: str) -> Topology:
             raise fail(f"edges[{i}].name", f"duplicate edge name {name!r}")
         seen.add(name)
         groups = tuple(group(g, f"edges[{i}].devices[{j}]", "device_edge") for j, g in enumerate(e.devices))
-        edges.append(EdgeGroup(name, e.ranks, link(e.link, "edge_cloud"), groups, e.train_locally))
+        edges.append(EdgeGroup(name, e.ranks, link(e.link, "edge_cloud"), groups, e.train_locally, e.memory_gb))
     flat = tuple(group(g, f"devices[{j}]", "device_cloud") for j, g in enumerate(f.devices or []))
     name = f.name if f.name is not None else Path(source).stem
     return Topology(name, f.description.strip(), source, f.devices is not None, tuple(edges), flat)

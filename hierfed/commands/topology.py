@@ -2,8 +2,9 @@
 
 `validate` also runs the checks `hierfed run` makes before launch (hierfed.preflight) against the
 run config given by `--config` (default: the embedded defaults). `plan` (and `validate`, when the
-file has `split_layers`) prices each device's share of the model with hierfed.memory for that
-config. Only those paths import torch: validating a topology without split layers stays fast.
+file has `split_layers` or edges with `memory_gb`) prices each device's share of the model, and each
+training edge's per rank, with hierfed.memory for that config. Only those paths import torch:
+validating a topology without them stays fast.
 """
 
 from __future__ import annotations
@@ -45,19 +46,25 @@ def _validate(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     check_supported(placement, cfg)  # what `hierfed run` checks before launch
     split = [d for d in placement.devices if d.split_layers is not None]
-    if not split:
-        print(f"ok: {placement.summary()}")
+    if not split and all(e.memory_gb is None for e in placement.edges):
+        print(f"ok: {placement.summary()}")  # nothing to price: torch is not even imported
         return 0
-    from hierfed.memory import task_of
+    from hierfed.memory import human, task_of
     from hierfed.splitlink import split_plan
 
-    check_resolved_split(placement, cfg, split_plan(placement, cfg, *task_of(cfg)))
-    rows = {r.name: r for r in _rows(placement, args.config)[1]}
+    if split:
+        check_resolved_split(placement, cfg, split_plan(placement, cfg, *task_of(cfg)))
+    _, device_rows, edge_rows = _rows(placement, args.config, edges=True)
+    rows = {r.name: r for r in device_rows}
     for d in split:
         if not rows[d.name].fits:
             print(f"hierfed: warning: {d.name}: {rows[d.name].why}", file=sys.stderr)
+    for e in edge_rows:
+        if not e.fits:
+            print(f"hierfed: warning: {e.name}: {e.trains} ({e.engine}) needs {human(e.per_rank.total)} per rank, "
+                  f"more than its memory_gb {e.memory_gb:g}", file=sys.stderr)
     ks = ", ".join(f"{d.name} k={_k(rows[d.name].k)}" for d in split)
-    print(f"ok: {placement.summary()}; split: {ks}")
+    print(f"ok: {placement.summary()}" + (f"; split: {ks}" if split else ""))
     return 0
 
 
@@ -97,9 +104,10 @@ def render_plan(placement: Placement, config: str | None) -> list[str]:
                _k(r.k), human(r.estimate.total), human(r.up), human(r.down), r.why) for r in rows]
     lines = [placement.summary(), f"  {factors}"] + _aligned(table)
     if edges:
-        table = [("edge", "ranks", "per rank", "host/rank", "1 rank, plain", "engine", "trains")]
-        table += [(e.name, str(e.ranks), human(e.per_rank.total), human(e.host) if e.host else "-",
-                   human(e.single.total), e.engine, e.trains) for e in edges]
+        table = [("edge", "ranks", "memory", "per rank", "host/rank", "1 rank, plain", "engine", "trains")]
+        table += [(e.name, str(e.ranks), "-" if e.memory_gb is None else f"{e.memory_gb:g} GB", human(e.per_rank.total),
+                   human(e.host) if e.host else "-", human(e.single.total), e.engine,
+                   e.trains + ("" if e.fits else f"; does not fit {e.memory_gb:g} GB per rank (warning)")) for e in edges]
         lines += [""] + _aligned(table)
     return lines
 

@@ -182,9 +182,9 @@ def test_plan_prints_k_and_why_per_device(tmp_path, write_yaml, capsys: pytest.C
     col = lines[2].index("why")  # aligned: every row's why starts under the header's
     assert [line[col - 1:col + 2] for line in devices] == [" k=", " k=", " wh"]
     # then the edge: it trains blocks [1, 4) + head (the smallest k of its split devices) on one rank
-    assert lines[6] == "" and lines[7].split()[:5] == ["edge", "ranks", "per", "rank", "host/rank"]
+    assert lines[6] == "" and lines[7].split()[:6] == ["edge", "ranks", "memory", "per", "rank", "host/rank"]
     edge = memory.edge_estimate(GPT2_SMALL, *CAUSAL, 1, 1, None)[0].total
-    assert lines[8].split()[:3] == ["edge0", "1", memory.human(edge).split()[0]] and lines[8].endswith("blocks 1-3 + head for 2 split devices")
+    assert lines[8].split()[:4] == ["edge0", "1", "-", memory.human(edge).split()[0]] and lines[8].endswith("blocks 1-3 + head for 2 split devices")
 
     code, out = topology_cli(capsys, "validate", topo, "--config", run)
     assert code == 0 and out.strip().endswith("split: edge0/d0 k=2, edge0/d1 k=1")
@@ -275,6 +275,24 @@ def test_plan_prices_zero_edge_groups(tmp_path, write_yaml, capsys: pytest.Captu
     for line, k in zip(edges[1:], (2, None)):
         per_rank, single = memory.edge_estimate(cfg, *CAUSAL, k, 2, (3, False))[0], memory.edge_estimate(cfg, *CAUSAL, k, 1, None)[0]
         assert per_rank.total < single.total
-        assert line.split()[2:7] == [*memory.human(per_rank.total).split(), "-", *memory.human(single.total).split()]
+        assert line.split()[2:8] == ["-", *memory.human(per_rank.total).split(), "-", *memory.human(single.total).split()]
         assert "ZeRO-3 over 2 ranks" in line
     assert edges[1].endswith("blocks 2-3 + head for 2 split devices") and edges[2].endswith("its own client (whole model)")
+
+
+def test_edge_memory_budget_is_checked(write_yaml, capsys) -> None:
+    """`memory_gb` on an edge: its rows say whether one rank's share fits; validate warns on stderr."""
+    run = write_yaml("run.yaml", {"model": {"source": "gpt2", "size": "small"}, "data": {"source": "corpus"},
+                                  "deepspeed": {"enabled": True, "zero_stage": 3}})
+    cfg = RunConfig.model_validate({"model": {"source": "gpt2", "size": "small"}, "data": {"source": "corpus"}})
+    need = memory.edge_estimate(cfg, *CAUSAL, None, 2, (3, False))[0].total
+    topo = write_yaml("topo.yaml", {"edges": [
+        {"name": "small", "ranks": 2, "memory_gb": 0.5 * need / memory.GB, "train_locally": True, "devices": [{}]},
+        {"name": "large", "ranks": 2, "memory_gb": 2 * need / memory.GB, "train_locally": True, "devices": [{}]}]})
+    code, out = topology_cli(capsys, "plan", topo, "--config", run)
+    rows = {line.split()[0]: line for line in out.split("\n\n")[1].splitlines()[1:]}
+    assert code == 0 and rows["small"].endswith(f"does not fit {0.5 * need / memory.GB:g} GB per rank (warning)")
+    assert rows["large"].endswith("its own client (whole model)")
+    r = hierfed("topology", "validate", topo, "--config", run, timeout=120)
+    assert r.returncode == 0 and r.stdout.startswith("ok: ")
+    assert r.stderr.count("warning") == 1 and "hierfed: warning: small: its own client (whole model) (ZeRO-3 over 2 ranks) needs" in r.stderr

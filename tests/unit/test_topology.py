@@ -228,7 +228,7 @@ def hier(**group: object) -> dict:
     (hier(memory_gb=float("inf")), "t.yaml: edges[1].devices[0].memory_gb: must be a finite number (got inf)"),
     ({"edges": [{"ranks": 0, "devices": [{}]}]}, "t.yaml: edges[0].ranks: must be >= 1 (got 0)"),
     ({"edges": [{"fanout": 3, "devices": [{}]}]},
-     "t.yaml: edges[0]: unknown field 'fanout' (allowed: name, ranks, link, devices, train_locally)"),
+     "t.yaml: edges[0]: unknown field 'fanout' (allowed: name, ranks, memory_gb, link, devices, train_locally)"),
     ({"fanout": 3, "devices": [{}]}, "t.yaml: top level: unknown field 'fanout' "
      "(allowed: name, description, links, device_classes, edges, devices)"),
     (hier(colour="red"), "t.yaml: edges[1].devices[0]: unknown field 'colour' "
