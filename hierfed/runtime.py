@@ -11,6 +11,7 @@ no rank is left waiting in a collective.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import traceback
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 from mpi4py import MPI
 
 from hierfed.comm.channel import Channel
@@ -47,6 +49,39 @@ class Runtime:
     poll: bool = True  # how this rank waits (runtime.wait resolved for its node)
     wait_reason: str = ""  # how ranks wait, every node's choice
     summary: dict[str, Any] = field(default_factory=dict)
+
+
+def peak_memory() -> tuple[int, int]:
+    """(host, gpu) peak bytes of this process so far: its resident-set high-water mark (VmHWM;
+    -1 where /proc does not exist) and torch's peak CUDA allocation (-1 when it used no GPU)."""
+    try:
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM:"))
+        host = int(line.split()[1]) * 1024
+    except (OSError, StopIteration):
+        host = -1
+    torch = sys.modules.get("torch")  # never imported just to ask (an edge that only aggregates has not)
+    gpu = torch.cuda.max_memory_allocated() if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized() else -1
+    return host, gpu
+
+
+def report_memory(rt: Runtime) -> None:
+    """Every rank's peak memory into the cloud's summary.json (`peak_memory`, by role name), at the
+    end of a run. Collective over COMM_WORLD: every rank calls it once, after its role's loop."""
+    from hierfed.comm.channel import wait
+
+    world = MPI.COMM_WORLD
+    mine = np.array(peak_memory(), dtype=np.int64)
+    cloud = world.Get_rank() == rt.placement.cloud_rank
+    every = np.empty((world.Get_size(), 2), dtype=np.int64) if cloud else None
+    wait(world.Igather(mine, every, root=rt.placement.cloud_rank), rt.poll)
+    path = Path(rt.out) / "summary.json"
+    if not cloud or not path.exists():
+        return
+    summary = json.loads(path.read_text())
+    summary["peak_memory"] = {rt.placement.role(r).name: {"host": int(h) if h >= 0 else None, "gpu": int(g) if g >= 0 else None}
+                              for r, (h, g) in enumerate(every)}
+    path.write_text(json.dumps(summary, indent=2) + "\n")
+    rt.summary = summary
 
 
 def choose_wait(mode: str, ranks_per_node: int, cores_per_node: int, threads: int) -> tuple[bool, str]:

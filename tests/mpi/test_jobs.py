@@ -59,6 +59,12 @@ def test_default_job_learns_and_writes_results(default_run):
     for row in r:
         assert {"round", "edge_round", "tier", "loss", "bytes", "seconds"} <= row.keys()
     assert "local compute" in proc.stdout and "device-edge" in proc.stdout  # the summary table
+    # every rank's peak memory, by role: the MiniLM ranks hold a model (> 100 MB resident), the
+    # edges only aggregate flat vectors; no GPU was used
+    peak = summary["peak_memory"]
+    assert set(peak) == {"cloud", "edge0", "edge1", "edge0/d0", "edge0/d1", "edge1/d0", "edge1/d1"}
+    assert all(m["gpu"] is None and m["host"] > 0 for m in peak.values())
+    assert min(peak[r]["host"] for r in ("cloud", "edge0/d0")) > 1e8
 
 
 def test_checkpoint_is_a_peft_adapter(tmp_path):
