@@ -14,10 +14,12 @@ is attributed rather than guessed:
    EdgeStage (14 blocks + head) in one process, the boundary tensor detached and its gradient handed
    back as over the wire: what the cut costs without processes or MPI.
 4. split-plain / split-zero2: `hierfed run` with 1 cloud + 1 edge + 2 split devices (4 processes
-   on the same GPU), 4 pipelined micro-batches per step, bf16 on the link, the edge as plain torch,
-   then under DeepSpeed ZeRO-2 (NCCL). tokens/s = tokens the devices trained in an edge round /
-   that edge round's wall time (the first edge round is warm-up). The edge's and devices' phase
-   times (metrics.jsonl) say where each second went.
+   on the same GPU), pipelined micro-batches, bf16 on the link, the edge as plain torch, then under
+   DeepSpeed ZeRO-2 (NCCL); `split-zero3` runs ZeRO-3 (the edge partitioned from the CPU).
+   tokens/s = tokens the devices trained in an edge round / that edge round's wall time (the first
+   edge round is warm-up). The edge's and devices' phase times (metrics.jsonl) say where each
+   second went; every rank's peak memory (summary.json's `peak_memory`: host high-water mark,
+   torch's CUDA peak) says what each process held.
 Prints one JSON line per run and a final JSON with every figure and its ratio to `whole`.
 A run may name its micro-batch count after a colon (`split-zero2:1`, `whole-micro:2`); without one it
 uses --micro-batches. `inproc` stands for whole, whole-micro and inproc-split.
@@ -170,7 +172,7 @@ def split(args, cfg: dict, name: str, deepspeed: bool) -> dict:
     return {"tokens_per_s": tokens / wall, "edge_busy_fraction": busy / wall, "edge_rounds_timed": len(edge),
             "edge_round_s": wall / len(edge), "edge_phases_s": phases("edge_phases"), "device_phases_s": phases("device_phases"),
             "wait": summary.get("wait"), "job_seconds": time.perf_counter() - started, "bytes": summary["bytes"],
-            "eval_loss": summary["final"]["eval_loss"]}
+            "eval_loss": summary["final"]["eval_loss"], "peak_memory": summary.get("peak_memory")}
 
 
 def main() -> None:
@@ -183,9 +185,9 @@ def main() -> None:
     p.add_argument("--timeout", type=int, default=240, help="seconds per hierfed job")
     p.add_argument("--tokenizer", default=str(ROOT / ".gpu" / "tokenizer"))
     p.add_argument("--micro-batches", type=int, default=4, help="split.micro_batches of runs that name none")
-    p.add_argument("--runs", default="whole,whole-micro:4,inproc-split:1,split-zero2:1,split-plain:1,split-zero2:4",
+    p.add_argument("--runs", default="whole,whole-micro:4,inproc-split:1,split-zero2:1,split-plain:1,split-zero2:4,split-zero3:1",
                    help="comma-separated, each optionally NAME:MICRO_BATCHES: whole, whole-micro, inproc-split (inproc = all three), "
-                        "split-plain, split-zero2, split-zero2-profile")
+                        "split-plain, split-zero2, split-zero2-profile, split-zero3")
     args = p.parse_args()
     args.seq, args.batch = (32, 8) if args.tiny else (1024, 8)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -198,7 +200,8 @@ def main() -> None:
         result["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     except Exception:  # noqa: BLE001 - the name is informational
         result["gpu"] = None
-    jobs = {"split-plain": (False, False), "split-zero2": (True, False), "split-zero2-profile": (True, True)}
+    jobs = {"split-plain": (False, False, 2), "split-zero2": (True, False, 2), "split-zero2-profile": (True, True, 2),
+            "split-zero3": (True, False, 3)}
     runs = []
     for token in args.runs.split(","):
         name, _, micro = token.partition(":")
@@ -210,9 +213,10 @@ def main() -> None:
     if inproc:
         result.update(in_process(args, cfg, inproc))
     for name, micro in (r for r in runs if r[0] in jobs):
-        deepspeed, profile = jobs[name]
+        deepspeed, profile, stage = jobs[name]
         label = f"{name}:{micro}"
-        job_cfg = {**cfg, "runtime": {**cfg["runtime"], "profile": profile}, "split": {**cfg["split"], "micro_batches": micro}}
+        job_cfg = {**cfg, "runtime": {**cfg["runtime"], "profile": profile}, "split": {**cfg["split"], "micro_batches": micro},
+                   "deepspeed": {**cfg["deepspeed"], "zero_stage": stage}}
         result[label] = split(args, job_cfg, label.replace(":", "-mb"), deepspeed)
         print(json.dumps({label: result[label]}), flush=True)
     if "whole" in result:
