@@ -95,16 +95,21 @@ def edge_trainer(rt, cfg, plan, resumed: dict[str, np.ndarray]):
     return EdgeLocal(rt, cfg, plan) if rt.placement.edges[rt.role.edge].clients else None
 
 
-def close_group(rt) -> None:
-    """End the edge group's torch.distributed process group (DeepSpeed's) before MPI finalises, all
-    ranks of the group together: a rank that tears its group down (or exits) while another still
-    uses it makes gloo's threads abort the other ("terminate called without an active exception")."""
+def close_group(rt, trainer) -> None:
+    """End the edge group's DeepSpeed engine and torch.distributed process group before MPI
+    finalises, all ranks of the group together: a rank that tears its group down (or exits) while
+    another still uses it makes gloo's threads abort the other ("terminate called without an
+    active exception")."""
     import torch.distributed as dist
 
     if not dist.is_initialized():
         return
     group = rt.edge_group
     wait(group.Ibarrier(), rt.poll)  # every rank is done with the group's collectives
+    engine = getattr(trainer, "engine", None)
+    if engine is not None:
+        engine.destroy()  # ZeRO's hooks and optimiser state, before the group they use goes
+    dist.barrier()  # ... and with the work it queued on the group's own threads
     dist.destroy_process_group()
     wait(group.Ibarrier(), rt.poll)  # ... and no rank leaves while another still tears down
 
@@ -237,7 +242,7 @@ class EdgeSplit:
         return self.server.save_state(self.out, t)
 
     def close(self) -> None:
-        close_group(self.rt)
+        close_group(self.rt, self.server)
 
     def telemetry(self) -> list[dict]:
         return []  # the split devices report their own clients
@@ -319,4 +324,4 @@ class EdgeLocal:
         return [{"loss_sum": self.loss * self.weight, "weight": self.weight, "clients": 1, "compute_s": self.compute_s, "bytes": {}}]
 
     def close(self) -> None:
-        close_group(self.rt)
+        close_group(self.rt, self.trainer)
