@@ -131,7 +131,9 @@ def partition_on(module: torch.nn.Module, conf: dict, device: torch.device) -> N
     with _local_rank_env(device.index if device.type == "cuda" else local_rank()), contextlib.redirect_stdout(io.StringIO()):
         # deepspeed.comm over the edge group first: the config's batch check reads its world size
         deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False, dist_init_required=False)
-        deepspeed.zero.Init(module=module, config_dict_or_path=conf, mem_efficient_linear=False)
+        # (memory_efficient_linear would replace torch.nn.functional.linear for the whole process)
+        init_conf = {**conf, "zero_optimization": {**conf["zero_optimization"], "memory_efficient_linear": False}}
+        deepspeed.zero.Init(module=module, config_dict_or_path=init_conf, mem_efficient_linear=False)
 
 
 def initialize(cfg, module: torch.nn.Module, params: list, conf: dict, device: torch.device):

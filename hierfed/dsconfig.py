@@ -41,6 +41,9 @@ def ds_config(cfg, micro_batch: int, accumulation: int, group: int, where: str, 
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
     }, ds.config)
+    if conf["zero_optimization"].get("stage") != ds.zero_stage:  # hierfed builds and loads the model by deepspeed.zero_stage
+        raise HierfedError(f"deepspeed ({where}): set the ZeRO stage with deepspeed.zero_stage, not deepspeed.config's "
+                           f"zero_optimization.stage ({conf['zero_optimization'].get('stage')!r})")
     tb, mb, ga = conf["train_batch_size"], conf["train_micro_batch_size_per_gpu"], conf["gradient_accumulation_steps"]
     if tb != mb * ga * group:
         raise HierfedError(

@@ -60,13 +60,15 @@ def peak_memory() -> tuple[int, int]:
     except (OSError, StopIteration):
         host = -1
     torch = sys.modules.get("torch")  # never imported just to ask (an edge that only aggregates has not)
-    gpu = torch.cuda.max_memory_allocated() if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized() else -1
+    used = torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized()
+    # the GPU this rank used need not be the current one: the largest peak over the GPUs it sees
+    gpu = max(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())) if used else -1
     return host, gpu
 
 
 def report_memory(rt: Runtime) -> None:
-    """Every rank's peak memory into the cloud's summary.json (`peak_memory`, by role name), at the
-    end of a run. Collective over COMM_WORLD: every rank calls it once, after its role's loop."""
+    """Every rank's peak memory into the cloud's summary.json (`peak_memory`, by role name; the
+    other ranks of a multi-rank edge as "edge0#1", ...), at the end of a run. Collective over COMM_WORLD: every rank calls it once, after its role's loop."""
     from hierfed.comm.channel import wait
 
     world = MPI.COMM_WORLD
@@ -78,7 +80,10 @@ def report_memory(rt: Runtime) -> None:
     if not cloud or not path.exists():
         return
     summary = json.loads(path.read_text())
-    summary["peak_memory"] = {rt.placement.role(r).name: {"host": int(h) if h >= 0 else None, "gpu": int(g) if g >= 0 else None}
+    def key(role: Role) -> str:  # the ranks of a multi-rank edge after its leader: "edge0#1", ...
+        return role.name if role.group_index == 0 else f"{role.name}#{role.group_index}"
+
+    summary["peak_memory"] = {key(rt.placement.role(r)): {"host": int(h) if h >= 0 else None, "gpu": int(g) if g >= 0 else None}
                               for r, (h, g) in enumerate(every)}
     path.write_text(json.dumps(summary, indent=2) + "\n")
     rt.summary = summary

@@ -60,6 +60,8 @@ def test_zero_edge_groups_train_like_single_rank_edges(plain, tmp_path, stage):
     assert set(busy) == {"edge0", "edge1"} and all(v > 0 for v in busy.values())
     ds = out / "checkpoints" / "ranks"
     assert (ds / "deepspeed-edge0" / "round-0002").is_dir() and (ds / "deepspeed-edge1" / "round-0002").is_dir()
+    peak = json.loads((out / "summary.json").read_text())["peak_memory"]  # every rank, both ranks of each edge
+    assert len(peak) == 9 and {"edge0", "edge0#1", "edge1", "edge1#1"} <= set(peak) and all(m["host"] > 0 for m in peak.values())
 
 
 def test_resume_restores_zero_optimizer_state(plain, tmp_path):

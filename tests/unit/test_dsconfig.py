@@ -35,6 +35,14 @@ def test_user_config_is_merged_and_checked() -> None:
     assert "train.batch_size / split.micro_batches" in msg
 
 
+def test_zero_stage_only_from_deepspeed_zero_stage() -> None:
+    """hierfed builds (ZeRO-3: on the CPU, partitioned) and loads the edge model by deepspeed.zero_stage:
+    a different stage in deepspeed.config would disagree with it."""
+    with pytest.raises(HierfedError, match=r"deepspeed \(edge0\): set the ZeRO stage with deepspeed.zero_stage, not deepspeed.config's zero_optimization.stage \(3\)"):
+        ds_config(cfg(deepspeed={"zero_stage": 2, "config": {"zero_optimization": {"stage": 3}}}), 4, 2, 2, "edge0")
+    assert ds_config(cfg(deepspeed={"zero_stage": 3, "config": {"zero_optimization": {"stage": 3}}}), 4, 2, 2, "edge0")["zero_optimization"]["stage"] == 3
+
+
 def test_offload_needs_adamw() -> None:
     with pytest.raises(HierfedError, match="offload_optimizer needs train.optimizer=adamw"):
         ds_config(cfg(train={"optimizer": "sgd"}, deepspeed={"offload_optimizer": True}), 4, 1, 2, "e")
