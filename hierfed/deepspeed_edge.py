@@ -121,13 +121,13 @@ def partition_on(module: torch.nn.Module, conf: dict, device: torch.device) -> N
     """ZeRO-3 from a module on the CPU: buffers to `device`, then every parameter partitioned over
     the group one at a time (moved to `device` whole, then cut to this rank's shard), so the
     device never holds the whole model; the engine then leaves the module where it is."""
+    import torch.distributed as dist
+
     deepspeed = quiet_import()
     for m in module.modules():
         for name, buf in m._buffers.items():
             if buf is not None:
                 m._buffers[name] = buf.to(device)
-    import torch.distributed as dist
-
     with _local_rank_env(device.index if device.type == "cuda" else local_rank()), contextlib.redirect_stdout(io.StringIO()):
         # deepspeed.comm over the edge group first: the config's batch check reads its world size
         deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False, dist_init_required=False)

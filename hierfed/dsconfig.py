@@ -78,7 +78,9 @@ def check_edges(placement, cfg, ks: dict[int, int | None] | None = None) -> None
             continue
         if e.clients:
             local_config(cfg, g, e.name)
-        if ks is not None and e.served(ks):
-            split_config(cfg, g, len(e.served(ks)), e.name)
-        elif ks is None and e.split_devices and all(d.split_layers != "auto" for d in e.split_devices):
-            split_config(cfg, g, len(e.split_devices), e.name)
+        if ks is not None:
+            served = e.served(ks)
+        else:  # before `auto` is resolved only fixed split_layers say what the edge serves
+            served = e.split_devices if all(d.split_layers != "auto" for d in e.split_devices) else ()
+        if served:
+            split_config(cfg, g, len(served), e.name)

@@ -194,8 +194,7 @@ def estimate(cfg: RunConfig, kind: str, num_labels: int | None, k: int | None) -
     """
     s, t = shape(cfg, kind, num_labels), cfg.model.max_length
     n_blocks = len(s.blocks)
-    if k is not None and not 1 <= k < n_blocks:
-        raise HierfedError(f"split_layers: {k} is out of range: {_model(cfg)} has {n_blocks} blocks, so k must be 1..{n_blocks - 1}")
+    _check_k(cfg, k, n_blocks)
     if k is None:
         part = s.embed + sum(s.blocks, Part()) + s.head
         b = cfg.train.batch_size
@@ -208,6 +207,12 @@ def estimate(cfg: RunConfig, kind: str, num_labels: int | None, k: int | None) -
         act = n * (k * block_activation_bytes(s, mb, t) + 4 * mb * t * s.hidden)
     return Estimate(k, part.frozen_bytes, part.trainable_bytes, 4 * _optimizer_slots(cfg) * part.trainable,
                     part.trainable_bytes, act)
+
+
+def _check_k(cfg: RunConfig, k: int | None, n_blocks: int) -> None:
+    """k blocks on the device side must leave the edge at least one (None: the whole model)."""
+    if k is not None and not 1 <= k < n_blocks:
+        raise HierfedError(f"split_layers: {k} is out of range: {_model(cfg)} has {n_blocks} blocks, so k must be 1..{n_blocks - 1}")
 
 
 def _optimizer_slots(cfg: RunConfig) -> int:
@@ -250,11 +255,10 @@ def edge_estimate(cfg: RunConfig, kind: str, num_labels: int | None, k: int | No
     """
     s, t = shape(cfg, kind, num_labels), cfg.model.max_length
     n_blocks = len(s.blocks)
+    _check_k(cfg, k, n_blocks)
     if k is None:
         part, blocks, b, received = s.embed + sum(s.blocks, Part()) + s.head, n_blocks, math.ceil(cfg.train.batch_size / group), 0
     else:
-        if not 1 <= k < n_blocks:
-            raise HierfedError(f"split_layers: {k} is out of range: {_model(cfg)} has {n_blocks} blocks, so k must be 1..{n_blocks - 1}")
         b = micro_batching(cfg)[0]
         part, blocks = sum(s.blocks[k:], Part()) + s.head + s.tied, n_blocks - k  # a tied LM head stays with the edge
         received = 4 * b * t * s.hidden  # the boundary activations, a leaf whose gradient goes back down
@@ -279,7 +283,7 @@ def edge_plan(placement: Placement, cfg: RunConfig, kind: str, num_labels: int |
     from hierfed.dsconfig import use_deepspeed
     from hierfed.splitlink import split_plan
 
-    ks = split_plan(placement, cfg, kind, num_labels) if any(d.split_layers is not None for d in placement.devices) else {}
+    ks = split_plan(placement, cfg, kind, num_labels)  # all None (no pricing) when no device has split_layers
     n_blocks, ds = len(shape(cfg, kind, num_labels).blocks), cfg.deepspeed
     rows = []
     for e in placement.edges:
@@ -287,7 +291,7 @@ def edge_plan(placement: Placement, cfg: RunConfig, kind: str, num_labels: int |
         zero = (ds.zero_stage, ds.offload_optimizer) if use_deepspeed(cfg, g) else None
         engine = "plain torch" if zero is None else f"ZeRO-{zero[0]} over {g} rank{'s' if g > 1 else ''}" + (
             ", optimizer on the CPU" if zero[1] and zero[0] >= 1 else "")
-        split = [d for d in e.devices if ks.get(d.rank) is not None]
+        split = e.served(ks)
         work = []
         if split:
             k = ks[split[0].rank]

@@ -68,18 +68,20 @@ def peak_memory() -> tuple[int, int]:
 
 def report_memory(rt: Runtime) -> None:
     """Every rank's peak memory into the cloud's summary.json (`peak_memory`, by role name; the
-    other ranks of a multi-rank edge as "edge0#1", ...), at the end of a run. Collective over COMM_WORLD: every rank calls it once, after its role's loop."""
+    other ranks of a multi-rank edge as "edge0#1", ...), at the end of a run. Collective over
+    COMM_WORLD: every rank calls it once, after its role's loop."""
     from hierfed.comm.channel import wait
 
     world = MPI.COMM_WORLD
     mine = np.array(peak_memory(), dtype=np.int64)
-    cloud = world.Get_rank() == rt.placement.cloud_rank
+    cloud = rt.role.kind == "cloud"
     every = np.empty((world.Get_size(), 2), dtype=np.int64) if cloud else None
     wait(world.Igather(mine, every, root=rt.placement.cloud_rank), rt.poll)
     path = Path(rt.out) / "summary.json"
     if not cloud or not path.exists():
         return
     summary = json.loads(path.read_text())
+
     def key(role: Role) -> str:  # the ranks of a multi-rank edge after its leader: "edge0#1", ...
         return role.name if role.group_index == 0 else f"{role.name}#{role.group_index}"
 

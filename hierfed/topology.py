@@ -128,6 +128,11 @@ class EdgeSpec:
         by edge rank i mod G."""
         return tuple(d for d in self.devices if ks.get(d.rank) is not None)
 
+    def servers(self, ks: dict[int, int | None]) -> dict[int, int]:
+        """Split device rank -> the edge rank that serves it: the i-th of `served(ks)` goes to
+        edge rank i mod G (every rank, device or edge, derives it the same way)."""
+        return {d.rank: self.ranks[i % len(self.ranks)] for i, d in enumerate(self.served(ks))}
+
     @property
     def all_clients(self) -> set[int]:
         """Every client the edge aggregates: its devices' and its own."""

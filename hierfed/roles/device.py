@@ -44,9 +44,7 @@ def run(rt, cfg) -> None:
         from hierfed.splitlink import SplitClient, global_index
 
         layout = FlatView(skeleton(cfg, task.kind, task.num_labels))  # the whole model's, from its meta skeleton
-        edge = rt.placement.edges[spec.edge]
-        split_devices = [d.rank for d in edge.served(ks)]
-        server = edge.ranks[split_devices.index(spec.rank) % len(edge.ranks)]  # as EdgeSplit assigns
+        server = rt.placement.edges[spec.edge].servers(ks)[spec.rank]
         trainer = SplitClient(rt.split_comm, server, built.model, k, cfg, rt.ledger, rt.poll)
         flat, mine_idx = trainer.flat, global_index(layout, trainer.flat)
 

@@ -32,12 +32,13 @@ def run(rt, cfg) -> None:
     # Sender state: the uplink's error-feedback residual and what the devices hold (codec downlink).
     saved = RankState(Path(plan.out), rt.role.rank, cfg.checkpoint.keep)
     has_state = up.feedback is not None or not down.down.is_identity
-    resumed_state = saved.load(plan.start_round - 1) if plan.start_round > 1 and (has_state or split_here(rt, cfg)) else {}
+    ks = split_ks(rt, cfg)
+    resumed_state = saved.load(plan.start_round - 1) if plan.start_round > 1 and (has_state or split_here(rt, ks)) else {}
     up.load_state_dict(unprefixed("up", resumed_state))
     down.load_state_dict(unprefixed("down", resumed_state))
     me = rt.placement.edges[rt.role.edge]
     my_clients = me.all_clients
-    trainer = edge_trainer(rt, cfg, plan, unprefixed("split", resumed_state))  # None: the edge only aggregates
+    trainer = edge_trainer(rt, cfg, plan, unprefixed("split", resumed_state), ks)  # None: the edge only aggregates
 
     params = np.empty(plan.dim, dtype=np.float32)
     local = np.empty(plan.dim, dtype=np.float64)  # the edge's master copy; aggregation_round updates it in place
@@ -87,11 +88,12 @@ def run(rt, cfg) -> None:
         trainer.close()
 
 
-def edge_trainer(rt, cfg, plan, resumed: dict[str, np.ndarray]):
+def edge_trainer(rt, cfg, plan, resumed: dict[str, np.ndarray], ks: dict[int, int | None]):
     """What this edge trains besides aggregating: its split devices' upper stage (EdgeSplit), its
-    own client (EdgeLocal; the two are never combined, see hierfed.preflight), or nothing (None)."""
-    if split_here(rt, cfg):
-        return EdgeSplit(rt, cfg, plan, resumed)
+    own client (EdgeLocal; the two are never combined, see hierfed.preflight), or nothing (None).
+    `ks`: the split devices' resolved k (`split_ks`)."""
+    if split_here(rt, ks):
+        return EdgeSplit(rt, cfg, plan, resumed, ks)
     return EdgeLocal(rt, cfg, plan) if rt.placement.edges[rt.role.edge].clients else None
 
 
@@ -114,16 +116,20 @@ def close_group(rt, trainer) -> None:
     wait(group.Ibarrier(), rt.poll)  # ... and no rank leaves while another still tears down
 
 
-def split_here(rt, cfg) -> bool:
-    """The edge serves split devices: some device of it has split_layers that did not resolve to
-    the whole model (`auto` on a device the whole model fits)."""
-    edge = rt.placement.edges[rt.role.edge]
-    if not edge.split_devices:
-        return False
+def split_ks(rt, cfg) -> dict[int, int | None]:
+    """Split device rank -> its resolved k (`splitlink.split_plan`; None where `auto` found the
+    whole model fits); empty when no device of this edge has split_layers (nothing to resolve)."""
+    if not rt.placement.edges[rt.role.edge].split_devices:
+        return {}
     from hierfed.memory import task_of
     from hierfed.splitlink import split_plan
 
-    return bool(edge.served(split_plan(rt.placement, cfg, *task_of(cfg))))
+    return split_plan(rt.placement, cfg, *task_of(cfg))
+
+
+def split_here(rt, ks: dict[int, int | None]) -> bool:
+    """The edge serves split devices: some device of it has a resolved k (`split_ks`)."""
+    return bool(rt.placement.edges[rt.role.edge].served(ks))
 
 
 def run_follower(rt, cfg) -> None:
@@ -131,8 +137,9 @@ def run_follower(rt, cfg) -> None:
     its split devices, or its own client), in lockstep with its leader's edge rounds."""
     plan = bcast_object(rt.edge_group, None, False, rt.poll)
     saved = RankState(Path(plan.out), rt.role.rank, cfg.checkpoint.keep)
-    resumed = saved.load(plan.start_round - 1) if plan.start_round > 1 and split_here(rt, cfg) else {}
-    trainer = edge_trainer(rt, cfg, plan, unprefixed("split", resumed))
+    ks = split_ks(rt, cfg)
+    resumed = saved.load(plan.start_round - 1) if plan.start_round > 1 and split_here(rt, ks) else {}
+    trainer = edge_trainer(rt, cfg, plan, unprefixed("split", resumed), ks)
     clients = rt.placement.edges[rt.role.edge].all_clients
     for t in range(plan.start_round, cfg.schedule.rounds + 1):
         sampled = clients.intersection(sampled_clients(rt.placement.num_clients, cfg.schedule.client_fraction, cfg.seed, t).tolist())
@@ -186,19 +193,18 @@ class EdgeSplit:
     """The edge's half of split placement: the upper stage it trains for its split devices, on one
     rank (plain torch) or sharded over the edge's ranks (DeepSpeed ZeRO)."""
 
-    def __init__(self, rt, cfg, plan, resumed: dict[str, np.ndarray]) -> None:
+    def __init__(self, rt, cfg, plan, resumed: dict[str, np.ndarray], ks: dict[int, int | None]) -> None:
         from hierfed.split import prune_for_edge
-        from hierfed.splitlink import SplitServer, global_index, split_plan
+        from hierfed.splitlink import SplitServer, global_index
 
         self.rt, self.cfg, self.out = rt, cfg, Path(plan.out)
         task, shards, device, built, whole = _build_model(rt, cfg, plan)
-        ks = split_plan(rt.placement, cfg, task.kind, task.num_labels)
         me = rt.placement.edges[rt.role.edge]
-        split_devices = list(me.served(ks))
-        k = min(ks[d.rank] for d in split_devices)
-        # split device rank -> (client, weight); device i is served by edge rank i mod G
+        split_devices = me.served(ks)
+        k = min(ks[d.rank] for d in split_devices)  # one upper stage: split_plan gave them all the same k
+        # split device rank -> (client, weight); the ones this rank serves (EdgeSpec.servers)
         self.devices = {d.rank: (d.clients[0], len(shards[d.clients[0]])) for d in split_devices}
-        self.mine = {d.rank for i, d in enumerate(split_devices) if me.ranks[i % len(me.ranks)] == rt.role.rank}
+        self.mine = {d for d, r in me.servers(ks).items() if r == rt.role.rank}
         prune_for_edge(built.model, k)
         poll = rt.poll
         if use_deepspeed(cfg, len(me.ranks)):
