@@ -39,14 +39,11 @@ import argparse
 import json
 import platform
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
-from common import git_state
+from common import fmt_bytes, git_state, read_run, run_hierfed
 
 ROOT = Path(__file__).resolve().parent.parent
-HIERFED = [sys.executable, "-m", "hierfed"]
 
 TAU1, TAU2 = 5, 2  # hierfed's default schedule (hierfed/config.py: ScheduleConfig)
 FULL_LR = 5e-5
@@ -75,24 +72,17 @@ CONFIGS: list[tuple[str, str, str, list[str]]] = [
 def run_one(name: str, topology: str, extra: list[str], out: Path, rounds: int | None, seed: int) -> float:
     if out.exists():
         shutil.rmtree(out)
-    cmd = [*HIERFED, "run", topology, "--out", str(out), "--seed", str(seed), *extra]
-    if rounds is not None:
-        cmd += ["--rounds", str(rounds)]
-    print(f"[{name}] {' '.join(cmd[2:])}", file=sys.stderr, flush=True)
-    start = time.monotonic()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    wall = time.monotonic() - start
-    (out.parent / f"{name}.log").write_text(proc.stdout + proc.stderr)
-    if proc.returncode != 0:
-        tail = (proc.stdout + proc.stderr).strip().splitlines()[-5:]
-        raise SystemExit(f"bench/bytes.py: {name} failed (exit {proc.returncode}):\n  " + "\n  ".join(tail))
-    print(f"[{name}] done in {wall:.0f} s", file=sys.stderr, flush=True)
-    return wall
+    args = ["run", topology, "--out", str(out), "--seed", str(seed), *extra] + (["--rounds", str(rounds)] if rounds is not None else [])
+    print(f"[{name}] {' '.join(args)}", file=sys.stderr, flush=True)
+    job = run_hierfed(args, out.parent / f"{name}.log")
+    if job.returncode != 0:
+        raise SystemExit(f"bench/bytes.py: {name} failed (exit {job.returncode}):\n  {job.tail()}")
+    print(f"[{name}] done in {job.wall_s:.0f} s", file=sys.stderr, flush=True)
+    return job.wall_s
 
 
 def collect(name: str, label: str, out: Path, wall: float | None) -> dict:
-    summary = json.loads((out / "summary.json").read_text())
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    summary, rows = read_run(out)
     cloud = [r for r in rows if r["tier"] == "cloud"]
     rounds = summary["rounds"]
     assert rounds == len([r for r in cloud if r["round"] > 0]), f"{name}: summary and metrics disagree on rounds"
@@ -142,15 +132,6 @@ def _config_section(out: Path, section: str) -> dict:
     import yaml
 
     return yaml.safe_load((out / "config.yaml").read_text())[section]
-
-
-def fmt_bytes(n: float | None) -> str:
-    if n is None:
-        return "—"
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.3g} {unit}" if n / scale < 100 else f"{n / scale:.0f} {unit}"
-    return f"{n:.0f} B"
 
 
 def table(results: list[dict]) -> str:

@@ -1,9 +1,17 @@
-"""Shared by the benchmark scripts (run as `python bench/<name>.py`, so this imports as `common`)."""
+"""Shared by the benchmark scripts (run as `python bench/<name>.py`, so this imports as `common`):
+where the repository is, what commit a result came from, byte formatting, and running a hierfed
+job in a subprocess and reading back what it wrote."""
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
+import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -17,3 +25,50 @@ def git_state() -> str:
         return "unknown"
     dirty = [line[3:] for line in dirty if line.strip()]
     return head + (f" + uncommitted changes to {', '.join(dirty)}" if dirty else "")
+
+
+def fmt_bytes(n: float | None) -> str:
+    """Decimal units with 3 significant digits ('5.1 GB', '340 MB'); '—' for None."""
+    if n is None:
+        return "—"
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g} {unit}" if abs(n) / scale < 100 else f"{n / scale:.0f} {unit}"
+    return f"{n:.0f} B"
+
+
+@dataclass
+class Job:
+    """A finished `hierfed run` subprocess: its exit status, wall time and output."""
+
+    returncode: int
+    wall_s: float
+    output: str
+    timed_out: bool = False
+
+    def tail(self, lines: int = 5) -> str:
+        return "\n  ".join(self.output.strip().splitlines()[-lines:])
+
+
+def run_hierfed(args: list[str], log: Path, timeout: float | None = None, env: dict[str, str] | None = None) -> Job:
+    """`python -m hierfed ARGS` from the repository root (hierfed launches mpiexec itself), one
+    thread per rank; stdout and stderr go to `log` as well as into the result."""
+    cmd = [sys.executable, "-m", "hierfed", *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1") | (env or {})
+    started = time.monotonic()
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        job = Job(proc.returncode, time.monotonic() - started, proc.stdout + proc.stderr)
+    except subprocess.TimeoutExpired as e:
+        text = "".join(x.decode(errors="replace") if isinstance(x, bytes) else (x or "") for x in (e.stdout, e.stderr))
+        job = Job(-1, time.monotonic() - started, text, timed_out=True)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text(job.output)
+    return job
+
+
+def read_run(out: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A finished run's summary.json and its metrics.jsonl rows."""
+    summary = json.loads((out / "summary.json").read_text())
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return summary, rows

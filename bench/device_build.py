@@ -38,7 +38,7 @@ def child(path: str, k: int, blocks: int | None, dtype: str) -> None:
 
     from hierfed.config import ModelConfig, PeftConfig
     from hierfed.model import build_model
-    from hierfed.split import prune_for_device
+    from hierfed.model.cut import prune_for_device
 
     torch.set_num_threads(1)
     base = high_water()  # after the imports
@@ -68,7 +68,8 @@ def main() -> None:
     import torch
 
     from hierfed.config import ModelConfig
-    from hierfed.model import _base_model, load_tokenizer
+    from hierfed.model.build import _base_model
+    from hierfed.model import load_tokenizer
 
     conf = ModelConfig(source="llama", config_overrides={"num_hidden_layers": args.layers, "hidden_size": args.hidden,
                                                          "intermediate_size": int(2.75 * args.hidden), "num_attention_heads": args.hidden // 64,

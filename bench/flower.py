@@ -240,9 +240,9 @@ import torch, transformers, peft; t.append(time.time())
 from mpi4py import MPI; t.append(time.time())
 from hierfed.config import load_config
 from hierfed.data import load_data, partition
-from hierfed.engine import configure_threads, tokenize
+from hierfed.training import configure_threads, tokenize
 from hierfed.model import FlatView, build_model
-import hierfed.cli, hierfed.roles, hierfed.runtime; t.append(time.time())
+import hierfed.cli, hierfed.roles, hierfed.runtime.world; t.append(time.time())
 cfg = load_config(None, json.loads(sys.argv[1])); configure_threads(1)
 task = load_data(cfg.data); t.append(time.time())
 built = build_model(cfg.model, cfg.peft, task.kind, task.num_labels, cfg.seed); t.append(time.time())

@@ -30,13 +30,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import yaml
+from common import read_run, run_hierfed
 
 ROOT = Path(__file__).resolve().parent.parent
 LLAMA_1B = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 4}
@@ -91,9 +90,9 @@ def in_process(args, cfg: dict, runs: list[tuple[str, int]]) -> dict:
     import torch
 
     from hierfed.config import RunConfig
-    from hierfed.engine import make_optimizer
+    from hierfed.training import make_optimizer
     from hierfed.model import build_model
-    from hierfed.split import DeviceStage, EdgeStage
+    from hierfed.model.cut import DeviceStage, EdgeStage
 
     rc = RunConfig.model_validate(cfg)
     device = torch.device("cuda" if args.device != "cpu" else "cpu")
@@ -147,23 +146,17 @@ def split(args, cfg: dict, name: str, deepspeed: bool) -> dict:
     cfg = {**cfg, "deepspeed": {**cfg["deepspeed"], "enabled": deepspeed}}
     (args.out / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
     run_dir = args.out / name
-    cmd = [sys.executable, "-m", "hierfed", "run", str(args.out / "topology.yaml"), "--config", str(args.out / f"{name}.yaml"), "--out", str(run_dir)]
-    started = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.timeout)
-    except subprocess.TimeoutExpired as e:
-        text = (e.stdout or b"").decode(errors="replace") + (e.stderr or b"").decode(errors="replace")
-        (args.out / f"{name}.log").write_text(text)
-        return {"error": f"timed out after {args.timeout} s", "tail": text[-3000:]}
-    (args.out / f"{name}.log").write_text(proc.stdout + proc.stderr)
-    if proc.returncode != 0:
-        return {"error": f"exit {proc.returncode}", "tail": (proc.stdout + proc.stderr)[-3000:]}
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    job = run_hierfed(["run", str(args.out / "topology.yaml"), "--config", str(args.out / f"{name}.yaml"), "--out", str(run_dir)],
+                      args.out / f"{name}.log", timeout=args.timeout)
+    if job.timed_out:
+        return {"error": f"timed out after {args.timeout} s", "tail": job.output[-3000:]}
+    if job.returncode != 0:
+        return {"error": f"exit {job.returncode}", "tail": job.output[-3000:]}
+    summary, rows = read_run(run_dir)
     edge = [r for r in rows if r["tier"] == "edge" and r["edge_round"] > 1]  # edge round 1: warm-up
     tokens = sum(args.steps * args.batch * args.seq * r["clients"] for r in edge)
     wall = sum(r["seconds"]["wall"] for r in edge)
     busy = sum(r["seconds"]["edge_busy"] for r in edge)
-    summary = json.loads((run_dir / "summary.json").read_text())
 
     def phases(key: str) -> dict:  # seconds per timed edge round, by phase
         names = sorted({k for r in edge for k in r["seconds"][key]})
@@ -171,7 +164,7 @@ def split(args, cfg: dict, name: str, deepspeed: bool) -> dict:
 
     return {"tokens_per_s": tokens / wall, "edge_busy_fraction": busy / wall, "edge_rounds_timed": len(edge),
             "edge_round_s": wall / len(edge), "edge_phases_s": phases("edge_phases"), "device_phases_s": phases("device_phases"),
-            "wait": summary.get("wait"), "job_seconds": time.perf_counter() - started, "bytes": summary["bytes"],
+            "wait": summary.get("wait"), "job_seconds": job.wall_s, "bytes": summary["bytes"],
             "eval_loss": summary["final"]["eval_loss"], "peak_memory": summary.get("peak_memory")}
 
 

@@ -14,12 +14,12 @@ head), LoRA r=8 (hierfed's default targets), AdamW, batch 16 in 4 micro-batches,
 
 1. Device memory, k in {1, 2, 4} and the whole model (all 16 blocks), in this one process. The model
    is built as hierfed builds it (`hierfed.model.build_model`), pruned for the device
-   (`hierfed.split.prune_for_device`; the whole model is left unpruned), and driven through one real
-   local step by the runtime's own trainer: `hierfed.splitlink.SplitClient.train` for a split device
+   (`hierfed.model.cut.prune_for_device`; the whole model is left unpruned), and driven through one real
+   local step by the runtime's own trainer: `hierfed.placement.link.SplitClient.train` for a split device
    (all micro-batches forward and kept alive, then each finishes backward when its boundary gradient
    "returns", then clip + AdamW step) over an in-process stand-in for the MPI communicator that
    answers every posted gradient receive with a random gradient of the right shape; and
-   `hierfed.engine.LocalTrainer.train` (the batch at once) for the whole model. One unmeasured
+   `hierfed.training.LocalTrainer.train` (the batch at once) for the whole model. One unmeasured
    step first (lazy initialisation), then the measured step, each with a fresh optimiser as every
    edge round has. Measured:
      - params+buffers: bytes of every parameter and buffer the (pruned) model still holds;
@@ -33,14 +33,14 @@ head), LoRA r=8 (hierfed's default targets), AdamW, batch 16 in 4 micro-batches,
        their sizes (a buffer that is a view of a torch tensor is not counted twice);
      - device peak = params+buffers + step peak + link buffers;
      - saved for backward: the bytes autograd saves (saved-tensor hooks, each storage counted once,
-       parameters excluded): the quantity `hierfed.memory`'s activation term models.
-   Beside it, `hierfed.memory.estimate(...).total` for the same config and k, priced at the measured
+       parameters excluded): the quantity `hierfed.placement.memory`'s activation term models.
+   Beside it, `hierfed.placement.memory.estimate(...).total` for the same config and k, priced at the measured
    sequence length T (and, where T < max_length, also at max_length, as `hierfed topology plan`
    prices it). The built-in corpus has short lines: tokenised, its longest line is ~17 tokens, so
    the device pads to that, not to 64. The memory table is therefore also measured on "packed"
    sequences (corpus lines joined to fill exactly 64 tokens; --no-packed skips them).
    Bytes per local step across the cut: the SplitClient's real messages (activations + mask +
-   labels up, gradients + loss down), `hierfed.memory.link_bytes`, and from the MPI runs below the
+   labels up, gradients + loss down), `hierfed.placement.memory.link_bytes`, and from the MPI runs below the
    device-edge ledger (which also holds the per-edge-round adapter exchange, amortised over tau1).
 
 2. Edge throughput: real MPI jobs (`python -m hierfed run`, which launches mpiexec) of 1 cloud +
@@ -73,13 +73,12 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-from common import git_state
+from common import fmt_bytes, git_state, read_run, run_hierfed
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -106,15 +105,6 @@ def run_config(rounds: int, tau1: int) -> dict:
         "split": {"micro_batches": MICRO},
         "runtime": {"progress": False},
     }
-
-
-def fmt_bytes(n: float | None) -> str:
-    if n is None:
-        return "—"
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.3g} {unit}"
-    return f"{n:.0f} B"
 
 
 def log(msg: str) -> None:
@@ -145,7 +135,7 @@ class LoopbackComm:
     """
 
     def __init__(self) -> None:
-        from hierfed.splitlink import TAG_ACT, TAG_GRAD, TAG_LOSS, TAG_META
+        from hierfed.placement.link import TAG_ACT, TAG_GRAD, TAG_LOSS, TAG_META
 
         self.tags = TAG_ACT, TAG_META, TAG_GRAD, TAG_LOSS
         self.wire = None
@@ -273,10 +263,10 @@ def measure_device(cfg, k: int | None, data, kind: str) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     from hierfed.comm.ledger import Ledger
-    from hierfed.engine import LocalTrainer
+    from hierfed.training import LocalTrainer
     from hierfed.model import build_model
-    from hierfed.split import prune_for_device
-    from hierfed.splitlink import SplitClient
+    from hierfed.model.cut import prune_for_device
+    from hierfed.placement.link import SplitClient
 
     built = build_model(cfg.model, cfg.peft, kind, None, cfg.seed)
     model = built.model
@@ -324,8 +314,8 @@ def memory_part(ks: list[int], packed: bool, threads: int) -> dict:
 
     from hierfed.config import RunConfig
     from hierfed.data import load_data
-    from hierfed.engine import configure_threads, tokenize
-    from hierfed.memory import estimate, link_bytes
+    from hierfed.training import configure_threads, tokenize
+    from hierfed.placement.memory import estimate, link_bytes
     from hierfed.model import load_tokenizer
 
     configure_threads(threads)
@@ -432,21 +422,15 @@ def run_job(n: int, k: int, pipelined: bool, rounds: int, tau1: int, work: Path,
     topo, conf = work / f"topology-n{n}-k{k}.yaml", work / "config.yaml"
     topo.write_text(yaml.safe_dump(topology(n, k), sort_keys=False))
     conf.write_text(yaml.safe_dump(run_config(rounds, tau1), sort_keys=False))
-    cmd = [sys.executable, "-m", "hierfed", "run", str(topo), "--config", str(conf), "--out", str(out),
-           "--set", f"split.pipeline={'true' if pipelined else 'false'}"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    args = ["run", str(topo), "--config", str(conf), "--out", str(out), "--set", f"split.pipeline={'true' if pipelined else 'false'}"]
     load_before = os.getloadavg()[0]
-    log(f"throughput: {name} ({n + 2} ranks): {' '.join(cmd[2:])}")
-    started = time.monotonic()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    job_s = time.monotonic() - started
-    (work / f"{name}.log").write_text(proc.stdout + proc.stderr)
-    if proc.returncode != 0:
-        tail = (proc.stdout + proc.stderr).strip().splitlines()[-5:]
-        raise SystemExit(f"bench/split.py: {name} failed (exit {proc.returncode}):\n  " + "\n  ".join(tail))
+    log(f"throughput: {name} ({n + 2} ranks): {' '.join(args)}")
+    job = run_hierfed(args, work / f"{name}.log")
+    if job.returncode != 0:
+        raise SystemExit(f"bench/split.py: {name} failed (exit {job.returncode}):\n  {job.tail()}")
+    job_s = job.wall_s
     log(f"throughput: {name} done in {job_s:.0f} s")
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    summary = json.loads((out / "summary.json").read_text())
+    summary, rows = read_run(out)
     return {"name": name, "devices": n, "k": k, "ranks": n + 2, "pipelined": pipelined, "job_s": job_s,
             "load_before": load_before, "load_after": os.getloadavg()[0], "bytes": summary["bytes"],
             "edge_rows": [r for r in rows if r["tier"] == "edge"]}
@@ -493,9 +477,9 @@ def stage_costs(ks: list[int], repeats: int = 5) -> dict:
 
     from hierfed.config import RunConfig
     from hierfed.data import load_data
-    from hierfed.engine import configure_threads, tokenize
+    from hierfed.training import configure_threads, tokenize
     from hierfed.model import build_model
-    from hierfed.split import split_model
+    from hierfed.model.cut import split_model
 
     configure_threads(1)
     cfg = RunConfig.model_validate(run_config(1, 1))

@@ -133,7 +133,7 @@ class SplitConfig(_Section):
 
 class DeepSpeedSection(_Section):
     """DeepSpeed ZeRO on edges that train: the upper stage of their split devices, or their own
-    client (train_locally), sharded over the edge's ranks (hierfed.deepspeed_edge)."""
+    client (train_locally), sharded over the edge's ranks (hierfed.placement.zero)."""
 
     enabled: bool | Literal["auto"] = "auto"  # auto: on for edges with several ranks
     zero_stage: int = Field(2, ge=0, le=3)

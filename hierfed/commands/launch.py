@@ -42,18 +42,20 @@ def add_parser(subparsers: Any) -> None:
 
 
 def _launch(args: argparse.Namespace) -> int:
-    from hierfed import cli
+    from hierfed.cluster.hosts import parse_hosts, read_hostfile
+    from hierfed.cluster.jobs import plan_job, run_job
+    from hierfed.cluster.slurm import het_sizes
+    from hierfed.commands.run import overrides, parse_run_args, prepare
     from hierfed.config import load_config
-    from hierfed.launch import het_sizes, parse_hosts, plan_job, read_hostfile, run_job
     from hierfed.topology import load_topology
 
     run_argv = args.run_args[1:] if args.run_args[:1] == ["--"] else list(args.run_args)
-    run = cli.build_parser().parse_args(["run", *run_argv])
+    run = parse_run_args(run_argv)
     if args.show or args.dry_run:  # the topology is all these need: no data, no support checks
-        cfg = load_config(run.config, cli._overrides(run))
+        cfg = load_config(run.config, overrides(run))
         placement = load_topology(cfg.topology).placement()
     else:
-        cfg, placement, _ = cli._prepare(run)  # bad input fails here, before anything starts
+        cfg, placement, _ = prepare(run)  # bad input fails here, before anything starts
     if args.show == "world":
         print(placement.world_size)
         return 0

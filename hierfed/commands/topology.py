@@ -1,9 +1,9 @@
 """`hierfed topology validate|ranks|show|plan FILE`: check a topology file and see its rank layout.
 
-`validate` also runs the checks `hierfed run` makes before launch (hierfed.preflight) against the
+`validate` also runs the checks `hierfed run` makes before launch (hierfed.cluster.preflight) against the
 run config given by `--config` (default: the embedded defaults). `plan` (and `validate`, when the
 file has `split_layers` or edges with `memory_gb`) prices each device's share of the model, and each
-training edge's per rank, with hierfed.memory for that config. Only those paths import torch:
+training edge's per rank, with hierfed.placement (memory, plan) for that config. Only those paths import torch:
 validating a topology without them stays fast.
 """
 
@@ -40,7 +40,7 @@ def add_parser(subparsers: Any) -> None:
 
 def _validate(args: argparse.Namespace) -> int:
     from hierfed.config import load_config
-    from hierfed.preflight import check_resolved_split, check_supported
+    from hierfed.cluster.preflight import check_resolved_split, check_supported
 
     placement = load_topology(args.file).placement()
     cfg = load_config(args.config)
@@ -49,8 +49,8 @@ def _validate(args: argparse.Namespace) -> int:
     if not split and all(e.memory_gb is None for e in placement.edges):
         print(f"ok: {placement.summary()}")  # nothing to price: torch is not even imported
         return 0
-    from hierfed.memory import human, task_of
-    from hierfed.splitlink import split_plan
+    from hierfed.placement.memory import human, task_of
+    from hierfed.placement.plan import split_plan
 
     if split:
         check_resolved_split(placement, cfg, split_plan(placement, cfg, *task_of(cfg)))
@@ -75,16 +75,17 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _rows(placement: Placement, config: str | None, edges: bool = False) -> tuple[str, list[Any], list[Any]]:
-    """hierfed.memory's plan for this topology under the run config, a line of its factors, and
+    """hierfed.placement.plan's plan for this topology under the run config, a line of its factors, and
     (with `edges`) the training edges' memory per rank."""
-    from hierfed import memory
     from hierfed.config import load_config
+    from hierfed.placement import plan
+    from hierfed.placement.memory import task_of
 
     cfg = load_config(config)
-    kind, num_labels = memory.task_of(cfg)
-    rows = memory.plan(placement, cfg, kind, num_labels)  # raises HierfedError on impossible budgets
-    edge_rows = memory.edge_plan(placement, cfg, kind, num_labels) if edges else []
-    return memory.describe(cfg, kind, num_labels), rows, edge_rows
+    kind, num_labels = task_of(cfg)
+    rows = plan.plan(placement, cfg, kind, num_labels)  # raises HierfedError on impossible budgets
+    edge_rows = plan.edge_plan(placement, cfg, kind, num_labels) if edges else []
+    return plan.describe(cfg, kind, num_labels), rows, edge_rows
 
 
 def _aligned(table: list[tuple[str, ...]]) -> list[str]:
@@ -96,7 +97,7 @@ def _aligned(table: list[tuple[str, ...]]) -> list[str]:
 def render_plan(placement: Placement, config: str | None) -> list[str]:
     """The plan as aligned text: the summary, the factors, one row per device, then one per
     training edge (its memory per rank, and on one rank without DeepSpeed)."""
-    from hierfed.memory import human
+    from hierfed.placement.memory import human
 
     factors, rows, edges = _rows(placement, config, edges=True)
     table = [("device", "rank", "memory", "split", "k", "estimate", "up/step", "down/step", "why")]
@@ -155,7 +156,7 @@ def _branch(i: int, n: int) -> str:
     return "└─ " if i == n - 1 else "├─ "
 
 
-def _clients(ids: tuple[int, ...]) -> str:
+def _clients(ids: range) -> str:
     if len(ids) == 1:
         return f"clients {ids[0]}"
     return f"clients {ids[0]}-{ids[-1]} ({len(ids)})"

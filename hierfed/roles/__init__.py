@@ -9,7 +9,7 @@ _LOOPS = {"cloud": "hierfed.roles.cloud", "edge": "hierfed.roles.edge", "device"
 
 
 def run_role(rt, cfg) -> None:
-    from hierfed.runtime import report_memory
+    from hierfed.runtime.usage import report_memory
 
     # Imported lazily: an edge rank aggregates flat vectors and never imports torch or transformers.
     importlib.import_module(_LOOPS[rt.role.kind]).run(rt, cfg)

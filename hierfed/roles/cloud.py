@@ -11,11 +11,11 @@ from pathlib import Path
 
 import numpy as np
 
-from hierfed.checkpoint import Checkpoints, State
+from hierfed.runtime.checkpoint import Checkpoints, State
 from hierfed.comm.ledger import merge
 from hierfed.data import load_data
-from hierfed.engine import LocalTrainer, configure_threads, torch_device, tokenize
-from hierfed.metrics import RunLog
+from hierfed.training import LocalTrainer, configure_threads, torch_device, tokenize
+from hierfed.runtime.results import RunLog
 from hierfed.model import FlatView, build_model
 from hierfed.roles.protocol import Plan, aggregation_round, codec_rng, parent_link, prefixed, sampled_clients, unprefixed
 from hierfed.strategy import build_strategy

@@ -4,7 +4,7 @@ A rank with several virtual clients trains them one after another from the same 
 client's update is queued on the uplink (summed locally when uncompressed, encoded per client with
 its own error-feedback residual when compressed) and the rank sends once per edge round.
 A split device (split_layers in the topology) keeps only the embeddings and its first k blocks and
-trains them with its edge over the cut (hierfed.splitlink); its update covers its own blocks only.
+trains them with its edge over the cut (hierfed.placement.link); its update covers its own blocks only.
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from hierfed.checkpoint import RankState
+from hierfed.runtime.checkpoint import RankState
 from hierfed.data import load_data, partition
-from hierfed.engine import LocalTrainer, configure_threads, torch_device, derive_seed, tokenize
+from hierfed.training import LocalTrainer, configure_threads, torch_device, tokenize
+from hierfed.seeding import derive_seed
 from hierfed.model import FlatView, build_model
 from hierfed.roles.protocol import check_plan, child_link, codec_rng, sampled_clients
 
@@ -28,7 +29,7 @@ def run(rt, cfg) -> None:
     shards = partition(task.train, rt.placement.num_clients, cfg.data.partition, alpha=cfg.data.alpha, seed=cfg.data.seed)
     ks = {}  # split device rank -> its k (None: its `auto` resolved to the whole model)
     if spec.split_layers is not None:
-        from hierfed.splitlink import split_plan
+        from hierfed.placement.plan import split_plan
 
         ks = split_plan(rt.placement, cfg, task.kind, task.num_labels)
     k = ks.get(spec.rank)
@@ -40,8 +41,8 @@ def run(rt, cfg) -> None:
         layout = flat = FlatView(built.model)  # the whole model's trainable parameters: the vector that travels
         trainer, mine_idx = LocalTrainer(built.model, cfg.train), None
     else:
-        from hierfed.memory import skeleton
-        from hierfed.splitlink import SplitClient, global_index
+        from hierfed.placement.memory import skeleton
+        from hierfed.placement.link import SplitClient, global_index
 
         layout = FlatView(skeleton(cfg, task.kind, task.num_labels))  # the whole model's, from its meta skeleton
         server = rt.placement.edges[spec.edge].servers(ks)[spec.rank]

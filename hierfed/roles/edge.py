@@ -10,10 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
-from hierfed.checkpoint import RankState
+from hierfed.runtime.checkpoint import RankState
 from hierfed.comm.channel import bcast_object, wait
 from hierfed.comm.ledger import merge
-from hierfed.dsconfig import use_deepspeed
+from hierfed.placement.dsconfig import use_deepspeed
 from hierfed.roles.protocol import aggregation_round, child_link, codec_rng, parent_link, prefixed, sampled_clients, unprefixed
 from hierfed.strategy import build_strategy
 
@@ -90,7 +90,7 @@ def run(rt, cfg) -> None:
 
 def edge_trainer(rt, cfg, plan, resumed: dict[str, np.ndarray], ks: dict[int, int | None]):
     """What this edge trains besides aggregating: its split devices' upper stage (EdgeSplit), its
-    own client (EdgeLocal; the two are never combined, see hierfed.preflight), or nothing (None).
+    own client (EdgeLocal; the two are never combined, see hierfed.cluster.preflight), or nothing (None).
     `ks`: the split devices' resolved k (`split_ks`)."""
     if split_here(rt, ks):
         return EdgeSplit(rt, cfg, plan, resumed, ks)
@@ -117,12 +117,12 @@ def close_group(rt, trainer) -> None:
 
 
 def split_ks(rt, cfg) -> dict[int, int | None]:
-    """Split device rank -> its resolved k (`splitlink.split_plan`; None where `auto` found the
+    """Split device rank -> its resolved k (`placement.plan.split_plan`; None where `auto` found the
     whole model fits); empty when no device of this edge has split_layers (nothing to resolve)."""
     if not rt.placement.edges[rt.role.edge].split_devices:
         return {}
-    from hierfed.memory import task_of
-    from hierfed.splitlink import split_plan
+    from hierfed.placement.memory import task_of
+    from hierfed.placement.plan import split_plan
 
     return split_plan(rt.placement, cfg, *task_of(cfg))
 
@@ -156,7 +156,7 @@ def _build_model(rt, cfg, plan):
     """The model of an edge that trains, with its task and every client's shard: built as every
     rank builds it and checked against the cloud's plan before anything is pruned."""
     from hierfed.data import load_data, partition
-    from hierfed.engine import configure_threads, torch_device
+    from hierfed.training import configure_threads, torch_device
     from hierfed.model import FlatView, build_model
     from hierfed.roles.protocol import check_plan
 
@@ -165,7 +165,7 @@ def _build_model(rt, cfg, plan):
     shards = partition(task.train, rt.placement.num_clients, cfg.data.partition, alpha=cfg.data.alpha, seed=cfg.data.seed)
     device = torch_device(cfg.runtime.device)
     # Under ZeRO-3 the model stays on the CPU: DeepSpeed moves each parameter's shard to `device`
-    # (hierfed.deepspeed_edge.initialize), so no GPU of the group ever holds the whole model.
+    # (hierfed.placement.zero.initialize), so no GPU of the group ever holds the whole model.
     sharded = use_deepspeed(cfg, len(rt.placement.edges[rt.role.edge].ranks)) and cfg.deepspeed.zero_stage == 3
     built = build_model(cfg.model, cfg.peft, task.kind, task.num_labels, cfg.seed, "cpu" if sharded else device)
     whole = FlatView(built.model)
@@ -176,7 +176,7 @@ def _build_model(rt, cfg, plan):
 def _join_deepspeed_group(rt, cfg, device) -> None:
     """This edge's torch.distributed group (the leader picks address and port): NCCL on GPUs, gloo
     on CPUs unless deepspeed.backend says otherwise."""
-    from hierfed.deepspeed_edge import init_group
+    from hierfed.placement.zero import init_group
 
     backend = cfg.deepspeed.backend if cfg.deepspeed.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
     init_group(rt.edge_group, rt.role.group_index == 0, backend, device)
@@ -194,8 +194,8 @@ class EdgeSplit:
     rank (plain torch) or sharded over the edge's ranks (DeepSpeed ZeRO)."""
 
     def __init__(self, rt, cfg, plan, resumed: dict[str, np.ndarray], ks: dict[int, int | None]) -> None:
-        from hierfed.split import prune_for_edge
-        from hierfed.splitlink import SplitServer, global_index
+        from hierfed.model.cut import prune_for_edge
+        from hierfed.placement.link import SplitServer, global_index
 
         self.rt, self.cfg, self.out = rt, cfg, Path(plan.out)
         task, shards, device, built, whole = _build_model(rt, cfg, plan)
@@ -208,7 +208,7 @@ class EdgeSplit:
         prune_for_edge(built.model, k)
         poll = rt.poll
         if use_deepspeed(cfg, len(me.ranks)):
-            from hierfed.deepspeed_edge import DeepSpeedServer
+            from hierfed.placement.zero import DeepSpeedServer
 
             _join_deepspeed_group(rt, cfg, device)
             self.server = DeepSpeedServer(rt.split_comm, built.model, task.kind, k, cfg, rt.ledger, poll,
@@ -227,7 +227,7 @@ class EdgeSplit:
     def round(self, params: np.ndarray | None, t: int, s: int, sampled: set[int]) -> None:
         """One edge round of the upper stage: load the edge's parameters, serve, read the result.
         The leader passes the edge's parameters; followers receive them from it."""
-        from hierfed.engine import derive_seed
+        from hierfed.seeding import derive_seed
 
         start = np.empty(self.server.flat.dim, dtype=np.float32) if params is None else params[self.index].copy()
         _from_leader(self.rt, start)
@@ -269,7 +269,7 @@ class EdgeLocal:
     weighted update joins the edge's sum as a device's would."""
 
     def __init__(self, rt, cfg, plan) -> None:
-        from hierfed.engine import LocalTrainer, tokenize
+        from hierfed.training import LocalTrainer, tokenize
 
         self.rt, self.cfg = rt, cfg
         me = rt.placement.edges[rt.role.edge]
@@ -277,7 +277,7 @@ class EdgeLocal:
         task, shards, device, built, flat = _build_model(rt, cfg, plan)
         self.data = tokenize(built.tokenizer, [task.train[i] for i in shards[self.client]], task.kind, cfg.model.max_length)
         if use_deepspeed(cfg, len(me.ranks)):
-            from hierfed.deepspeed_edge import DeepSpeedLocal
+            from hierfed.placement.zero import DeepSpeedLocal
 
             _join_deepspeed_group(rt, cfg, device)
             self.trainer = DeepSpeedLocal(built.model, cfg, rt.edge_group, me.name, device)
@@ -293,7 +293,7 @@ class EdgeLocal:
     def round(self, params: np.ndarray | None, t: int, s: int, sampled: set[int]) -> None:
         """Train the client if it is sampled this round. The leader passes the edge's parameters;
         followers receive them from it."""
-        from hierfed.engine import derive_seed
+        from hierfed.seeding import derive_seed
 
         self.weight, self.loss, self.compute_s = 0.0, 0.0, 0.0
         if self.client not in sampled:

@@ -74,7 +74,8 @@ def test_checkpoint_is_a_peft_adapter(tmp_path):
     from peft import PeftModel
 
     from hierfed.config import ModelConfig
-    from hierfed.model import FlatView, _base_model, load_tokenizer
+    from hierfed.model import FlatView, load_tokenizer
+    from hierfed.model.build import _base_model
 
     import torch
 

@@ -37,7 +37,8 @@ def test_split_device_equals_whole_device(tmp_path, weights):
     model = {"source": "llama", "size": "tiny", "max_length": 24}
     if weights == "on disk":
         from hierfed.config import ModelConfig
-        from hierfed.model import _base_model, load_tokenizer
+        from hierfed.model.build import _base_model
+        from hierfed.model import load_tokenizer
 
         import torch
 

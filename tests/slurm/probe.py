@@ -8,7 +8,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from hierfed.launch import parse_hosts, plan_job, run_job
+from hierfed.cluster.hosts import parse_hosts
+from hierfed.cluster.jobs import plan_job, run_job
 from hierfed.topology import load_topology
 
 RANK = r"""

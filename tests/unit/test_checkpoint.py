@@ -1,4 +1,4 @@
-"""hierfed.checkpoint (atomic cloud checkpoints) and hierfed.model.FlatView, on a tiny real model."""
+"""hierfed.runtime.checkpoint (atomic cloud checkpoints) and hierfed.model.FlatView, on a tiny real model."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
-from hierfed.checkpoint import Checkpoints, State
+from hierfed.runtime.checkpoint import Checkpoints, State
 from hierfed.config import ModelConfig, PeftConfig
 from hierfed.errors import HierfedError
 from hierfed.model import FlatView, build_model

@@ -63,14 +63,15 @@ def test_version_and_help(args: list[str], expected: str) -> None:
 
 def test_shortcut_flags_stay_strings():
     """--out/--topology values are never re-read as YAML: numbers, booleans and '#' stay as typed."""
-    from hierfed.cli import _overrides, build_parser
+    from hierfed.cli import build_parser
+    from hierfed.commands.run import overrides
     from hierfed.config import load_config
 
     args = build_parser().parse_args(["run", "yes", "--out", "runs/x #1", "--seed", "7"])
-    cfg = load_config(None, _overrides(args))
+    cfg = load_config(None, overrides(args))
     assert (cfg.topology, cfg.out, cfg.seed) == ("yes", "runs/x #1", 7)
     args = build_parser().parse_args(["run", "--out", "2024"])
-    assert load_config(None, _overrides(args)).out == "2024"
+    assert load_config(None, overrides(args)).out == "2024"
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from hierfed.config import RunConfig
-from hierfed.dsconfig import check_edges, ds_config, use_deepspeed
+from hierfed.placement.dsconfig import check_edges, ds_config, use_deepspeed
 from hierfed.errors import HierfedError
 from hierfed.topology import load_topology
 

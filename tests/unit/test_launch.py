@@ -1,4 +1,4 @@
-"""hierfed.launch: detecting an MPI launch, finding mpiexec and building its command line."""
+"""hierfed.cluster.mpi: detecting an MPI launch, finding mpiexec and building its command line."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from hierfed import launch
+from hierfed.cluster import mpi as launch
 from hierfed.errors import HierfedError
 
 VENV_MPIEXEC = str(Path(sys.executable).parent / "mpiexec")

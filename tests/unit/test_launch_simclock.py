@@ -1,10 +1,10 @@
-"""hierfed.simclock: simulated round durations from metrics rows and the topology's link models."""
+"""hierfed.sim.clock: simulated round durations from metrics rows and the topology's link models."""
 
 from __future__ import annotations
 
 import pytest
 
-from hierfed.simclock import round_times
+from hierfed.sim.clock import round_times
 from hierfed.topology import parse_topology
 
 LINKS = {"edge_cloud": {"bandwidth_mbps": 1000, "latency_ms": 20}, "device_edge": {"bandwidth_mbps": 100, "latency_ms": 10},

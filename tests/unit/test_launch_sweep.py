@@ -1,4 +1,4 @@
-"""hierfed.sweep without MPI: specs and axes, point directories and fingerprints, status, the report."""
+"""hierfed.experiments (sweeps) without MPI: specs and axes, point directories and fingerprints, status, the report."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hierfed import sweep as sw
+from hierfed.experiments import report as sweep_report
+from hierfed.experiments import sweep as sw
 from hierfed.errors import HierfedError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -109,7 +110,7 @@ def test_report_writes_csv_summary_and_plots(tmp_path: Path) -> None:
     r1, r2, r3 = sw.plan(s)
     fake_run(r1, [0.25, 0.4, 0.6])
     fake_run(r2, [0.25, 0.7, 0.8])  # r3 never ran
-    files = sw.report(s, [r1, r2, r3])
+    files = sweep_report.report(s, [r1, r2, r3])
     assert {f.name for f in files} == {"results.csv", "summary.md", "accuracy_vs_round.png", "accuracy_vs_sim_time.png", "bytes_per_tier.png"}
     for f in files:
         assert f.stat().st_size > 0

@@ -1,4 +1,4 @@
-"""hierfed.memory: exact parameter counts from the meta skeleton, the estimate by hand, `auto`
+"""hierfed.placement.memory and .plan: exact parameter counts from the meta skeleton, the estimate by hand, `auto`
 against budgets built from the estimator's own totals, and `hierfed topology plan|validate`."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from hierfed import memory
+from hierfed.placement import memory, plan
 from hierfed.config import ModelConfig, RunConfig, SplitConfig, TrainConfig
 from hierfed.data import DataConfig
 from hierfed.errors import HierfedError
@@ -122,13 +122,13 @@ def test_auto_picks_the_largest_k_that_fits() -> None:
     budgets = [gb_between(est[2], est[3]), gb_between(est[3], est[None]), est[2] / memory.GB,
                gb_between(est[1], est[2]), est[None] / memory.GB * 1.01]
     p = topology(*({"split_layers": "auto", "memory_gb": g} for g in budgets))
-    rows = memory.plan(p, GPT2_SMALL, *CAUSAL)
+    rows = plan.plan(p, GPT2_SMALL, *CAUSAL)
     assert [r.k for r in rows] == [2, 3, 2, 1, None]  # a budget equal to the total fits
     assert all(r.fits for r in rows)
     assert rows[0].why == f"k=2: 3 blocks would need {memory.human(est[3])} > {memory.human(budgets[0] * memory.GB)}"
     assert rows[1].why.startswith("k=3: the whole model would need")
     assert rows[4].why.startswith("whole model fits") and rows[4].up == rows[4].down == 0
-    assert memory.resolve_split(p, GPT2_SMALL, *CAUSAL) == {r.rank: r.k for r in rows} == {2: 2, 3: 3, 4: 2, 5: 1, 6: None}
+    assert plan.resolve_split(p, GPT2_SMALL, *CAUSAL) == {r.rank: r.k for r in rows} == {2: 2, 3: 3, 4: 2, 5: 1, 6: None}
 
 
 def test_auto_impossible_budget_is_an_error() -> None:
@@ -136,7 +136,7 @@ def test_auto_impossible_budget_is_an_error() -> None:
     p = topology({"memory_gb": 16}, {"split_layers": "auto", "memory_gb": one * 0.99 / memory.GB})
     with pytest.raises(HierfedError, match=r"^t\.yaml: edge0/d1: split_layers auto: not even 1 block fits in .*"
                                            rf"\(embeddings \+ 1 block need {memory.human(one)}\)$"):
-        memory.plan(p, GPT2_SMALL, *CAUSAL)
+        plan.plan(p, GPT2_SMALL, *CAUSAL)
 
 
 # ------------------------------------------------------------------------- integer k ---
@@ -145,7 +145,7 @@ def test_auto_impossible_budget_is_an_error() -> None:
 def test_integer_k_out_of_range_is_rejected() -> None:
     for k in (4, 9):  # gpt2 small has 4 blocks: k must be 1..3
         with pytest.raises(HierfedError, match=rf"edge0/d0: split_layers: {k} is out of range: .* 4 blocks, so k must be 1\.\.3"):
-            memory.plan(topology({"split_layers": k}), GPT2_SMALL, *CAUSAL)
+            plan.plan(topology({"split_layers": k}), GPT2_SMALL, *CAUSAL)
     with pytest.raises(HierfedError, match="must be an integer >= 1"):  # k < 1: the schema already says no
         topology({"split_layers": 0})
     with pytest.raises(HierfedError, match="out of range"):
@@ -153,7 +153,7 @@ def test_integer_k_out_of_range_is_rejected() -> None:
 
 
 def test_configured_k_that_does_not_fit_is_a_warning_row() -> None:
-    rows = memory.plan(topology({"split_layers": 3, "memory_gb": 0.001}, {"split_layers": 1}), GPT2_SMALL, *CAUSAL)
+    rows = plan.plan(topology({"split_layers": 3, "memory_gb": 0.001}, {"split_layers": 1}), GPT2_SMALL, *CAUSAL)
     assert [r.k for r in rows] == [3, 1]
     assert not rows[0].fits and "does not fit" in rows[0].why and "(warning)" in rows[0].why
     assert rows[1].fits and rows[1].why.startswith("k=1 as configured (fits: ")
@@ -238,7 +238,7 @@ def test_edge_estimate_by_hand() -> None:
     assert (plain.frozen, plain.adapter, plain.gradients, plain.optimizer, plain.activations, host) == (
         part.frozen_bytes, part.trainable_bytes, part.trainable_bytes, 8 * part.trainable, act, 0)
     from hierfed.model import build_model
-    from hierfed.split import prune_for_edge
+    from hierfed.model.cut import prune_for_edge
 
     real = build_model(cfg.model, cfg.peft, "causal_lm", None, seed=0).model  # what an edge really holds
     prune_for_edge(real, 1)

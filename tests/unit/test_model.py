@@ -8,7 +8,8 @@ import transformers
 
 from hierfed.config import ModelConfig, PeftConfig
 from hierfed.errors import HierfedError
-from hierfed.model import FlatView, _base_model, build_model, load_tokenizer, minilm_path
+from hierfed.model import FlatView, build_model, load_tokenizer, minilm_path
+from hierfed.model.build import _base_model
 
 
 @pytest.mark.parametrize("source", ["gpt2", "llama"])
@@ -93,10 +94,10 @@ def test_split_device_loads_only_its_blocks_from_disk(tmp_path, source, kind, nu
     """blocks=k with weights on disk: embeddings and blocks [0, k) loaded (equal to the whole model's,
     same names), the later blocks placeholders that hold nothing; after pruning it is exactly the
     whole model pruned, and the cloud's per-weight hashes accept it."""
-    from hierfed.memory import skeleton
-    from hierfed.model import _load_first_blocks
+    from hierfed.placement.memory import skeleton
+    from hierfed.model.build import _load_first_blocks
     from hierfed.roles.protocol import Plan, check_plan
-    from hierfed.split import Pruned, num_blocks, prune_for_device
+    from hierfed.model.cut import Pruned, num_blocks, prune_for_device
 
     mcfg = _saved_llama(tmp_path, kind, num_labels) if source == "path" else ModelConfig(source="minilm")
     path = mcfg.path if source == "path" else minilm_path()
@@ -130,7 +131,7 @@ def test_split_device_loads_only_its_blocks_from_disk(tmp_path, source, kind, nu
 def test_split_device_part_of_a_config_built_model():
     """blocks=k with seeded weights: built whole (same random weights as every rank), pruned to
     the embeddings and blocks [0, k) before it moves to its device."""
-    from hierfed.split import Pruned, prune_for_device
+    from hierfed.model.cut import Pruned, prune_for_device
 
     whole = build_model(ModelConfig(source="gpt2"), PeftConfig(r=4), "causal_lm", None, seed=1)
     part = build_model(ModelConfig(source="gpt2"), PeftConfig(r=4), "causal_lm", None, seed=1, blocks=1)
@@ -160,8 +161,8 @@ def test_check_plan_names_the_frozen_weight_that_differs():
 def test_global_index_checks_names_and_shapes():
     """A split rank's parameters are placed in the whole model's vector by name; a name or shape
     the whole layout lacks is one clear error, not a misplaced slice."""
-    from hierfed.split import prune_for_device
-    from hierfed.splitlink import global_index
+    from hierfed.model.cut import prune_for_device
+    from hierfed.placement.link import global_index
 
     whole = build_model(ModelConfig(source="llama"), PeftConfig(r=4), "causal_lm", None, seed=0)
     part = build_model(ModelConfig(source="llama"), PeftConfig(r=4), "causal_lm", None, seed=0, blocks=1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hierfed.engine import derive_seed
+from hierfed.seeding import derive_seed
 from hierfed.roles.protocol import sampled_clients
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from hierfed.metrics import RunLog
+from hierfed.runtime.results import RunLog
 
 
 def _row(t: int, **metrics) -> dict:

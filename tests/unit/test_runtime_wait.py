@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from hierfed.runtime import choose_wait
+from hierfed.runtime.world import choose_wait
 
 
 @pytest.mark.parametrize(
@@ -32,7 +32,7 @@ def test_explicit_mode_wins(mode: str) -> None:
 
 
 def test_cpu_quota_of_a_container(tmp_path) -> None:
-    from hierfed.runtime import cpu_quota
+    from hierfed.runtime.world import cpu_quota
 
     assert cpu_quota(str(tmp_path)) is None  # no cgroup files: unlimited
     (tmp_path / "cpu.max").write_text("max 100000\n")

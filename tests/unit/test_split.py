@@ -9,18 +9,10 @@ import torch
 
 from hierfed.config import ModelConfig, PeftConfig
 from hierfed.data.schema import Example
-from hierfed.engine import tokenize
+from hierfed.training import tokenize
 from hierfed.errors import HierfedError
 from hierfed.model import FlatView, build_model
-from hierfed.split import (
-    DeviceStage,
-    EdgeStage,
-    num_blocks,
-    prune_for_device,
-    prune_for_edge,
-    side_of,
-    split_model,
-)
+from hierfed.model.cut import DeviceStage, EdgeStage, num_blocks, prune_for_device, prune_for_edge, side_of, split_model
 
 TOL = 1e-6
 TEXTS = ["the cat sat", "a much longer sentence about federated learning at the edge", "hi", "split models train too"]
@@ -216,7 +208,7 @@ def test_pruned_stages_compute_what_the_whole_model_does(source, kind):
 def test_phases_charge_each_lap_to_the_named_phase():
     import time
 
-    from hierfed.splitlink import Phases
+    from hierfed.placement.link import Phases
 
     ph = Phases(torch.device("cpu"), sync=True)  # sync is a no-op off the GPU
     ph.start()

@@ -83,7 +83,7 @@ def test_default_placement() -> None:
     assert [e.ranks for e in p.edges] == [(1,), (4,)]
     assert [e.device_ranks for e in p.edges] == [(2, 3), (5, 6)]
     assert [d.name for d in p.devices] == ["edge0/d0", "edge0/d1", "edge1/d0", "edge1/d1"]
-    assert [d.clients for d in p.devices] == [(0,), (1,), (2,), (3,)]
+    assert [tuple(d.clients) for d in p.devices] == [(0,), (1,), (2,), (3,)]
     assert p.devices[0].link == LinkModel(100, 10) and p.edges[0].link == LinkModel(1000, 20)
     assert (p.devices[0].memory_gb, p.devices[0].speed, p.devices[0].device_class) == (16, 1.0, None)
 
@@ -137,7 +137,7 @@ def test_uneven_placement_ranks_leaders_and_clients() -> None:
     assert [e.ranks for e in p.edges] == [(1, 2), (6,), (8, 9, 10)]
     assert [e.leader for e in p.edges] == [1, 6, 8]
     assert [e.device_ranks for e in p.edges] == [(3, 4, 5), (7,), (11,)]
-    assert [d.clients for d in p.devices] == [(0, 1, 2), (3, 4, 5), (6,), (7,), (8,)]
+    assert [tuple(d.clients) for d in p.devices] == [(0, 1, 2), (3, 4, 5), (6,), (7,), (8,)]
     assert p.num_clients == 9 and [e.num_clients for e in p.edges] == [7, 1, 1]
 
 
@@ -363,9 +363,23 @@ def test_an_edge_that_trains_locally_owns_the_next_client_ids() -> None:
         {"name": "c", "train_locally": True, "devices": [{"ranks": 1}]},
     ]}, "own.yaml")
     p = topo.placement()
-    assert [d.clients for d in p.devices] == [(0, 1, 2), (3, 4, 5), (6,), (7,)]  # devices first, unchanged
-    assert [e.clients for e in p.edges] == [(8,), (), (9,)]  # then the edges' own, in edge order
+    assert [tuple(d.clients) for d in p.devices] == [(0, 1, 2), (3, 4, 5), (6,), (7,)]  # devices first, unchanged
+    assert [tuple(e.clients) for e in p.edges] == [(8,), (), (9,)]  # then the edges' own, in edge order
     assert p.num_clients == topo.num_clients == 10
     assert [e.num_clients for e in p.edges] == [7, 1, 2]
     assert [sorted(e.all_clients) for e in p.edges] == [[0, 1, 2, 3, 4, 5, 8], [6], [7, 9]]
     assert p.world_size == 1 + 2 + 2 + 1 + 1 + 1 + 1  # an edge's own client adds no rank
+
+
+def test_placement_memory_does_not_grow_with_virtual_clients() -> None:
+    """A billion virtual clients on 7 ranks: client ids are ranges, so the Placement stays small."""
+    import tracemalloc
+
+    data = {"edges": [{"devices": [{"ranks": 2, "clients": 250_000_000}]} for _ in range(2)]}
+    tracemalloc.start()
+    p = parse_topology(data, "big.yaml").placement()
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert p.world_size == 7 and p.num_clients == 1_000_000_000
+    assert p.devices[-1].clients[-1] == 999_999_999 and 500_000_000 in p.devices[2].clients
+    assert peak < 1_000_000, f"placement of 1e9 clients allocated {peak} bytes"

@@ -93,7 +93,14 @@ def test_cli_validate_ok() -> None:
 
 
 @needs_cli
-@pytest.mark.parametrize("content", ["edges:\n  - devices:\n      - ranks: 0\n", "edges: [\n", None])
+@pytest.mark.parametrize("content", [
+    "edges:\n  - devices:\n      - ranks: 0\n",
+    "edges: [\n",
+    None,
+    # impossible sizes are refused from the counts alone, before a Placement materialises anything
+    "edges:\n  - devices:\n      - {ranks: 1000000000000, clients: 1000000000000}\n",
+    "devices:\n  - {ranks: 4, clients: 1000000000}\n",
+])
 def test_cli_validate_bad_is_one_line_exit_2(tmp_path: Path, content: str | None) -> None:
     path = tmp_path / "bad.yaml"
     if content is not None:

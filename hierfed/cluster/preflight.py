@@ -6,7 +6,7 @@ the run config it is given, so a job that cannot run fails in one line, not on a
 
 from __future__ import annotations
 
-from hierfed.dsconfig import check_edges
+from hierfed.placement.dsconfig import check_edges
 from hierfed.errors import HierfedError
 
 
@@ -38,7 +38,7 @@ def check_supported(placement, cfg) -> None:
 
 
 def check_resolved_split(placement, cfg, ks: dict[int, int | None]) -> None:
-    """After `split_layers: auto` is resolved (`splitlink.split_plan`, rank -> k or None): an
+    """After `split_layers: auto` is resolved (`placement.plan.split_plan`, rank -> k or None): an
     edge group left with nothing to train, and every DeepSpeed edge's batch arithmetic with the
     split devices it really serves."""
     src = placement.topology.source

@@ -7,74 +7,11 @@ and a resumed run continues exactly where an uninterrupted one would be.
 
 from __future__ import annotations
 
-import hashlib
-import os
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
 from hierfed.config import TrainConfig
-from hierfed.data import Example
-
-
-def torch_device(name: str) -> torch.device:
-    """"cpu", or a GPU for "cuda"/"auto": the rank's node-local index modulo the GPUs it sees."""
-    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        from hierfed.errors import HierfedError
-
-        raise HierfedError("runtime.device=cuda, but torch sees no GPU on this node")
-    return torch.device("cuda", local_rank() % torch.cuda.device_count())
-
-
-def local_rank() -> int:
-    """This process's index among the ranks on its node, as the MPI launcher (or Slurm) says."""
-    names = ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "PMI_LOCAL_RANK", "SLURM_LOCALID", "LOCAL_RANK")
-    return next((int(os.environ[v]) for v in names if v in os.environ), 0)
-
-
-def configure_threads(threads: int) -> None:
-    """Torch threads per rank: ranks usually outnumber cores, so one each by default."""
-    torch.set_num_threads(threads)
-    try:
-        torch.set_num_interop_threads(1)
-    except RuntimeError:  # already set (or parallel work has started): keep it
-        pass
-
-
-def derive_seed(*parts: int) -> int:
-    """A 63-bit seed from integers, stable across processes and Python versions."""
-    h = hashlib.blake2b(",".join(str(int(p)) for p in parts).encode(), digest_size=8)
-    return int.from_bytes(h.digest(), "little") >> 1
-
-
-@dataclass
-class Tokenized:
-    """Examples tokenised once and padded to one length; labels are class ids or next-token targets."""
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    labels: torch.Tensor
-
-    def __len__(self) -> int:
-        return int(self.input_ids.shape[0])
-
-    def batch(self, idx: np.ndarray, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-        i = torch.from_numpy(idx)
-        return {"input_ids": self.input_ids[i].to(device), "attention_mask": self.attention_mask[i].to(device), "labels": self.labels[i].to(device)}
-
-
-def tokenize(tokenizer, examples: list[Example] | tuple[Example, ...], kind: str, max_length: int) -> Tokenized:
-    # Padded to the longest example of the set (at most max_length): short texts cost short steps.
-    enc = tokenizer([e.text for e in examples], padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
-    if kind == "classification":
-        labels = torch.tensor([e.label for e in examples], dtype=torch.long)
-    else:
-        labels = enc["input_ids"].clone()
-        labels[enc["attention_mask"] == 0] = -100  # no loss on padding
-    return Tokenized(enc["input_ids"], enc["attention_mask"], labels)
+from hierfed.training.batches import Tokenized
 
 
 def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:

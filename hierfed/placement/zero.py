@@ -22,19 +22,20 @@ import contextlib
 import io
 import logging
 import os
-import warnings
 import shutil
 import socket
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+from hierfed.placement.dsconfig import local_config, split_config
+from hierfed.seeding import derive_seed
+from hierfed.training import local_rank
+from hierfed.placement.link import Phases, SplitServer
 from mpi4py import MPI
 
-from hierfed.dsconfig import local_config, split_config
 from hierfed.errors import HierfedError
-from hierfed.engine import derive_seed, local_rank
-from hierfed.splitlink import Phases, SplitServer
 
 DS_SUBDIR = "deepspeed"
 
@@ -145,7 +146,7 @@ def initialize(cfg, module: torch.nn.Module, params: list, conf: dict, device: t
         partition_on(module, conf, device)
     opt = None
     if not cfg.deepspeed.offload_optimizer:
-        from hierfed.engine import make_optimizer
+        from hierfed.training import make_optimizer
 
         opt = make_optimizer(params, cfg.train)
     else:
@@ -277,7 +278,7 @@ class DeepSpeedLocal:
         self._clear_optimizer_state()
         torch.manual_seed(seed if g == 1 else derive_seed(seed, r))  # dropout: this rank's slice
         rng = np.random.default_rng(seed)  # batch order: the single-rank trainer's
-        bs = min(self.cfg.train.batch_size, len(data))  # >= g: checked before launch (hierfed.cli)
+        bs = min(self.cfg.train.batch_size, len(data))  # >= g: checked before launch (hierfed.cluster.preflight)
         self.engine.train()
         total = 0.0
         for _ in range(steps):

@@ -1,9 +1,9 @@
-"""Memory plan for split placement: what a device's share of the model costs, and where to cut.
+"""Memory prices for split placement: what a device's share of the model costs, and an edge's.
 
 A device with `split_layers: k` holds the embeddings and blocks [0, k) with their adapters; its edge
-holds the rest. `estimate` prices that share (`k=None`: the whole model), `plan` turns each device's
-`split_layers` (an integer, `auto` or none) into a chosen k with a one-line reason, and
-`resolve_split` is what the runtime asks. Parameter counts are exact: they are read from the
+holds the rest. `estimate` prices that share (`k=None`: the whole model), `edge_estimate` a training
+edge's per rank (ZeRO stage, offload), `link_bytes` what crosses the cut per local step;
+hierfed.placement.plan turns them into decisions. Parameter counts are exact: they are read from the
 model's skeleton built on the meta device with the same PEFT wrapping as the real run, so no
 weights are loaded or allocated. Activations are an estimate (see `block_activation_bytes`).
 
@@ -12,7 +12,6 @@ Memory budgets are decimal: memory_gb = 4 means 4e9 bytes.
 
 from __future__ import annotations
 
-import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -23,8 +22,8 @@ from peft import get_peft_model
 
 from hierfed.config import RunConfig
 from hierfed.errors import HierfedError
-from hierfed.model import _base_model, load_tokenizer, minilm_path, peft_config
-from hierfed.topology import DeviceSpec, Placement
+from hierfed.model.build import _base_model
+from hierfed.model import load_tokenizer, minilm_path, peft_config
 
 GB = 1e9
 # bytes per value on the device-edge link, by codec; int8 also sends one float32 scale per row (token)
@@ -74,20 +73,6 @@ class Estimate:
     @property
     def total(self) -> int:
         return self.frozen + self.adapter + self.optimizer + self.gradients + self.activations
-
-
-@dataclass(frozen=True)
-class PlanRow:
-    name: str
-    rank: int
-    memory_gb: float
-    requested: int | str | None  # the topology's split_layers: k, "auto" or None (whole model)
-    k: int | None  # chosen: blocks on the device, None = whole model
-    estimate: Estimate
-    up: int  # bytes per local step over the device-edge link, device -> edge
-    down: int  # and edge -> device
-    fits: bool
-    why: str
 
 
 def skeleton(cfg: RunConfig, kind: str, num_labels: int | None) -> torch.nn.Module:
@@ -278,34 +263,6 @@ def edge_estimate(cfg: RunConfig, kind: str, num_labels: int | None, k: int | No
     return Estimate(k, frozen, adapter, state, grads, act), host
 
 
-def edge_plan(placement: Placement, cfg: RunConfig, kind: str, num_labels: int | None) -> list[EdgeEstimate]:
-    """Per training edge of the topology: its memory per rank (edges that only aggregate are left out)."""
-    from hierfed.dsconfig import use_deepspeed
-    from hierfed.splitlink import split_plan
-
-    ks = split_plan(placement, cfg, kind, num_labels)  # all None (no pricing) when no device has split_layers
-    n_blocks, ds = len(shape(cfg, kind, num_labels).blocks), cfg.deepspeed
-    rows = []
-    for e in placement.edges:
-        g = len(e.ranks)
-        zero = (ds.zero_stage, ds.offload_optimizer) if use_deepspeed(cfg, g) else None
-        engine = "plain torch" if zero is None else f"ZeRO-{zero[0]} over {g} rank{'s' if g > 1 else ''}" + (
-            ", optimizer on the CPU" if zero[1] and zero[0] >= 1 else "")
-        split = e.served(ks)
-        work = []
-        if split:
-            k = ks[split[0].rank]
-            blocks = f"block {k}" if k == n_blocks - 1 else f"blocks {k}-{n_blocks - 1}"
-            work.append((k, f"{blocks} + head for {len(split)} split device{'s' if len(split) > 1 else ''}"))
-        if e.clients:
-            work.append((None, "its own client (whole model)"))
-        for k, trains in work:
-            per_rank, host = edge_estimate(cfg, kind, num_labels, k, g, zero)
-            single, _ = edge_estimate(cfg, kind, num_labels, k, 1, None)
-            rows.append(EdgeEstimate(e.name, g, trains, engine, per_rank, host, single, e.memory_gb))
-    return rows
-
-
 def link_bytes(cfg: RunConfig, k: int | None, kind: str | None = None,
                num_labels: int | None = None) -> tuple[int, int]:
     """(up, down) bytes per local step across a device's cut; (0, 0) for a whole-model device.
@@ -336,63 +293,6 @@ def task_of(cfg: RunConfig) -> tuple[str, int | None]:
 
     task = load_data(cfg.data)
     return task.kind, task.num_labels
-
-
-def plan(placement: Placement, cfg: RunConfig, kind: str, num_labels: int | None) -> list[PlanRow]:
-    """Per device: the chosen split point and why. Raises HierfedError when a device cannot work at all."""
-    return [_row(d, placement.topology.source, cfg, kind, num_labels) for d in placement.devices]
-
-
-def _row(d: DeviceSpec, src: str, cfg: RunConfig, kind: str, num_labels: int | None) -> PlanRow:
-    n_blocks = len(shape(cfg, kind, num_labels).blocks)
-    budget, est = d.memory_gb * GB, functools.partial(estimate, cfg, kind, num_labels)
-    cap, fits = human(budget), True
-    if d.split_layers is None:
-        k, e = None, est(None)
-        fits = e.total <= budget
-        why = (f"whole model ({human(e.total)} of {cap})" if fits else
-               f"whole model needs {human(e.total)} > {cap}: does not fit (warning)")
-    elif d.split_layers == "auto":
-        # the largest k that fits, where the whole model counts as the largest of all (no link traffic)
-        tries = {None: est(None)} | {j: est(j) for j in range(n_blocks - 1, 0, -1)}
-        k = next((j for j, e in tries.items() if e.total <= budget), 0)
-        if k == 0:
-            first = f"embeddings + 1 block need {human(tries[1].total)}" if n_blocks > 1 else \
-                    f"{_model(cfg)} has 1 block: nothing to split"
-            raise HierfedError(f"{src}: {d.name}: split_layers auto: not even 1 block fits in {cap} ({first})")
-        e = tries[k]
-        if k is None:
-            why = f"whole model fits ({human(e.total)} of {cap}): no split needed"
-        else:
-            more, over = ("the whole model", tries[None]) if k == n_blocks - 1 else (f"{k + 1} blocks", tries[k + 1])
-            why = f"k={k}: {more} would need {human(over.total)} > {cap}"
-    else:
-        k = d.split_layers
-        if not 1 <= k < n_blocks:
-            raise HierfedError(f"{src}: {d.name}: split_layers: {k} is out of range: {_model(cfg)} has "
-                               f"{n_blocks} blocks, so k must be 1..{n_blocks - 1} (or auto, or all)")
-        e = est(k)
-        fits = e.total <= budget
-        why = (f"k={k} as configured (fits: {human(e.total)} of {cap})" if fits else
-               f"k={k} as configured, does not fit: needs {human(e.total)} > {cap} (warning)")
-    up, down = link_bytes(cfg, k, kind, num_labels)
-    return PlanRow(d.name, d.rank, d.memory_gb, d.split_layers, k, e, up, down, fits, why)
-
-
-def resolve_split(placement: Placement, cfg: RunConfig, kind: str, num_labels: int | None) -> dict[int, int | None]:
-    """Device rank -> blocks it holds (None = whole model): the runtime's view of `plan`."""
-    if all(d.split_layers is None for d in placement.devices):
-        return {d.rank: None for d in placement.devices}  # nothing to price
-    return {r.rank: r.k for r in plan(placement, cfg, kind, num_labels)}
-
-
-def describe(cfg: RunConfig, kind: str, num_labels: int | None) -> str:
-    """One line of the factors every estimate depends on."""
-    s = shape(cfg, kind, num_labels)
-    mb, n = micro_batching(cfg)
-    return (f"{_model(cfg)} ({kind}), {len(s.blocks)} blocks, hidden {s.hidden}; batch {cfg.train.batch_size} "
-            f"= {n} micro-batches of {mb} x {cfg.model.max_length} tokens; {cfg.peft.method} r={cfg.peft.r}; "
-            f"{cfg.train.optimizer}; link {cfg.split.activation_codec} up, {cfg.split.gradient_codec} down")
 
 
 def _model(cfg: RunConfig) -> str:

@@ -5,31 +5,21 @@ Communicators (each split once from COMM_WORLD, the parent is rank 0 in each):
   edge_comm[e]    edge e's leader + its device ranks
   edge_group[e]   edge e's own ranks (a DeepSpeed group when an edge spans several ranks)
   split_comm      a duplicate of COMM_WORLD for split devices' activations and gradients (tagged p2p)
-A failure on any rank prints one line naming the rank and its role, then aborts the whole job, so
-no rank is left waiting in a collective.
+How each rank waits for messages (`runtime.wait`: block or poll) is decided here too, per node.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import sys
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-import numpy as np
 from mpi4py import MPI
 
 from hierfed.comm.channel import Channel
 from hierfed.comm.ledger import Ledger
-from hierfed.errors import HierfedError
 from hierfed.topology import Placement, Role
-
-# The rank that prints an error every rank found identically (bad input found before any message
-# is exchanged). This is about not printing a message N times, not about roles.
-REPORTING_RANK = 0
 
 
 @dataclass
@@ -49,46 +39,6 @@ class Runtime:
     poll: bool = True  # how this rank waits (runtime.wait resolved for its node)
     wait_reason: str = ""  # how ranks wait, every node's choice
     summary: dict[str, Any] = field(default_factory=dict)
-
-
-def peak_memory() -> tuple[int, int]:
-    """(host, gpu) peak bytes of this process so far: its resident-set high-water mark (VmHWM;
-    -1 where /proc does not exist) and torch's peak CUDA allocation (-1 when it used no GPU)."""
-    try:
-        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM:"))
-        host = int(line.split()[1]) * 1024
-    except (OSError, StopIteration):
-        host = -1
-    torch = sys.modules.get("torch")  # never imported just to ask (an edge that only aggregates has not)
-    used = torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized()
-    # the GPU this rank used need not be the current one: the largest peak over the GPUs it sees
-    gpu = max(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())) if used else -1
-    return host, gpu
-
-
-def report_memory(rt: Runtime) -> None:
-    """Every rank's peak memory into the cloud's summary.json (`peak_memory`, by role name; the
-    other ranks of a multi-rank edge as "edge0#1", ...), at the end of a run. Collective over
-    COMM_WORLD: every rank calls it once, after its role's loop."""
-    from hierfed.comm.channel import wait
-
-    world = MPI.COMM_WORLD
-    mine = np.array(peak_memory(), dtype=np.int64)
-    cloud = rt.role.kind == "cloud"
-    every = np.empty((world.Get_size(), 2), dtype=np.int64) if cloud else None
-    wait(world.Igather(mine, every, root=rt.placement.cloud_rank), rt.poll)
-    path = Path(rt.out) / "summary.json"
-    if not cloud or not path.exists():
-        return
-    summary = json.loads(path.read_text())
-
-    def key(role: Role) -> str:  # the ranks of a multi-rank edge after its leader: "edge0#1", ...
-        return role.name if role.group_index == 0 else f"{role.name}#{role.group_index}"
-
-    summary["peak_memory"] = {key(rt.placement.role(r)): {"host": int(h) if h >= 0 else None, "gpu": int(g) if g >= 0 else None}
-                              for r, (h, g) in enumerate(every)}
-    path.write_text(json.dumps(summary, indent=2) + "\n")
-    rt.summary = summary
 
 
 def choose_wait(mode: str, ranks_per_node: int, cores_per_node: int, threads: int) -> tuple[bool, str]:
@@ -165,27 +115,3 @@ def build_runtime(placement: Placement, wait: str, threads: int, out: str, resum
     split_comm = world.Dup()
     group = None if edge_group == MPI.COMM_NULL else edge_group
     return Runtime(placement, role, ledger, up, down, group, split_comm, out, resume, config_text, poll, wait_reason)
-
-
-def report_once(message: str) -> None:
-    """Print an error every rank found identically, from one rank only."""
-    if MPI.COMM_WORLD.Get_rank() == REPORTING_RANK:
-        print(f"hierfed: error: {message}", file=sys.stderr, flush=True)
-
-
-def guarded(role_name: str, body: Callable[[], None]) -> None:
-    """Run a rank's work; on any exception print one line and abort every rank of the job."""
-    try:
-        body()
-    except BaseException as e:  # noqa: BLE001 - every failure must end the whole job
-        rank = MPI.COMM_WORLD.Get_rank()
-        if isinstance(e, HierfedError):
-            line = str(e)
-        elif isinstance(e, KeyboardInterrupt):
-            line = "interrupted"
-        else:
-            line = f"{type(e).__name__}: {e}".splitlines()[0]
-        print(f"hierfed: error: rank {rank} ({role_name}): {line}", file=sys.stderr, flush=True)
-        if os.environ.get("HIERFED_DEBUG"):
-            traceback.print_exc()
-        MPI.COMM_WORLD.Abort(getattr(e, "exit_code", 1))

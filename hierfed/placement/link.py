@@ -24,14 +24,15 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from hierfed.training import Tokenized, load_optimizer_arrays, make_optimizer, optimizer_arrays
+from hierfed.seeding import derive_seed
+from hierfed.model.cut import DeviceStage, EdgeStage
 
 from hierfed.comm.channel import wait, wait_all, wait_any
 from hierfed.comm.codecs import Codec, parse_codec
 from hierfed.comm.ledger import Ledger
-from hierfed.engine import Tokenized, derive_seed, load_optimizer_arrays, make_optimizer, optimizer_arrays
 from hierfed.errors import HierfedError
 from hierfed.model import FlatView
-from hierfed.split import DeviceStage, EdgeStage
 
 TAG_ACT, TAG_META, TAG_GRAD, TAG_LOSS = 11, 12, 13, 14
 LINK = "device-edge"
@@ -319,19 +320,3 @@ class SplitServer:
         self.ledger.record(LINK, "down", grad.nbytes + out.nbytes, kind="gradient", raw=wire.grad.numel() * 4 + out.nbytes)
         wait_all([self.comm.Isend(grad, dest=d, tag=TAG_GRAD), self.comm.Isend(out, dest=d, tag=TAG_LOSS)], self.poll)
         self.phases.mark("wait_send")
-
-
-def split_plan(placement, cfg, kind: str, num_labels: int | None) -> dict[int, int | None]:
-    """Device rank -> k it runs with (None: whole model). The split devices of one edge share one k,
-    the smallest any of them was given (it fits them all), so the edge holds one upper stage."""
-    from hierfed.memory import resolve_split
-
-    chosen = resolve_split(placement, cfg, kind, num_labels)
-    out: dict[int, int | None] = {}
-    for edge in placement.edges:
-        ks = [chosen[d.rank] for d in edge.devices if chosen[d.rank] is not None]
-        for d in edge.devices:
-            out[d.rank] = min(ks) if chosen[d.rank] is not None else None
-    for d in placement.devices:
-        out.setdefault(d.rank, chosen[d.rank])
-    return out

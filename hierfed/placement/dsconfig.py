@@ -70,7 +70,7 @@ def local_config(cfg, group: int, where: str) -> dict:
 def check_edges(placement, cfg, ks: dict[int, int | None] | None = None) -> None:
     """Every DeepSpeed edge's config as its ranks will build it (one line naming every factor if
     the batch arithmetic does not add up, e.g. after a `deepspeed.config` override). `ks`: the
-    split devices' resolved k (`splitlink.split_plan`); without it an edge whose devices have
+    split devices' resolved k (`placement.plan.split_plan`); without it an edge whose devices have
     `split_layers: auto` is left for the check that has them."""
     for e in placement.edges:
         g = len(e.ranks)

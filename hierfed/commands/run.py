@@ -1,0 +1,119 @@
+"""`hierfed run [TOPOLOGY] [options]`: one federated fine-tuning job.
+
+    hierfed run                          # default topology + embedded defaults; launches mpiexec itself
+    mpiexec -n 7 hierfed run topologies/default.yaml --config run.yaml --rounds 4
+
+Started outside MPI it checks everything first (`prepare`), then re-runs itself under mpiexec with
+the topology's world size; under an MPI launcher every rank prepares the same way, builds its
+communicators and runs its role's loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from hierfed.errors import HierfedError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of `hierfed run` (also parsed by `hierfed launch` for what it passes on)."""
+    p.add_argument("topology", nargs="?", help="topology file or name in ./topologies (default: the run config's, else 'default')")
+    p.add_argument("--config", help="run config YAML (default: the embedded defaults)")
+    p.add_argument("--out", help="results directory (default: runs/<topology>-<time>)")
+    p.add_argument("--rounds", type=int, help="cloud rounds (schedule.rounds)")
+    p.add_argument("--tau1", type=int, help="local steps per edge round (schedule.tau1)")
+    p.add_argument("--tau2", type=int, help="edge rounds per cloud round (schedule.tau2)")
+    p.add_argument("--seed", type=int, help="run seed")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override any run-config field, e.g. --set train.lr=1e-3")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--no-launch", action="store_true", help="do not start mpiexec when not under MPI (runs as a single rank)")
+
+
+def add_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser("run", help="run a federated fine-tuning job", description="Run a hierarchical federated fine-tuning job.")
+    add_arguments(p)
+    p.set_defaults(func=_run)
+
+
+def parse_run_args(argv: list[str]) -> argparse.Namespace:
+    """`hierfed run ARGV`'s arguments, parsed as `hierfed run` parses them."""
+    p = argparse.ArgumentParser(prog="hierfed run")
+    add_arguments(p)
+    return p.parse_args(argv)
+
+
+def overrides(args: argparse.Namespace) -> list[str]:
+    """--set items, then the shortcut flags (JSON-quoted: a path like 'runs/x #1' stays a string)."""
+    out = list(args.overrides)
+    for flag, key in (("rounds", "schedule.rounds"), ("tau1", "schedule.tau1"), ("tau2", "schedule.tau2"), ("seed", "seed"), ("out", "out"), ("topology", "topology")):
+        value = getattr(args, flag)
+        if value is not None:
+            out.append(f"{key}={json.dumps(value)}")
+    return out
+
+
+def prepare(args: argparse.Namespace):
+    """Everything every rank checks identically before any message is sent: config, topology, data."""
+    from hierfed.cluster.preflight import check_edge_clients, check_resolved_split, check_supported
+    from hierfed.config import dump_config, load_config
+    from hierfed.data import load_data
+    from hierfed.topology import load_topology
+
+    cfg = load_config(args.config, overrides(args))
+    placement = load_topology(cfg.topology).placement()
+    check_supported(placement, cfg)
+    if cfg.model.source == "path" and not Path(cfg.model.path).is_dir():
+        raise HierfedError(f"model.path: {cfg.model.path} is not a directory")
+    task = load_data(cfg.data)  # bad data paths and formats fail here, once, not on every rank mid-run
+    check_edge_clients(placement, cfg, task)
+    if any(d.split_layers is not None for d in placement.devices):
+        from hierfed.placement.plan import split_plan
+
+        # memory budgets and k, checked once; then what the resolved k leave each edge to do
+        check_resolved_split(placement, cfg, split_plan(placement, cfg, task.kind, task.num_labels))
+    if args.resume and not cfg.out:
+        raise HierfedError("--resume needs --out DIR: the run to continue")
+    return cfg, placement, dump_config(cfg)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from hierfed.cluster.mpi import launch, under_mpi
+
+    if not under_mpi() and not args.no_launch:
+        cfg, placement, _ = prepare(args)  # bad input fails here, before any rank starts
+        argv = sys.argv[1:]
+        if not cfg.out:
+            out = f"runs/{placement.topology.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+            argv += ["--out", out]
+        return launch(placement.world_size, argv)
+
+    from mpi4py import MPI
+
+    from hierfed.runtime.failure import guarded, report_once
+    from hierfed.runtime.world import build_runtime
+
+    try:
+        cfg, placement, text = prepare(args)
+        placement.check_world_size(MPI.COMM_WORLD.Get_size())
+    except HierfedError as e:  # the same on every rank: one line from one rank, all exit 2
+        report_once(str(e))
+        return e.exit_code
+    role = placement.role(MPI.COMM_WORLD.Get_rank())
+    out = cfg.out or f"runs/{placement.topology.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+    def body() -> None:
+        from hierfed.roles import run_role
+
+        rt = build_runtime(placement, cfg.runtime.wait, cfg.runtime.threads, out, args.resume, text)
+        if os.environ.get("HIERFED_INJECT_FAILURE") == role.name:  # test hook: failure handling
+            raise RuntimeError("injected failure")
+        run_role(rt, cfg)
+
+    guarded(role.name, body)
+    return 0
