@@ -8,10 +8,13 @@ Every tier (edge and cloud) runs the same protocol with a Strategy:
 
 from __future__ import annotations
 
+from hierfed.strategy.adaptive import FedAdagrad, FedAdam, FedYogi
 from hierfed.strategy.base import Strategy, weighted_mean
 from hierfed.strategy.fedavg import FedAvg, FedAvgM
 
-STRATEGIES: dict[str, type[Strategy]] = {"fedavg": FedAvg, "fedavgm": FedAvgM}
+STRATEGIES: dict[str, type[Strategy]] = {
+    cls.name: cls for cls in (FedAvg, FedAvgM, FedAdam, FedYogi, FedAdagrad)
+}
 
 
 def build_strategy(cfg) -> Strategy:
@@ -20,4 +23,4 @@ def build_strategy(cfg) -> Strategy:
     return cls.from_config(cfg)
 
 
-__all__ = ["STRATEGIES", "FedAvg", "FedAvgM", "Strategy", "build_strategy", "weighted_mean"]
+__all__ = ["STRATEGIES", "FedAdagrad", "FedAdam", "FedAvg", "FedAvgM", "FedYogi", "Strategy", "build_strategy", "weighted_mean"]
