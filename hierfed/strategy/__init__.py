@@ -3,7 +3,9 @@
 Every tier (edge and cloud) runs the same protocol with a Strategy:
   each child contributes `contribution(delta, weight)`; the contributions are SUM-reduced over the
   tier's communicator (associative, so hierarchies compose); the parent calls `aggregate(params,
-  reduced)` to get its new parameters. New algorithms are one file each, registered below.
+  reduced)` to get its new parameters. Rules that must see every child's update (`reducible =
+  False`: median, trimmed mean, Krum, norm clipping) take the gathered path instead: the parent
+  calls `aggregate_updates(params, updates, weights)`. New algorithms are one file each, registered below.
 """
 
 from __future__ import annotations
@@ -11,9 +13,10 @@ from __future__ import annotations
 from hierfed.strategy.adaptive import FedAdagrad, FedAdam, FedYogi
 from hierfed.strategy.base import Strategy, weighted_mean
 from hierfed.strategy.fedavg import FedAvg, FedAvgM
+from hierfed.strategy.gathered import GatheredStrategy, Krum, Median, MultiKrum, NormClip, TrimmedMean
 
 STRATEGIES: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (FedAvg, FedAvgM, FedAdam, FedYogi, FedAdagrad)
+    cls.name: cls for cls in (FedAvg, FedAvgM, FedAdam, FedYogi, FedAdagrad, Median, TrimmedMean, Krum, MultiKrum, NormClip)
 }
 
 
@@ -23,4 +26,5 @@ def build_strategy(cfg) -> Strategy:
     return cls.from_config(cfg)
 
 
-__all__ = ["STRATEGIES", "FedAdagrad", "FedAdam", "FedAvg", "FedAvgM", "FedYogi", "Strategy", "build_strategy", "weighted_mean"]
+__all__ = ["STRATEGIES", "FedAdagrad", "FedAdam", "FedAvg", "FedAvgM", "FedYogi", "GatheredStrategy", "Krum", "Median",
+           "MultiKrum", "NormClip", "Strategy", "TrimmedMean", "build_strategy", "weighted_mean"]
