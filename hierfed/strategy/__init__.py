@@ -6,6 +6,9 @@ Every tier (edge and cloud) runs the same protocol with a Strategy:
   reduced)` to get its new parameters. Rules that must see every child's update (`reducible =
   False`: median, trimmed mean, Krum, norm clipping) take the gathered path instead: the parent
   calls `aggregate_updates(params, updates, weights)`. New algorithms are one file each, registered below.
+
+LoRA-aware aggregation (exact products, FFA-LoRA's frozen A) is a set of helpers on the flat vector,
+not a Strategy: hierfed.strategy.lora.
 """
 
 from __future__ import annotations
