@@ -82,11 +82,27 @@ class ScheduleConfig(_Section):
 
 
 class AggregatorConfig(_Section):
-    """Aggregation at one tier (see hierfed.strategy)."""
+    """Aggregation at one tier (see hierfed.strategy and docs/aggregation.md). Each rule reads its own fields."""
 
-    name: Literal["fedavg", "fedavgm"] = "fedavg"
-    server_lr: float = Field(1.0, gt=0)
+    name: Literal["fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "median", "trimmed_mean", "krum", "multikrum",
+                  "normclip"] = "fedavg"
+    # The server step η. None: the rule's default, 1.0 (fedavg, fedavgm, the robust rules), 0.1 (fedadam,
+    # fedadagrad), 0.01 (fedyogi; Flower's defaults for the adaptive rules).
+    server_lr: float | None = Field(None, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)  # fedavgm
+    beta1: float = Field(0.9, ge=0, lt=1)  # fedadam, fedyogi, fedadagrad: first moment (Reddi et al. 2021)
+    beta2: float = Field(0.99, ge=0, lt=1)  # fedadam, fedyogi: second moment
+    tau: float | None = Field(None, gt=0)  # adaptivity τ; None: 1e-9 (fedadam, fedadagrad), 1e-3 (fedyogi)
+    trim_beta: float = Field(0.2, ge=0, lt=0.5)  # trimmed_mean: fraction cut at each end, floor(β·n) values
+    krum_f: int = Field(0, ge=0)  # krum, multikrum: Byzantine children tolerated (needs n > 2f + 2 children)
+    multikrum_m: int | None = Field(None, ge=1)  # multikrum: children averaged; None: n - f
+    clip_norm: float | None = Field(None, gt=0)  # normclip: L2 bound on each child's update (required)
+
+    @model_validator(mode="after")
+    def _normclip_needs_a_bound(self) -> AggregatorConfig:
+        if self.name == "normclip" and self.clip_norm is None:
+            raise ValueError("name=normclip needs clip_norm (the L2 bound on each child's update)")
+        return self
 
 
 class AggregationConfig(_Section):

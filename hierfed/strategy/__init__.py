@@ -3,15 +3,24 @@
 Every tier (edge and cloud) runs the same protocol with a Strategy:
   each child contributes `contribution(delta, weight)`; the contributions are SUM-reduced over the
   tier's communicator (associative, so hierarchies compose); the parent calls `aggregate(params,
-  reduced)` to get its new parameters. New algorithms are one file each, registered below.
+  reduced)` to get its new parameters. Rules that must see every child's update (`reducible =
+  False`: median, trimmed mean, Krum, norm clipping) take the gathered path instead: the parent
+  calls `aggregate_updates(params, updates, weights)`. New algorithms are one file each, registered below.
+
+LoRA-aware aggregation (exact products, FFA-LoRA's frozen A) is a set of helpers on the flat vector,
+not a Strategy: hierfed.strategy.lora.
 """
 
 from __future__ import annotations
 
+from hierfed.strategy.adaptive import FedAdagrad, FedAdam, FedYogi
 from hierfed.strategy.base import Strategy, weighted_mean
 from hierfed.strategy.fedavg import FedAvg, FedAvgM
+from hierfed.strategy.gathered import GatheredStrategy, Krum, Median, MultiKrum, NormClip, TrimmedMean
 
-STRATEGIES: dict[str, type[Strategy]] = {"fedavg": FedAvg, "fedavgm": FedAvgM}
+STRATEGIES: dict[str, type[Strategy]] = {
+    cls.name: cls for cls in (FedAvg, FedAvgM, FedAdam, FedYogi, FedAdagrad, Median, TrimmedMean, Krum, MultiKrum, NormClip)
+}
 
 
 def build_strategy(cfg) -> Strategy:
@@ -20,4 +29,5 @@ def build_strategy(cfg) -> Strategy:
     return cls.from_config(cfg)
 
 
-__all__ = ["STRATEGIES", "FedAvg", "FedAvgM", "Strategy", "build_strategy", "weighted_mean"]
+__all__ = ["STRATEGIES", "FedAdagrad", "FedAdam", "FedAvg", "FedAvgM", "FedYogi", "GatheredStrategy", "Krum", "Median",
+           "MultiKrum", "NormClip", "Strategy", "TrimmedMean", "build_strategy", "weighted_mean"]

@@ -19,6 +19,28 @@ def weighted_mean(vectors: list[np.ndarray], weights: list[float]) -> np.ndarray
     return acc / total
 
 
+def check_updates(params: np.ndarray, updates: np.ndarray, weights) -> np.ndarray:
+    """The gathered path's inputs, checked: updates (n, dim) with dim = params.size, n finite weights >= 0.
+
+    Returns the weights as a float64 array."""
+    weights = np.asarray(weights, dtype=np.float64)
+    if updates.ndim != 2 or updates.shape[1] != params.size:
+        raise ValueError(f"updates must be (n_children, {params.size}), got shape {updates.shape}")
+    if weights.shape != (updates.shape[0],):
+        raise ValueError(f"{updates.shape[0]} updates but {weights.size} weights")
+    if not np.all(np.isfinite(weights)) or np.any(weights < 0):
+        raise ValueError(f"weights must be finite and >= 0, got {weights}")
+    return weights
+
+
+def unchanged(params: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+    """What a parent holds when no child trained: params, or a copy of them in `out`."""
+    if out is None or out is params:
+        return params
+    np.copyto(out, params)
+    return out
+
+
 class Strategy(ABC):
     """Aggregation at one tier over flat parameter vectors.
 
@@ -29,9 +51,14 @@ class Strategy(ABC):
     delta = local params - params the child started from, and w its weight (sample count).
     Summing contributions over children gives [sum w_i delta_i, sum w_i] at the parent, in one
     MPI Reduce. A child with nothing to contribute sends zeros (weight 0).
+
+    `reducible` says whether the rule works on that SUM. Rules that must see every child's update
+    (median, Krum, ...: hierfed.strategy.gathered) set it False; the parent gathers the children's
+    updates instead and calls `aggregate_updates`, which every strategy answers.
     """
 
     name: str = "strategy"
+    reducible: bool = True
 
     @classmethod
     def from_config(cls, cfg: Any) -> Strategy:
@@ -93,6 +120,28 @@ class Strategy(ABC):
             np.copyto(out, params)
             return out, 0.0
         return self.step(params, delta, out), total
+
+    def aggregate_updates(
+        self, params: np.ndarray, updates: np.ndarray, weights: np.ndarray, out: np.ndarray | None = None
+    ) -> tuple[np.ndarray, float]:
+        """New parameters from every child's update: `updates` (n_children, dim), `weights` (n_children,).
+
+        The gathered path. For a reducible rule it is `aggregate` on what the SUM would have held:
+        step(params, sum_i w_i u_i / sum_i w_i), accumulated in float64 row by row (O(dim) extra).
+        Children of weight 0 took no part; with none left, params are unchanged (as `aggregate`).
+        `out` as in `aggregate`. Returns (new params, total weight).
+        """
+        weights = check_updates(params, updates, weights)
+        total = float(weights.sum())
+        if total <= 0:
+            return unchanged(params, out), 0.0
+        mean = self._mean_buffer(params.size) if out is not None else np.empty(params.size, dtype=np.float64)
+        mean[:] = 0.0
+        for row, w in zip(updates, weights):
+            if w > 0:
+                mean += float(w) * row.astype(np.float64, copy=False)  # one row's temporaries: O(dim)
+        mean /= total
+        return self.step(params, mean, out), total
 
     def _mean_buffer(self, dim: int) -> np.ndarray:
         """The float64 mean delta of `aggregate(out=...)`, reused across rounds."""

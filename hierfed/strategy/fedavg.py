@@ -19,7 +19,7 @@ class FedAvg(Strategy):
 
     @classmethod
     def from_config(cls, cfg: Any) -> FedAvg:
-        return cls(server_lr=cfg.server_lr)
+        return cls(server_lr=1.0 if cfg.server_lr is None else cfg.server_lr)
 
     def step(self, params: np.ndarray, mean_delta: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         if self.server_lr != 1.0:
@@ -39,7 +39,7 @@ class FedAvgM(Strategy):
 
     @classmethod
     def from_config(cls, cfg: Any) -> FedAvgM:
-        return cls(server_lr=cfg.server_lr, momentum=cfg.momentum)
+        return cls(server_lr=1.0 if cfg.server_lr is None else cfg.server_lr, momentum=cfg.momentum)
 
     def step(self, params: np.ndarray, mean_delta: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         if self.velocity is None:

@@ -73,7 +73,7 @@ def test_overrides_do_not_mutate_input() -> None:
         ("schedule.client_fraction=1.5", "schedule.client_fraction"),
         ("model.source=path", "model.path"),
         ("model.max_length=lots", "model.max_length"),
-        ("aggregation.edge.name=median", "aggregation.edge.name"),
+        ("aggregation.edge.name=fedsgd", "aggregation.edge.name"),
     ],
 )
 def test_bad_field_names_its_path(override: str, field: str) -> None:
@@ -90,7 +90,8 @@ def test_bad_field_in_file_names_file_and_field(write_yaml) -> None:
 @pytest.mark.parametrize("overrides, expected", [
     (["schedule.client_fraction=1.5"], "schedule.client_fraction: must be <= 1 (got 1.5)"),
     (["model.max_length=lots"], "model.max_length: must be an integer (got 'lots')"),
-    (["aggregation.edge.name=median"], "aggregation.edge.name: must be 'fedavg' or 'fedavgm' (got 'median')"),
+    (["aggregation.edge.name=fedsgd"], ("aggregation.edge.name: must be 'fedavg', 'fedavgm', 'fedadam', 'fedyogi', 'fedadagrad', "
+                                        "'median', 'trimmed_mean', 'krum', 'multikrum' or 'normclip' (got 'fedsgd')")),
     (["schedule=[1]"], "schedule: must be a mapping (got a list)"),
     (["topology=null"], "topology: must be a string (got null)"),
     # a union (bool | 'auto') is one problem; its member types are not part of the path

@@ -177,3 +177,23 @@ def test_accumulate_with_scratch_equals_without(dtype, weight) -> None:
         Strategy.accumulate(plain, d, weight)
         Strategy.accumulate(fast, d, weight, scratch)
     np.testing.assert_array_equal(fast, plain)
+
+
+@pytest.mark.parametrize("make", [FedAvg, lambda: FedAvg(server_lr=0.5), lambda: FedAvgM(server_lr=2.0, momentum=0.5)])
+def test_gathered_path_of_a_reducible_rule_equals_the_sum_path(make) -> None:
+    """aggregate_updates (every child's row) = aggregate (their SUM), rounds after round; weight-0 rows take no part."""
+    rng = np.random.default_rng(11)
+    via_sum, via_rows = make(), make()
+    p_sum = rng.standard_normal(40)
+    p_rows = p_sum.copy()
+    for _ in range(3):
+        rows = rng.standard_normal((5, 40))
+        weights = np.array([3.0, 0.0, 1.0, 6.0, 2.0])
+        spoiled = rows.copy()
+        spoiled[1] = 1e9  # a child of weight 0 sends whatever
+        p_sum, t1 = via_sum.aggregate(p_sum, summed(list(rows), list(weights), np.float64))
+        new, t2 = via_rows.aggregate_updates(p_rows, spoiled, weights, out=p_rows)
+        assert new is p_rows and t1 == t2 == 12.0
+        np.testing.assert_allclose(p_rows, p_sum, rtol=1e-13, atol=1e-13)
+    same, total = via_rows.aggregate_updates(p_rows, rows, np.zeros(5))  # nobody trained: params as they were
+    assert same is p_rows and total == 0.0

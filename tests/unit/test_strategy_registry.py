@@ -1,0 +1,56 @@
+"""Every rule is registered by name, built from its AggregatorConfig fields, and its fields are checked in the run config."""
+
+from __future__ import annotations
+
+import typing
+
+import pytest
+
+from hierfed.config import AggregatorConfig, load_config
+from hierfed.errors import HierfedError
+from hierfed.strategy import STRATEGIES, FedAdagrad, FedAdam, FedYogi, Krum, Median, MultiKrum, NormClip, TrimmedMean, build_strategy
+
+
+def test_config_names_are_the_registry() -> None:
+    assert typing.get_args(AggregatorConfig.model_fields["name"].annotation) == tuple(STRATEGIES)
+    assert set(STRATEGIES) == {"fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "median", "trimmed_mean", "krum",
+                               "multikrum", "normclip"}
+    assert {n for n, cls in STRATEGIES.items() if not cls.reducible} == {"median", "trimmed_mean", "krum", "multikrum", "normclip"}
+
+
+def test_adaptive_rules_read_their_fields() -> None:
+    s = build_strategy(AggregatorConfig(name="fedyogi", server_lr=0.02, beta1=0.8, beta2=0.9, tau=1e-4))
+    assert type(s) is FedYogi and (s.server_lr, s.beta1, s.beta2, s.tau) == (0.02, 0.8, 0.9, 1e-4)
+    defaults = {name: build_strategy(AggregatorConfig(name=name)) for name in ("fedadam", "fedyogi", "fedadagrad")}
+    assert [type(s) for s in defaults.values()] == [FedAdam, FedYogi, FedAdagrad]
+    assert [(s.server_lr, s.tau, s.beta1, s.beta2) for s in defaults.values()] == [
+        (0.1, 1e-9, 0.9, 0.99), (0.01, 1e-3, 0.9, 0.99), (0.1, 1e-9, 0.9, 0.99)]
+
+
+def test_robust_rules_read_their_fields() -> None:
+    assert type(build_strategy(AggregatorConfig(name="median"))) is Median
+    t = build_strategy(AggregatorConfig(name="trimmed_mean", trim_beta=0.1, server_lr=0.5))
+    assert type(t) is TrimmedMean and (t.beta, t.server_lr) == (0.1, 0.5)
+    k = build_strategy(AggregatorConfig(name="krum", krum_f=2, multikrum_m=4))
+    assert type(k) is Krum and (k.f, k.m, k.min_children()) == (2, 1, 7)  # Krum is Multi-Krum with m = 1
+    m = build_strategy(AggregatorConfig(name="multikrum", krum_f=1, multikrum_m=6))
+    assert type(m) is MultiKrum and (m.f, m.m, m.min_children()) == (1, 6, 6)
+    assert build_strategy(AggregatorConfig(name="multikrum")).m is None  # n - f at aggregation time
+    c = build_strategy(AggregatorConfig(name="normclip", clip_norm=0.3))
+    assert type(c) is NormClip and (c.clip_norm, c.server_lr) == (0.3, 1.0)
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("aggregation.cloud.name=normclip", "aggregation.cloud: name=normclip needs clip_norm (the L2 bound on each child's update)"),
+    ("aggregation.edge.trim_beta=0.5", "aggregation.edge.trim_beta: must be < 0.5 (got 0.5)"),
+    ("aggregation.edge.tau=0", "aggregation.edge.tau: must be > 0 (got 0)"),
+    ("aggregation.edge.beta2=1", "aggregation.edge.beta2: must be < 1 (got 1)"),
+    ("aggregation.cloud.krum_f=-1", "aggregation.cloud.krum_f: must be >= 0 (got -1)"),
+    ("aggregation.cloud.multikrum_m=0", "aggregation.cloud.multikrum_m: must be >= 1 (got 0)"),
+    ("aggregation.cloud.clip_norm=0", "aggregation.cloud.clip_norm: must be > 0 (got 0)"),
+    ("aggregation.cloud.server_lr=0", "aggregation.cloud.server_lr: must be > 0 (got 0)"),
+])
+def test_bad_aggregator_fields_are_one_line_errors(override: str, message: str) -> None:
+    with pytest.raises(HierfedError) as info:
+        load_config(None, [override])
+    assert str(info.value) == f"run config: {message}"
