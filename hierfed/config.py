@@ -78,6 +78,10 @@ class ScheduleConfig(_Section):
     tau2: int = Field(2, ge=1)  # edge rounds per cloud round (flat topologies aggregate once per round)
     client_fraction: float = Field(1.0, gt=0, le=1)  # clients sampled per cloud round
     eval_every: int = Field(1, ge=1)  # the cloud evaluates every N cloud rounds (and always round 0 and the last)
+    # Local steps per cloud round of a flat topology: "tau1" (one FedAvg round of tau1 steps), or
+    # "tau1*tau2": the local work of a hierarchical cloud round, so flat and hierarchical points of a
+    # sweep compare equal work per cloud round.
+    flat_local_steps: Literal["tau1", "tau1*tau2"] = "tau1"
     eval_batch_size: int = Field(64, ge=1)
 
 
@@ -172,6 +176,17 @@ class RuntimeConfig(_Section):
     progress: bool = True  # the cloud prints a line per round and a final table
 
 
+class SimConfig(_Section):
+    """The simulated clock (hierfed.sim.clock, docs/launch.md): how a round's duration on the cluster
+    the topology describes is priced. `model`: a client's FLOPs / its device's rate (deterministic);
+    `measured`: its measured seconds / its device's speed (calibration)."""
+
+    compute: Literal["model", "measured"] = "model"
+    reference_tflops: float = Field(0.5, gt=0)  # sustained TFLOP/s of a device with speed 1.0 (no tflops given)
+    edge_tflops: float = Field(5.0, gt=0)  # an edge without tflops in the topology
+    cloud_tflops: float = Field(50.0, gt=0)
+
+
 class CheckpointConfig(_Section):
     every: int = Field(1, ge=1)  # cloud rounds between checkpoints (the last round is always saved)
     keep: int = Field(2, ge=1)  # checkpoints kept on disk
@@ -191,6 +206,7 @@ class RunConfig(_Section):
     split: SplitConfig = SplitConfig()
     deepspeed: DeepSpeedSection = DeepSpeedSection()
     runtime: RuntimeConfig = RuntimeConfig()
+    sim: SimConfig = SimConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
 
 

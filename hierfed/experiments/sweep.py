@@ -12,7 +12,8 @@ A spec file (YAML) names a base run config, overrides for every point, and the g
       codec:                           # a named axis: each value a label and its overrides
         none: []
         topk: [compression.device_up=topk:0.05]
-    target: 0.8                        # accuracy for time-to-accuracy (default: 0.9 x best final)
+    target: {eval_accuracy: 0.8}       # absolute targets for time-to-target (or a number: the main metric)
+    # a `seed` axis is averaged over: summary.md reports mean ± std per condition, plots a band
 
 The grid is the product of its axes, in file order. A point's directory is named from its values
 (`topology-fanout-2x4_tau1-2`) and holds `run.yaml` (the resolved run config, `hierfed run --config`
@@ -68,7 +69,7 @@ class Sweep:
     config: str | None = None  # base run config file
     sets: list[str] = field(default_factory=list)
     axes: list[Axis] = field(default_factory=list)
-    target: float | None = None
+    target: dict[str, float] = field(default_factory=dict)  # metric -> absolute target (time-to-target)
 
     def points(self) -> list[Point]:
         pts = []
@@ -152,11 +153,29 @@ def load_sweep(spec: str | None, out: str | None = None, sets: list[str] | None 
     if not isinstance(spec_sets, list) or not all(isinstance(s, str) for s in spec_sets):
         raise HierfedError(f"{where}: set: expected a list of KEY=VALUE strings")
     sweep_name = name or data.get("name") or (Path(spec).stem if spec else "sweep")
-    target = data.get("target")
-    if target is not None and not isinstance(target, (int, float)):
-        raise HierfedError(f"{where}: target: expected a number")
+    target = _targets(data.get("target"), where)
     return Sweep(str(sweep_name), Path(out or data.get("out") or f"sweeps/{sweep_name}"), base,
                  list(spec_sets) + list(sets or []), parsed, target)
+
+
+METRICS = ("eval_accuracy", "eval_loss", "eval_perplexity")  # what a target may name; accuracy is higher-better
+
+
+def _targets(raw: Any, where: str) -> dict[str, float]:
+    """`target: 0.8` (the sweep's main metric: accuracy, else perplexity, else loss) or
+    `target: {eval_accuracy: 0.8, eval_perplexity: 20}`."""
+    if raw is None:
+        return {}
+    if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+        return {"main": float(raw)}
+    if isinstance(raw, dict) and raw:
+        bad = next((k for k in raw if k not in METRICS), None)
+        if bad is not None:
+            raise HierfedError(f"{where}: target: unknown metric {bad!r} (known: {', '.join(METRICS)})")
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in raw.values()):
+            raise HierfedError(f"{where}: target: every value must be a number")
+        return {k: float(v) for k, v in raw.items()}
+    raise HierfedError(f"{where}: target: expected a number or a mapping of metric -> number ({', '.join(METRICS)})")
 
 
 # --------------------------------------------------------------- resolving and status ---
@@ -168,6 +187,7 @@ class Resolved:
     run_yaml: str
     placement: Any  # hierfed.topology.Placement
     fingerprint: str
+    cfg: Any = None  # hierfed.config.RunConfig
 
 
 def resolve(sweep: Sweep, point: Point) -> Resolved:
@@ -184,7 +204,7 @@ def resolve(sweep: Sweep, point: Point) -> Resolved:
         raise HierfedError(f"sweep {sweep.name}, point {point.label}: {e}") from None
     text = dump_config(cfg)
     digest = hashlib.sha256(text.encode() + path.read_bytes()).hexdigest()[:16]
-    return Resolved(point, text, topo.placement(), digest)
+    return Resolved(point, text, topo.placement(), digest, cfg)
 
 
 def status(r: Resolved) -> str:

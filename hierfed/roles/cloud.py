@@ -11,17 +11,18 @@ from pathlib import Path
 
 import numpy as np
 
-from hierfed.runtime.checkpoint import Checkpoints, State
 from hierfed.comm.ledger import merge
 from hierfed.data import load_data
-from hierfed.training import LocalTrainer, configure_threads, torch_device, tokenize
-from hierfed.runtime.results import RunLog
 from hierfed.model import FlatView, build_model
 from hierfed.roles.protocol import Plan, aggregation_round, codec_rng, parent_link, prefixed, sampled_clients, unprefixed
+from hierfed.runtime.checkpoint import Checkpoints, State
+from hierfed.runtime.results import RunLog
+from hierfed.sim.clock import Rates, round_times
 from hierfed.strategy import build_strategy
+from hierfed.training import LocalTrainer, configure_threads, tokenize, torch_device
 
 
-def _round_row(t: int, telemetry: list, flat_topology: bool, agg_s: float, log: RunLog) -> tuple[dict, dict]:
+def _round_row(t: int, telemetry: list, flat_topology: bool, agg_s: float, log: RunLog, receivers: int | None) -> tuple[dict, dict]:
     """The cloud row of round t (without eval) and its raw byte counts; writes the edge rows."""
     if flat_topology:  # children are devices
         weight = sum(d["weight"] for d in telemetry)
@@ -30,6 +31,7 @@ def _round_row(t: int, telemetry: list, flat_topology: bool, agg_s: float, log: 
         compute = max(d["compute_s"] for d in telemetry)
         raw = merge([d["bytes"] for d in telemetry])
         edge_agg = 0.0
+        work = [x for d in telemetry for x in d.get("work", ())]
     else:  # children are edges, each with a row per edge round
         rows = [r for d in telemetry for r in d["rows"]]
         parts = [d["bytes"] for d in telemetry]  # each edge's uplink to the cloud
@@ -47,6 +49,8 @@ def _round_row(t: int, telemetry: list, flat_topology: bool, agg_s: float, log: 
         edge_agg = max(sum(r["seconds"]["aggregate"] for r in rows if r["edge"] == e) for e in edges)
     row = {"round": t, "edge_round": None, "tier": "cloud", "loss": loss, "clients": clients, "samples": weight,
            "seconds": {"compute": compute, "aggregate": agg_s + edge_agg}}
+    if flat_topology:  # the clients' work, for the simulated clock (hierarchical: in the edge rows)
+        row.update(receivers=receivers, work=work)
     return row, raw
 
 
@@ -75,6 +79,7 @@ def run(rt, cfg) -> None:
     if rt.resume:
         link.load_state_dict(unprefixed("link", state.cloud_state))
     began = time.perf_counter()
+    rates = Rates.from_config(cfg.sim)
 
     def finish(row: dict, raw: dict, params: np.ndarray, states: dict, cloud_state: dict) -> None:
         """Evaluate and checkpoint a finished round, then write its row."""
@@ -87,6 +92,8 @@ def run(rt, cfg) -> None:
             ckpts.save(State(row["round"], params, cloud_state, states), built.model, flat, meta)
         row["seconds"]["eval"] = time.perf_counter() - t0
         row["elapsed_s"] = time.perf_counter() - began
+        sim = round_times(log.rows + [row], rt.placement, rates, flat.dim)[-1]  # the modelled cluster's time (hierfed.sim.clock)
+        row["sim_s"], row["sim_clock_s"] = sim.seconds, sim.clock
         log.write(row, raw)
 
     pending = None
@@ -101,7 +108,7 @@ def run(rt, cfg) -> None:
         params, _weight, telemetry, agg_s = aggregation_round(
             link, params, strategy, receivers, codec_rng(cfg.seed, t, 0, rt.role.rank, 1), while_children_work=(lambda: finish(*job)) if job else None
         )
-        row, raw = _round_row(t, telemetry, rt.placement.flat, agg_s, log)
+        row, raw = _round_row(t, telemetry, rt.placement.flat, agg_s, log, receivers)
         raw = merge([raw, rt.ledger.take_round()])  # the cloud's own sends this round
         row["seconds"]["round"] = time.perf_counter() - started
         states = {} if rt.placement.flat else {e: d["strategy_state"] for e, d in enumerate(telemetry) if d["strategy_state"]}

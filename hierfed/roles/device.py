@@ -14,12 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
-from hierfed.runtime.checkpoint import RankState
 from hierfed.data import load_data, partition
-from hierfed.training import LocalTrainer, configure_threads, torch_device, tokenize
-from hierfed.seeding import derive_seed
 from hierfed.model import FlatView, build_model
-from hierfed.roles.protocol import check_plan, child_link, codec_rng, sampled_clients
+from hierfed.roles.protocol import check_plan, child_link, codec_rng, local_steps, sampled_clients
+from hierfed.roles.work import StepCost, share_of_uplink
+from hierfed.runtime.checkpoint import RankState
+from hierfed.seeding import derive_seed
+from hierfed.training import LocalTrainer, configure_threads, tokenize, torch_device
 
 
 def run(rt, cfg) -> None:
@@ -37,14 +38,16 @@ def run(rt, cfg) -> None:
     built = build_model(cfg.model, cfg.peft, task.kind, task.num_labels, cfg.seed, torch_device(cfg.runtime.device), blocks=k)
     data = {c: tokenize(built.tokenizer, [task.train[i] for i in shards[c]], task.kind, cfg.model.max_length) for c in spec.clients}
 
+    layout_model = None
     if k is None:
         layout = flat = FlatView(built.model)  # the whole model's trainable parameters: the vector that travels
         trainer, mine_idx = LocalTrainer(built.model, cfg.train), None
     else:
-        from hierfed.placement.memory import skeleton
         from hierfed.placement.link import SplitClient, global_index
+        from hierfed.placement.memory import skeleton
 
-        layout = FlatView(skeleton(cfg, task.kind, task.num_labels))  # the whole model's, from its meta skeleton
+        layout_model = skeleton(cfg, task.kind, task.num_labels)
+        layout = FlatView(layout_model)  # the whole model's, from its meta skeleton
         server = rt.placement.edges[spec.edge].servers(ks)[spec.rank]
         trainer = SplitClient(rt.split_comm, server, built.model, k, cfg, rt.ledger, rt.poll)
         flat, mine_idx = trainer.flat, global_index(layout, trainer.flat)
@@ -60,6 +63,8 @@ def run(rt, cfg) -> None:
         link.load_state_dict(saved.load(plan.start_round - 1))
 
     edge_rounds = 1 if rt.placement.flat else cfg.schedule.tau2
+    steps = local_steps(cfg, rt.placement.flat)
+    cost = StepCost(built.model, cfg, layout_model if k is not None else None)
     params = np.empty(plan.dim, dtype=np.float32)
     delta = np.zeros(plan.dim, dtype=np.float32)
     for t in range(plan.start_round, cfg.schedule.rounds + 1):
@@ -68,10 +73,11 @@ def run(rt, cfg) -> None:
         for s in range(1, edge_rounds + 1):
             link.receive(params)
             own = params if mine_idx is None else params[mine_idx]  # the part of the model this rank holds
-            loss_sum, started = 0.0, time.perf_counter()
+            loss_sum, started, work = 0.0, time.perf_counter(), []
             for c in mine:
+                began = time.perf_counter()
                 flat.set(own)
-                loss, _ = trainer.train(data[c], cfg.schedule.tau1, derive_seed(cfg.seed, t, s, c))
+                loss, _ = trainer.train(data[c], steps, derive_seed(cfg.seed, t, s, c))
                 weight = len(data[c])  # FedAvg weights a client by its local data size
                 if mine_idx is None:
                     delta = flat.get() - own
@@ -79,10 +85,13 @@ def run(rt, cfg) -> None:
                     delta[mine_idx] = flat.get() - own
                 link.add(c, weight, delta, codec_rng(cfg.seed, t, s, c))
                 loss_sum += loss * weight
+                work.append(cost.work(c, data[c], steps, time.perf_counter() - began))
             compute_s = time.perf_counter() - started
             weight = link.send()
             phases = trainer.phases.take() if k is not None else {}  # split devices: time per phase of the cut
+            sent = rt.ledger.take_round()
+            share_of_uplink(work, sent)
             rt.up.gather_obj({"loss_sum": loss_sum, "weight": weight, "clients": len(mine), "compute_s": compute_s, "phases": phases,
-                              "bytes": rt.ledger.take_round()})
+                              "bytes": sent, "work": work})
         if link.feedback is not None and (t % cfg.checkpoint.every == 0 or t == cfg.schedule.rounds):
             saved.save(t, link.state_dict())

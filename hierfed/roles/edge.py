@@ -10,11 +10,11 @@ from pathlib import Path
 
 import numpy as np
 
-from hierfed.runtime.checkpoint import RankState
 from hierfed.comm.channel import bcast_object, wait
 from hierfed.comm.ledger import merge
 from hierfed.placement.dsconfig import use_deepspeed
 from hierfed.roles.protocol import aggregation_round, child_link, codec_rng, parent_link, prefixed, sampled_clients, unprefixed
+from hierfed.runtime.checkpoint import RankState
 from hierfed.strategy import build_strategy
 
 
@@ -67,6 +67,8 @@ def run(rt, cfg) -> None:
                 "loss": sum(d["loss_sum"] for d in telemetry) / w if w else None,
                 "clients": sum(d["clients"] for d in telemetry),
                 "samples": w,
+                "receivers": receivers,  # clients the edge's broadcast went to
+                "work": [x for d in telemetry for x in d.get("work", ())],  # per trained client: steps, FLOPs, seconds, uplink bytes
                 "bytes": merge([d["bytes"] for d in telemetry] + [rt.ledger.take_round()]),
                 "seconds": {"wall": time.perf_counter() - started, "compute": max(d["compute_s"] for d in telemetry), "aggregate": agg_s,
                             **(trainer.row_seconds(telemetry) if trainer else {})},
@@ -156,9 +158,9 @@ def _build_model(rt, cfg, plan):
     """The model of an edge that trains, with its task and every client's shard: built as every
     rank builds it and checked against the cloud's plan before anything is pruned."""
     from hierfed.data import load_data, partition
-    from hierfed.training import configure_threads, torch_device
     from hierfed.model import FlatView, build_model
     from hierfed.roles.protocol import check_plan
+    from hierfed.training import configure_threads, torch_device
 
     configure_threads(cfg.runtime.threads)
     task = load_data(cfg.data)
@@ -289,6 +291,11 @@ class EdgeLocal:
         self.start: np.ndarray | None = None
         self.new: np.ndarray | None = None
         self.weight, self.loss, self.compute_s = 0.0, 0.0, 0.0
+        from hierfed.placement.memory import skeleton
+        from hierfed.roles.work import StepCost
+
+        self.cost = StepCost(skeleton(cfg, task.kind, task.num_labels), cfg)  # the whole model (ZeRO-3 shards the real one)
+        self.work: dict = {}
 
     def round(self, params: np.ndarray | None, t: int, s: int, sampled: set[int]) -> None:
         """Train the client if it is sampled this round. The leader passes the edge's parameters;
@@ -308,6 +315,7 @@ class EdgeLocal:
         self.new = self.get()
         self.weight = float(len(self.data))  # FedAvg weights a client by its local data size
         self.compute_s = time.perf_counter() - began
+        self.work = {**self.cost.work(self.client, self.data, self.cfg.schedule.tau1, self.compute_s), "edge": self.rt.role.name, "up": 0}
 
     def add_own(self, reduced: np.ndarray) -> None:
         """The client's contribution [w * delta, w] into the edge's sum, computed in float32 exactly
@@ -327,7 +335,8 @@ class EdgeLocal:
         """What a device would report for this client (the edge's rows count it the same way)."""
         if not self.weight:
             return []
-        return [{"loss_sum": self.loss * self.weight, "weight": self.weight, "clients": 1, "compute_s": self.compute_s, "bytes": {}}]
+        return [{"loss_sum": self.loss * self.weight, "weight": self.weight, "clients": 1, "compute_s": self.compute_s, "bytes": {},
+                 "work": [self.work]}]
 
     def close(self) -> None:
         close_group(self.rt, self.trainer)

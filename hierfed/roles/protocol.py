@@ -57,6 +57,14 @@ def sampled_clients(num_clients: int, fraction: float, seed: int, round_: int) -
     return np.sort(rng.choice(num_clients, size=k, replace=False))
 
 
+def local_steps(cfg, flat: bool) -> int:
+    """Local steps of a client per edge round: tau1; in a flat topology with
+    schedule.flat_local_steps "tau1*tau2", the local work of a hierarchical cloud round."""
+    if flat and cfg.schedule.flat_local_steps == "tau1*tau2":
+        return cfg.schedule.tau1 * cfg.schedule.tau2
+    return cfg.schedule.tau1
+
+
 def codec_rng(seed: int, *parts: int) -> np.random.Generator:
     """Randomness for a stochastic codec, from (seed, round, edge round, sender, link)."""
     return np.random.default_rng([seed, *parts, 0xC0DEC])

@@ -62,7 +62,8 @@ class RunLog:
         score = f"acc {acc:.3f}" if acc is not None else f"eval loss {eval_loss:.3f}" if eval_loss is not None else "(no eval)"
         loss = f"loss {row['loss']:.3f}" if row.get("loss") is not None else "loss   -  "
         sent = sum(d["up"] + d["down"] for d in row.get("bytes", {}).values())
-        self.console.print(f"round {row['round']:>3}  {loss}  {score}  sent {human_bytes(sent):>9}  {row['elapsed_s']:7.1f} s")
+        sim = f"  sim {row['sim_clock_s']:8.1f} s" if row.get("sim_clock_s") is not None else ""
+        self.console.print(f"round {row['round']:>3}  {loss}  {score}  sent {human_bytes(sent):>9}  {row['elapsed_s']:7.1f} s{sim}")
 
     def cloud_rows(self) -> list[dict[str, Any]]:
         return [r for r in self.rows if r["tier"] == "cloud"]
@@ -91,6 +92,7 @@ class RunLog:
             "cloud_link": cloud_link,
             "cloud_link_reduction": (2 * full / cloud_bytes) if cloud_bytes else None,
             "seconds": secs,
+            "sim_seconds": last.get("sim_clock_s"),  # the simulated clock at the end (hierfed.sim.clock)
         }
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         if self.console:
@@ -118,6 +120,8 @@ class RunLog:
         t.add_row("  communication + waiting", f"{sec['communication']:.1f} s ({100 * sec['communication'] / total:.0f}%)")
         t.add_row("  aggregation", f"{sec['aggregate']:.3f} s")
         t.add_row("cloud eval + checkpoint (overlapped)", f"{sec['eval']:.1f} s")
+        if s.get("sim_seconds") is not None:
+            t.add_row("simulated time on the topology's cluster", f"{s['sim_seconds']:.1f} s")
         t.add_row("trainable / base-model parameters", f"{s['trainable_params']:,} / {s['total_params']:,}")
         t.add_row("results", str(self.out))
         self.console.print(t)

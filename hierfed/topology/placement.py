@@ -58,6 +58,7 @@ class DeviceGroup:
     speed: float
     split_layers: int | str | None  # None = whole model ("all" is normalised to None)
     link: LinkModel
+    tflops: float | None = None  # compute rate for the simulated clock; None: speed x sim.reference_tflops
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,7 @@ class EdgeGroup:
     groups: tuple[DeviceGroup, ...]
     train_locally: bool = False  # the edge trains a client of its own (whole model, on its ranks)
     memory_gb: float | None = None  # of each edge rank; None: not given, not checked
+    tflops: float | None = None  # compute rate for the simulated clock; None: sim.edge_tflops
 
     @property
     def device_ranks(self) -> int:
@@ -88,6 +90,7 @@ class DeviceSpec:
     device_class: str | None
     split_layers: int | str | None
     link: LinkModel  # link to its parent (edge, or cloud when flat)
+    tflops: float | None = None  # compute rate (simulated clock); None: speed x sim.reference_tflops
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,7 @@ class EdgeSpec:
     link: LinkModel  # link to the cloud
     clients: range = range(0)  # the client the edge trains itself (train_locally), if any
     memory_gb: float | None = None  # of each edge rank (its GPU); None: not given
+    tflops: float | None = None  # compute rate (simulated clock); None: sim.edge_tflops
 
     @property
     def leader(self) -> int:
@@ -208,7 +212,7 @@ class Placement:
                 for _ in range(g.ranks):
                     ids = range(next_client, next_client + g.clients)
                     out.append(DeviceSpec(next_rank, edge, len(out), f"{prefix}d{len(out)}", ids,
-                                          g.memory_gb, g.speed, g.device_class, g.split_layers, g.link))
+                                          g.memory_gb, g.speed, g.device_class, g.split_layers, g.link, g.tflops))
                     next_rank, next_client = next_rank + 1, next_client + g.clients
             return out
 
@@ -218,7 +222,7 @@ class Placement:
             ranks = tuple(range(next_rank, next_rank + e.ranks))
             next_rank += e.ranks
             devs = place(e.groups, i, f"{e.name}/")
-            edges.append(EdgeSpec(i, e.name, ranks, tuple(devs), e.link, memory_gb=e.memory_gb))
+            edges.append(EdgeSpec(i, e.name, ranks, tuple(devs), e.link, memory_gb=e.memory_gb, tflops=e.tflops))
             devices += devs
         for i, e in enumerate(topo.edges):  # edges' own clients come after every device's
             if e.train_locally:

@@ -58,7 +58,8 @@ class _Links(_Strict):
 
 class _DeviceClass(_Strict):
     memory_gb: Optional[float] = _positive()
-    speed: Optional[float] = _positive()
+    speed: Optional[float] = _positive()  # relative to the reference device (sim.reference_tflops)
+    tflops: Optional[float] = _positive()  # absolute sustained training rate; wins over speed
 
 
 class _Group(_DeviceClass):
@@ -81,6 +82,7 @@ class _Edge(_Strict):
     name: Optional[str] = None
     ranks: int = Field(default=1, ge=1)
     memory_gb: Optional[float] = _positive()  # of each edge rank (its GPU): checked by `topology plan`
+    tflops: Optional[float] = _positive()  # the edge's compute rate for the simulated clock
     link: _Link = _Link()
     devices: list[_Group] = Field(min_length=1)
     train_locally: bool = False
@@ -130,8 +132,9 @@ def parse_topology(data: Any, source: str) -> Topology:
         # inline value < device class < built-in default
         memory = next(v for v in (g.memory_gb, cls.memory_gb, DEFAULT_MEMORY_GB) if v is not None)
         speed = next(v for v in (g.speed, cls.speed, DEFAULT_SPEED) if v is not None)
+        tflops = next((v for v in (g.tflops, cls.tflops) if v is not None), None)
         return DeviceGroup(g.ranks, g.clients, g.device_class, memory, speed, g.split_layers,
-                           link(g.link, tier))
+                           link(g.link, tier), tflops)
 
     edges: list[EdgeGroup] = []
     seen: set[str] = set()
@@ -144,7 +147,7 @@ def parse_topology(data: Any, source: str) -> Topology:
             raise fail(f"edges[{i}].name", f"duplicate edge name {name!r}")
         seen.add(name)
         groups = tuple(group(g, f"edges[{i}].devices[{j}]", "device_edge") for j, g in enumerate(e.devices))
-        edges.append(EdgeGroup(name, e.ranks, link(e.link, "edge_cloud"), groups, e.train_locally, e.memory_gb))
+        edges.append(EdgeGroup(name, e.ranks, link(e.link, "edge_cloud"), groups, e.train_locally, e.memory_gb, e.tflops))
     flat = tuple(group(g, f"devices[{j}]", "device_cloud") for j, g in enumerate(f.devices or []))
     name = f.name if f.name is not None else Path(source).stem
     topo = Topology(name, f.description.strip(), source, f.devices is not None, tuple(edges), flat)

@@ -86,41 +86,71 @@ def test_status_follows_the_point_directory(tmp_path: Path) -> None:
     assert changed.fingerprint != r.fingerprint and sw.status(changed) == "stale"
 
 
-def fake_run(r: sw.Resolved, accs: list[float]) -> None:
-    """What a finished run leaves behind, for the report (default topology: 2 edges)."""
+def fake_run(r: sw.Resolved, accs: list[float], groups: dict[str, list[float]] | None = None) -> None:
+    """What a finished run leaves behind, for the report (default topology: 2 edges of clients 0-1, 2-3).
+    Each edge round, every client does 1 TFLOP of work; client 3 (edge1) twice that."""
     d = r.point.dir
     d.mkdir(parents=True, exist_ok=True)
     (d / "point.json").write_text(json.dumps({"fingerprint": r.fingerprint}))
     rows = []
     for t, acc in enumerate(accs):
         if t:
-            for e in ("edge0", "edge1"):
-                rows.append({"round": t, "edge_round": 1, "tier": "edge", "edge": e, "clients": 2,
+            for e, clients in (("edge0", (0, 1)), ("edge1", (2, 3))):
+                work = [{"client": c, "steps": 1, "flops": 1e12 * (1 + (c == 3)), "seconds": 1.0, "up": 40_000} for c in clients]
+                rows.append({"round": t, "edge_round": 1, "tier": "edge", "edge": e, "clients": 2, "receivers": 2, "work": work,
                              "seconds": {"compute": 1.0, "aggregate": 0.0}, "bytes": {"device-edge": {"up": 80_000, "down": 80_000}}})
-        rows.append({"round": t, "edge_round": None, "tier": "cloud", "eval_accuracy": acc, "eval_loss": 1 - acc, "loss": None,
-                     "seconds": {"round": 2.0, "compute": 1.0, "aggregate": 0.0} if t else {},
-                     "bytes": {"device-edge": {"up": 160_000 * (t > 0), "down": 160_000 * (t > 0)}, "edge-cloud": {"up": 40_000, "down": 40_000}}})
+        row = {"round": t, "edge_round": None, "tier": "cloud", "eval_accuracy": acc, "eval_loss": 1 - acc, "loss": None,
+               "seconds": {"round": 2.0, "compute": 1.0, "aggregate": 0.0} if t else {},
+               "bytes": {"device-edge": {"up": 160_000 * (t > 0), "down": 160_000 * (t > 0)}, "edge-cloud": {"up": 40_000, "down": 40_000}}}
+        if groups:
+            row["groups"] = {g: {"eval_accuracy": v[t]} for g, v in groups.items()}
+        rows.append(row)
     (d / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in rows))
-    (d / "summary.json").write_text("{}")
+    (d / "summary.json").write_text(json.dumps({"trainable_params": 1000}))
 
 
 def test_report_writes_csv_summary_and_plots(tmp_path: Path) -> None:
-    pytest.importorskip("matplotlib")
     s = sw.load_sweep(spec(tmp_path, name="rep", grid={"schedule.tau1": [1, 2, 3]}, target=0.5), out=str(tmp_path / "o"))
     r1, r2, r3 = sw.plan(s)
     fake_run(r1, [0.25, 0.4, 0.6])
     fake_run(r2, [0.25, 0.7, 0.8])  # r3 never ran
     files = sweep_report.report(s, [r1, r2, r3])
-    assert {f.name for f in files} == {"results.csv", "summary.md", "accuracy_vs_round.png", "accuracy_vs_sim_time.png", "bytes_per_tier.png"}
+    assert {f.name for f in files} == {"results.csv", "summary.md", "accuracy_vs_round.png", "accuracy_vs_sim_time.png",
+                                       "accuracy_vs_cloud_bytes.png", "bytes_per_tier.png"}
     for f in files:
         assert f.stat().st_size > 0
     rows = list(csv.DictReader((s.out / "results.csv").open()))
     assert len(rows) == 6 and rows[0]["tau1"] == "1" and rows[0]["point"] == "tau1-1"
-    assert float(rows[2]["sim_clock_s"]) > float(rows[1]["sim_clock_s"]) > 0 == float(rows[0]["sim_clock_s"])
-    assert rows[1]["bytes_device_edge_up"] == "160000"
+    # the default run config's sim section: a speed-1.0 device is 0.5 TFLOP/s, so client 3's 2 TFLOP take 4 s a round
+    assert float(rows[2]["sim_clock_s"]) > float(rows[1]["sim_clock_s"]) > 4.0 > 0 == float(rows[0]["sim_clock_s"])
+    assert float(rows[1]["sim_compute_s"]) == pytest.approx(4.0, rel=1e-3)
+    assert rows[1]["bytes_device_edge_up"] == "160000" and rows[2]["cloud_link_bytes"] == "240000"
     md = (s.out / "summary.md").read_text()
-    assert "2 of 3 points finished" in md and "target acc for time-to-target: 0.500 (given in the spec)" in md
+    assert "2 of 3 points finished" in md and "target accuracy for time-to-target: 0.5 (given in the spec)" in md
     line1 = next(line for line in md.splitlines() if line.startswith("| tau1=1 "))
     line2 = next(line for line in md.splitlines() if line.startswith("| tau1=2 "))
-    assert "| 0.250 → 0.600 | 2 | 2 |" in line1 and "| 0.250 → 0.800 | 2 | 1 |" in line2
+    assert "| 1 | 0.600 | 1/1 | 2 |" in line1 and "| 1 | 0.800 | 1/1 | 1 |" in line2
     assert "not finished" in next(line for line in md.splitlines() if line.startswith("| tau1=3 "))
+
+
+def test_report_averages_seeds_and_reports_groups(tmp_path: Path) -> None:
+    """A seed axis: one condition per topology, mean ± sd over its seeds; groups give a worst-group column and plot;
+    a target no seed reaches says so; without a target in the spec the fallback is named."""
+    s = sw.load_sweep(spec(tmp_path, name="seeds", grid={"schedule.tau2": [1, 2], "seed": [0, 1]},
+                           target={"eval_accuracy": 0.75}), out=str(tmp_path / "o"))
+    a0, a1, b0, b1 = sw.plan(s)
+    fake_run(a0, [0.2, 0.6, 0.8], groups={"x": [0.1, 0.5, 0.7], "y": [0.3, 0.7, 0.9]})
+    fake_run(a1, [0.2, 0.7, 0.9], groups={"x": [0.1, 0.6, 0.8], "y": [0.3, 0.8, 1.0]})
+    fake_run(b0, [0.2, 0.4, 0.5], groups={"x": [0.1, 0.3, 0.4], "y": [0.3, 0.5, 0.6]})
+    fake_run(b1, [0.2, 0.5, 0.7], groups={"x": [0.1, 0.4, 0.6], "y": [0.3, 0.6, 0.8]})
+    files = {f.name for f in sweep_report.report(s, [a0, a1, b0, b1])}
+    assert "accuracy_per_group.png" in files
+    md = (s.out / "summary.md").read_text()
+    row_a = next(line for line in md.splitlines() if line.startswith("| tau2=1 "))
+    row_b = next(line for line in md.splitlines() if line.startswith("| tau2=2 "))
+    # final 0.8, 0.9 -> mean 0.85 ± 0.0707; worst group 0.7, 0.8; both seeds reach 0.75 (at rounds 2 and 2)
+    assert "| 2 | 0.850 ± 0.071 (0.800–0.900) | 0.750 ± 0.071 (0.700–0.800) | 2/2 | 2.000 ± 0.000 (2–2) |" in row_a
+    assert "| 0/2 | not reached | not reached | not reached |" in row_b
+    s2 = sw.load_sweep(spec(tmp_path, name="seeds", grid={"schedule.tau2": [1, 2], "seed": [0, 1]}), out=str(tmp_path / "o"))
+    sweep_report.report(s2, sw.plan(s2))
+    assert "fallback: 0.9 × the best final mean" in (s2.out / "summary.md").read_text()
