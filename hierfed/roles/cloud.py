@@ -92,9 +92,10 @@ def run(rt, cfg) -> None:
             ckpts.save(State(row["round"], params, cloud_state, states), built.model, flat, meta)
         row["seconds"]["eval"] = time.perf_counter() - t0
         row["elapsed_s"] = time.perf_counter() - began
+        log.add_bytes(row, raw)  # before pricing: the round's own cloud-link bytes are on its critical path
         sim = round_times(log.rows + [row], rt.placement, rates, flat.dim)[-1]  # the modelled cluster's time (hierfed.sim.clock)
         row["sim_s"], row["sim_clock_s"] = sim.seconds, sim.clock
-        log.write(row, raw)
+        log.write(row)
 
     pending = None
     if start == 1:  # round 0: the untrained model, so the log shows where learning starts

@@ -47,10 +47,15 @@ class RunLog:
             self.rows = [r for r in kept if r["round"] <= resume_round]
             self.path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
 
+    @staticmethod
+    def add_bytes(row: dict[str, Any], raw_bytes: dict[Key, int]) -> None:
+        """The row's bytes per link, as sent (compressed) and before compression."""
+        row["bytes"] = by_link(raw_bytes)
+        row["bytes_uncompressed"] = by_link(raw_bytes, raw=True)
+
     def write(self, row: dict[str, Any], raw_bytes: dict[Key, int] | None = None) -> None:
         if raw_bytes is not None:
-            row["bytes"] = by_link(raw_bytes)
-            row["bytes_uncompressed"] = by_link(raw_bytes, raw=True)
+            self.add_bytes(row, raw_bytes)
         self.rows.append(row)
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
