@@ -13,6 +13,7 @@ import numpy as np
 from hierfed.comm.channel import bcast_object, wait
 from hierfed.comm.ledger import merge
 from hierfed.placement.dsconfig import use_deepspeed
+from hierfed.privacy import wrap_strategy
 from hierfed.roles.protocol import aggregation_round, child_link, codec_rng, parent_link, prefixed, sampled_clients, unprefixed
 from hierfed.runtime.checkpoint import RankState
 from hierfed.strategy import build_strategy
@@ -21,7 +22,7 @@ from hierfed.strategy import build_strategy
 def run(rt, cfg) -> None:
     if rt.role.group_index > 0:
         return run_follower(rt, cfg)
-    strategy = build_strategy(cfg.aggregation.edge)
+    strategy = wrap_strategy(build_strategy(cfg.aggregation.edge), cfg, "edge", False, rt.role.rank)  # DP noise at the edges
     plan = rt.up.bcast_obj()
     rt.down.bcast_obj(plan)
     if rt.edge_group.Get_size() > 1:
@@ -45,7 +46,7 @@ def run(rt, cfg) -> None:
     for t in range(plan.start_round, cfg.schedule.rounds + 1):
         up.receive(params)
         np.copyto(local, params)
-        sampled = my_clients.intersection(sampled_clients(rt.placement.num_clients, cfg.schedule.client_fraction, cfg.seed, t).tolist())
+        sampled = my_clients.intersection(sampled_clients(rt.placement.num_clients, cfg.schedule.client_fraction, cfg.seed, t, cfg.schedule.sampling).tolist())
         weight_sum, rows = 0.0, []
         for s in range(1, cfg.schedule.tau2 + 1):
             started = time.perf_counter()
@@ -144,7 +145,7 @@ def run_follower(rt, cfg) -> None:
     trainer = edge_trainer(rt, cfg, plan, unprefixed("split", resumed), ks)
     clients = rt.placement.edges[rt.role.edge].all_clients
     for t in range(plan.start_round, cfg.schedule.rounds + 1):
-        sampled = clients.intersection(sampled_clients(rt.placement.num_clients, cfg.schedule.client_fraction, cfg.seed, t).tolist())
+        sampled = clients.intersection(sampled_clients(rt.placement.num_clients, cfg.schedule.client_fraction, cfg.seed, t, cfg.schedule.sampling).tolist())
         for s in range(1, cfg.schedule.tau2 + 1):
             trainer.round(None, t, s, sampled)
         if t % cfg.checkpoint.every == 0 or t == cfg.schedule.rounds:
