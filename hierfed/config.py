@@ -204,6 +204,12 @@ class PrivacyConfig(_Section):
     delta: float = Field(1e-5, gt=0, lt=1)  # δ of the (ε, δ) guarantee
     target_epsilon: float | None = Field(None, gt=0)  # stop (checkpointed) before the round that would exceed it
     accountant: Literal["rdp", "pld"] = "rdp"  # dp-accounting's Rényi DP or privacy-loss-distribution accountant
+    # Secure aggregation at the edges (Bonawitz et al. 2017): an edge sees only its devices' sum.
+    secagg: bool = False
+    secagg_threshold: float = Field(0.5, ge=0, lt=1)  # t = floor(f·n) + 1 of an edge round's n clients must survive
+    # Fixed-point range: |w·Δ_i| of one client's coordinate (w: its weight, 1 under DP noise); beyond it
+    # values saturate. None: privacy.clip (plus 6 noise stds with distributed noise).
+    secagg_bound: float | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _consistent(self) -> PrivacyConfig:
@@ -211,6 +217,8 @@ class PrivacyConfig(_Section):
             raise ValueError("privacy.noise_multiplier > 0 needs a finite privacy.clip (the noise is σ·C)")
         if self.target_epsilon is not None and self.noise_multiplier == 0:
             raise ValueError("privacy.target_epsilon needs privacy.noise_multiplier > 0 (without noise ε is infinite)")
+        if self.secagg and self.secagg_bound is None and (self.clip is None or self.clip == float("inf")):
+            raise ValueError("privacy.secagg needs privacy.secagg_bound (the largest |w·Δ_i| of a client) or a finite privacy.clip")
         return self
 
     @property

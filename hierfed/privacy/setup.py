@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from hierfed.errors import HierfedError
 from hierfed.privacy.noise import NoisySum
+from hierfed.privacy.ring import FixedPoint
+from hierfed.privacy.secagg_link import SecAggChild, SecAggParent
 from hierfed.privacy.transport import PrivateChild
 from hierfed.strategy import STRATEGIES, Strategy
 
@@ -33,9 +35,33 @@ def aggregations_per_round(cfg, flat: bool) -> int:
     return cfg.schedule.tau2
 
 
+def check_secagg(placement, cfg) -> None:
+    """Combinations secure aggregation at the edges cannot honour, refused before launch in one line."""
+    src = placement.topology.source
+    if placement.flat:
+        raise HierfedError(f"{src}: privacy.secagg runs at the edges and a flat topology has none (its devices' virtual "
+                           "clients would share a rank with no edge to sum them); use a topology with edges")
+    up = cfg.compression.device_up
+    if "topk" in up:
+        raise HierfedError(f"privacy.secagg with compression.device_up {up!r}: top-k keeps a different set of coordinates per "
+                           "client and masked sums need one shared pattern; top-k is refused under secure aggregation")
+    if up not in _LOSSLESS:
+        raise HierfedError(f"privacy.secagg with compression.device_up {up!r}: updates travel as fixed-point ring elements "
+                           "(4 bytes a value); use identity or fp32")
+    if not STRATEGIES[cfg.aggregation.edge.name].reducible:
+        raise HierfedError(f"privacy.secagg: the edge sees only its devices' sum, but aggregation.edge.name="
+                           f"{cfg.aggregation.edge.name} must see every update")
+    for e in placement.edges:
+        if e.clients or e.split_devices:
+            raise HierfedError(f"{src}: edge '{e.name}' trains part of its clients' updates itself (train_locally or split "
+                               "devices); privacy.secagg needs edges that only aggregate")
+
+
 def check_privacy(placement, cfg) -> None:
-    """Combinations DP-FedAvg cannot honour, refused before launch in one line."""
+    """Combinations DP-FedAvg and secure aggregation cannot honour, refused before launch in one line."""
     p = cfg.privacy
+    if p.secagg:
+        check_secagg(placement, cfg)
     if not p.dp:
         return
     src = placement.topology.source
@@ -79,12 +105,32 @@ def wrap_strategy(strategy: Strategy, cfg, tier: str, flat: bool, who: int) -> S
     return NoisySum(strategy, cfg.privacy.noise_multiplier, cfg.privacy.clip, cfg.seed, who)
 
 
-def wrap_child(link, cfg, flat: bool, start_round: int, agg_size):
-    """A device's uplink, with clipping (and distributed noise) when privacy.clip is set.
-    `agg_size(t)`: the clients of the sum this device's clients join in cloud round t."""
+def fixed_point(cfg, placement) -> FixedPoint:
+    """Secure aggregation's fixed-point encoding: its range, and the largest edge's clients."""
     p = cfg.privacy
+    bound = p.secagg_bound
+    if bound is None:  # a clipped client's coordinate is at most C; its share of distributed noise has std <= σC
+        bound = p.clip * (1 + (6 * p.noise_multiplier if p.noise_at == "distributed" else 0))
+    return FixedPoint(bound, max(len(e.all_clients) for e in placement.edges))
+
+
+def wrap_child(link, cfg, placement, edge: int | None, start_round: int, agg_size):
+    """A device's uplink: secure aggregation inside (privacy.secagg), clipping and distributed noise
+    outside it (privacy.clip). `agg_size(t)`: the clients of the sum this device's clients join in
+    cloud round t."""
+    p = cfg.privacy
+    edge_rounds = 1 if placement.flat else cfg.schedule.tau2
+    if p.secagg:
+        link = SecAggChild(link, fixed_point(cfg, placement), p.secagg_threshold, edge, start_round, edge_rounds)
     if not p.dp:
         return link
-    edge_rounds = 1 if flat else cfg.schedule.tau2
     return PrivateChild(link, p.clip, p.noise_multiplier, uniform=p.noisy, distributed=p.noise_at == "distributed",
                         seed=cfg.seed, start_round=start_round, edge_rounds=edge_rounds, agg_size=agg_size)
+
+
+def wrap_parent(link, cfg, placement, edge: int, start_round: int):
+    """An edge's link to its devices, under secure aggregation when privacy.secagg is on."""
+    p = cfg.privacy
+    if not p.secagg:
+        return link
+    return SecAggParent(link, fixed_point(cfg, placement), p.secagg_threshold, edge, start_round, cfg.schedule.tau2)

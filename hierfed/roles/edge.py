@@ -13,7 +13,7 @@ import numpy as np
 from hierfed.comm.channel import bcast_object, wait
 from hierfed.comm.ledger import merge
 from hierfed.placement.dsconfig import use_deepspeed
-from hierfed.privacy import wrap_strategy
+from hierfed.privacy import wrap_parent, wrap_strategy
 from hierfed.roles.protocol import aggregation_round, child_link, codec_rng, parent_link, prefixed, sampled_clients, unprefixed
 from hierfed.runtime.checkpoint import RankState
 from hierfed.strategy import build_strategy
@@ -29,7 +29,7 @@ def run(rt, cfg) -> None:
         bcast_object(rt.edge_group, plan, True, rt.poll)
     strategy.load_state_dict(plan.edge_states.get(rt.role.edge, {}))
     up = child_link(rt.up, cfg, False, "cloud", plan.dim, plan.start_round > 1)
-    down = parent_link(rt.down, cfg, False, "edge", plan.dim)
+    down = wrap_parent(parent_link(rt.down, cfg, False, "edge", plan.dim), cfg, rt.placement, rt.role.edge, plan.start_round)  # SecAgg
     # Sender state: the uplink's error-feedback residual and what the devices hold (codec downlink).
     saved = RankState(Path(plan.out), rt.role.rank, cfg.checkpoint.keep)
     has_state = up.feedback is not None or not down.down.is_identity
@@ -69,6 +69,7 @@ def run(rt, cfg) -> None:
                 "clients": sum(d["clients"] for d in telemetry),
                 "samples": w,
                 "receivers": receivers,  # clients the edge's broadcast went to
+                **getattr(down, "report", dict)(),  # secure aggregation: members, survivors, t, failure
                 "work": [x for d in telemetry for x in d.get("work", ())],  # per trained client: steps, FLOPs, seconds, uplink bytes
                 "bytes": merge([d["bytes"] for d in telemetry] + [rt.ledger.take_round()]),
                 "seconds": {"wall": time.perf_counter() - started, "compute": max(d["compute_s"] for d in telemetry), "aggregate": agg_s,
