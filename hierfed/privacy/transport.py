@@ -7,7 +7,7 @@ carries the full σC, which is what secure aggregation lets the parent see.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

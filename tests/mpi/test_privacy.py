@@ -9,7 +9,6 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import job_env, mpirun
 from test_jobs import _tiny_config, check_ok, final_params, rows
 

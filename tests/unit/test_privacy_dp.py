@@ -15,7 +15,14 @@ from hierfed.comm.codecs import parse_codec
 from hierfed.comm.links import Child
 from hierfed.config import load_config
 from hierfed.errors import HierfedError
-from hierfed.privacy import Accountant, NoisySum, PrivateChild, budget, check_privacy, clip_to_norm
+from hierfed.privacy import (
+    Accountant,
+    NoisySum,
+    PrivateChild,
+    budget,
+    check_privacy,
+    clip_to_norm,
+)
 from hierfed.roles.protocol import sampled_clients
 from hierfed.strategy import FedAvg, FedAvgM
 from hierfed.topology import load_topology

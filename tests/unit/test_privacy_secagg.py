@@ -150,5 +150,33 @@ def test_fixed_point_cannot_overflow_at_the_largest_fan_out():
             got = fp.decode(total)
             np.testing.assert_allclose(got[:-1], sign * 0.5 * n, rtol=0, atol=n / (2 * fp.scale))  # n roundings of <= 1/(2S)
             assert got[-1] == n
-    x, saturated = FixedPoint(1.0, 2).encode(np.array([3.0, -0.2]), 1.0)
+    _, saturated = FixedPoint(1.0, 2).encode(np.array([3.0, -0.2]), 1.0)
     assert saturated == 1
+
+
+@pytest.mark.parametrize("sets, topology, message", [
+    ({}, "flat", "flat topology has none"),
+    ({"compression.device_up": "'topk:0.1 > int8'"}, "default", "top-k is refused under secure aggregation"),
+    ({"compression.device_up": "int8"}, "default", "fixed-point ring elements"),
+    ({"aggregation.edge.name": "median"}, "default", "must see every update"),
+    ({}, "edge-clients", "needs edges that only aggregate"),
+])
+def test_secagg_refuses_what_it_cannot_honour_in_one_line(sets, topology, message):
+    from hierfed.config import load_config
+    from hierfed.errors import HierfedError
+    from hierfed.privacy import check_privacy
+    from hierfed.topology import load_topology
+
+    cfg = load_config(None, ["privacy.secagg=true", "privacy.secagg_bound=1.0", *(f"{k}={v}" for k, v in sets.items())])
+    with pytest.raises(HierfedError, match=message) as e:
+        check_privacy(load_topology(topology).placement(), cfg)
+    assert "\n" not in str(e.value)
+
+
+def test_secagg_needs_a_bound():
+    from hierfed.config import load_config
+    from hierfed.errors import HierfedError
+
+    with pytest.raises(HierfedError, match="secagg_bound"):
+        load_config(None, ["privacy.secagg=true"])
+    assert load_config(None, ["privacy.secagg=true", "privacy.clip=1.0"]).privacy.secagg
