@@ -2,8 +2,8 @@
 
 A client's contribution [w·Δ, w] becomes uint32 words: w·Δ_i ↦ round(w·Δ_i · S) mod 2^32 (values
 beyond ±B saturate at ±B·S), the weight w ↦ round(w) (sample counts and DP's 1 are integers). Sums
-wrap modulo 2^32 — numpy's uint32 addition and MPI_SUM on MPI_UINT32_T both do (checked for MPICH in
-tests/mpi/test_secagg.py) — and are read back as signed int32. The scale S is set by
+wrap modulo 2^32 — numpy's uint32 addition and MPI_SUM on MPI_UINT32_T both do (MPICH checked, docs/privacy.md;
+relied on by tests/mpi/test_privacy.py) — and are read back as signed int32. The scale S is set by
 the largest number n of clients one edge can sum, less n/2 for rounding: S = (2^31 − 1 − n) / (n·B), so
 |Σ round(w Δ_i S)| ≤ n·(B·S + 1/2) < 2^31: no overflow at any fan-out, with a resolution of 1/S ≈ n·B / 2^31.
 
