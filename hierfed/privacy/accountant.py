@@ -13,6 +13,7 @@ noise at the edges costs what noise at the cloud costs for the same k.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import dp_accounting
@@ -56,9 +57,17 @@ class Accountant:
         """ε at δ after `rounds` cloud rounds (0 rounds: 0)."""
         if rounds <= 0:
             return 0.0
-        acc = _accountant(self.kind, self.relation)
-        acc.compose(self.event, rounds)
-        return float(acc.get_epsilon(self.delta))
+        # The RDP accountant logs (absl) every order it drops for not converging, at small σ a few
+        # dozen lines a round; the orders it keeps still bound ε, so keep the run's output readable.
+        absl = logging.getLogger("absl")
+        level = absl.level
+        absl.setLevel(logging.ERROR)
+        try:
+            acc = _accountant(self.kind, self.relation)
+            acc.compose(self.event, rounds)
+            return float(acc.get_epsilon(self.delta))
+        finally:
+            absl.setLevel(level)
 
     def rounds_within(self, target: float, rounds: int) -> int:
         """The most rounds (<= `rounds`) whose ε stays at or below `target` (ε grows with rounds: bisection)."""
