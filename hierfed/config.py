@@ -83,6 +83,10 @@ class ScheduleConfig(_Section):
     # sweep compare equal work per cloud round.
     flat_local_steps: Literal["tau1", "tau1*tau2"] = "tau1"
     eval_batch_size: int = Field(64, ge=1)
+    # How the clients of a cloud round are drawn: "fixed" = round(client_fraction · N) of them, without
+    # replacement; "poisson" = each client independently with probability client_fraction (what
+    # DP accountants assume for their amplification by sampling; docs/privacy.md).
+    sampling: Literal["fixed", "poisson"] = "fixed"
 
 
 class AggregatorConfig(_Section):
@@ -187,6 +191,46 @@ class SimConfig(_Section):
     cloud_tflops: float = Field(50.0, gt=0)
 
 
+class PrivacyConfig(_Section):
+    """Client-level differential privacy (DP-FedAvg) and secure aggregation at the edges (docs/privacy.md).
+
+    `clip` set turns DP-FedAvg on: every client's update is clipped to L2 norm C on its device; with
+    noise_multiplier σ > 0, Gaussian noise of std σ·C is added once per aggregation to the SUM at
+    `noise_at` (and client weights become uniform). ε at `delta` is reported per round."""
+
+    clip: float | None = Field(None, gt=0)  # C; None: no clipping (and no DP); .inf: the wrappers run but clip nothing
+    noise_multiplier: float = Field(0.0, ge=0)  # σ: noise std on the tier's sum is σ·C
+    noise_at: Literal["edge", "cloud", "distributed"] = "edge"  # where the noise is added (who is trusted: docs/privacy.md)
+    delta: float = Field(1e-5, gt=0, lt=1)  # δ of the (ε, δ) guarantee
+    target_epsilon: float | None = Field(None, gt=0)  # stop (checkpointed) before the round that would exceed it
+    accountant: Literal["rdp", "pld"] = "rdp"  # dp-accounting's Rényi DP or privacy-loss-distribution accountant
+    # Secure aggregation at the edges (Bonawitz et al. 2017): an edge sees only its devices' sum.
+    secagg: bool = False
+    secagg_threshold: float = Field(0.5, ge=0, lt=1)  # t = floor(f·n) + 1 of an edge round's n clients must survive
+    # Fixed-point range: |w·Δ_i| of one client's coordinate (w: its weight, 1 under DP noise); beyond it
+    # values saturate. None: privacy.clip (plus 6 noise stds with distributed noise).
+    secagg_bound: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PrivacyConfig:
+        if self.noise_multiplier > 0 and (self.clip is None or self.clip == float("inf")):
+            raise ValueError("privacy.noise_multiplier > 0 needs a finite privacy.clip (the noise is σ·C)")
+        if self.target_epsilon is not None and self.noise_multiplier == 0:
+            raise ValueError("privacy.target_epsilon needs privacy.noise_multiplier > 0 (without noise ε is infinite)")
+        if self.secagg and self.secagg_bound is None and (self.clip is None or self.clip == float("inf")):
+            raise ValueError("privacy.secagg needs privacy.secagg_bound (the largest |w·Δ_i| of a client) or a finite privacy.clip")
+        return self
+
+    @property
+    def dp(self) -> bool:
+        """Clipping (and possibly noise) is on."""
+        return self.clip is not None
+
+    @property
+    def noisy(self) -> bool:
+        return self.noise_multiplier > 0
+
+
 class CheckpointConfig(_Section):
     every: int = Field(1, ge=1)  # cloud rounds between checkpoints (the last round is always saved)
     keep: int = Field(2, ge=1)  # checkpoints kept on disk
@@ -207,6 +251,7 @@ class RunConfig(_Section):
     deepspeed: DeepSpeedSection = DeepSpeedSection()
     runtime: RuntimeConfig = RuntimeConfig()
     sim: SimConfig = SimConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from hierfed.placement.dsconfig import check_edges
 from hierfed.errors import HierfedError
+from hierfed.privacy import check_privacy
 
 
 def check_supported(placement, cfg) -> None:
@@ -35,6 +36,7 @@ def check_supported(placement, cfg) -> None:
         if len(d.clients) > 1:
             raise HierfedError(f"{src}: device {d.name} has split_layers and {len(d.clients)} virtual clients; a split device is one client")
     check_edges(placement, cfg)
+    check_privacy(placement, cfg)
 
 
 def check_resolved_split(placement, cfg, ks: dict[int, int | None]) -> None:

@@ -79,7 +79,11 @@ def prepare(args: argparse.Namespace):
         check_resolved_split(placement, cfg, split_plan(placement, cfg, task.kind, task.num_labels))
     if args.resume and not cfg.out:
         raise HierfedError("--resume needs --out DIR: the run to continue")
-    return cfg, placement, dump_config(cfg)
+    text = dump_config(cfg)  # as asked: a privacy budget may cut the rounds below
+    from hierfed.privacy import budget
+
+    cfg, _ = budget(cfg, placement)  # refuses a target ε exceeded at round 1; else stops before the round that would exceed it
+    return cfg, placement, text
 
 
 def _run(args: argparse.Namespace) -> int:

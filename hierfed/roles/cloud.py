@@ -14,6 +14,7 @@ import numpy as np
 from hierfed.comm.ledger import merge
 from hierfed.data import load_data
 from hierfed.model import FlatView, build_model
+from hierfed.privacy import budget, wrap_strategy
 from hierfed.roles.protocol import Plan, aggregation_round, codec_rng, parent_link, prefixed, sampled_clients, unprefixed
 from hierfed.runtime.checkpoint import Checkpoints, State
 from hierfed.runtime.results import RunLog
@@ -62,7 +63,8 @@ def run(rt, cfg) -> None:
     flat = FlatView(built.model)
     evaluator = LocalTrainer(built.model, cfg.train)
     eval_data = tokenize(built.tokenizer, task.eval, task.kind, cfg.model.max_length)
-    strategy = build_strategy(cfg.aggregation.cloud)
+    strategy = wrap_strategy(build_strategy(cfg.aggregation.cloud), cfg, "cloud", rt.placement.flat, rt.role.rank)  # DP noise at the cloud
+    _, accountant = budget(cfg, rt.placement)  # None without DP noise
     ckpts = Checkpoints(out / "checkpoints", cfg.checkpoint.keep)
     meta = {"fingerprint": flat.fingerprint(), "seed": cfg.seed, "topology": rt.placement.topology.name}
 
@@ -104,12 +106,14 @@ def run(rt, cfg) -> None:
         started = time.perf_counter()
         job = pending
         # Flat: the broadcast stands for one copy per sampled client; hierarchical: one per edge.
-        receivers = len(sampled_clients(rt.placement.num_clients, cfg.schedule.client_fraction, cfg.seed, t)) if rt.placement.flat else None
+        receivers = len(sampled_clients(rt.placement.num_clients, cfg.schedule.client_fraction, cfg.seed, t, cfg.schedule.sampling)) if rt.placement.flat else None
         # Updates params in place: by then finish(*job) has evaluated and saved the last round's model.
         params, _weight, telemetry, agg_s = aggregation_round(
             link, params, strategy, receivers, codec_rng(cfg.seed, t, 0, rt.role.rank, 1), while_children_work=(lambda: finish(*job)) if job else None
         )
         row, raw = _round_row(t, telemetry, rt.placement.flat, agg_s, log, receivers)
+        if accountant is not None:
+            row["epsilon"] = accountant.epsilon(t)  # at privacy.delta, after this round
         raw = merge([raw, rt.ledger.take_round()])  # the cloud's own sends this round
         row["seconds"]["round"] = time.perf_counter() - started
         states = {} if rt.placement.flat else {e: d["strategy_state"] for e, d in enumerate(telemetry) if d["strategy_state"]}
@@ -126,4 +130,20 @@ def run(rt, cfg) -> None:
         "wait": rt.wait_reason,  # how ranks wait for messages (runtime.wait, resolved)
         "total_params": built.base_params,  # the model without its adapter: full fine-tuning's vector
         "out": str(out),
+        **({"privacy": _privacy_summary(cfg, accountant, rt.config_text)} if cfg.privacy.dp else {}),
     })
+
+
+def _privacy_summary(cfg, accountant, asked: str) -> dict:
+    """summary.json's privacy entry: the guarantee the run ended with (ε at δ), and whether
+    privacy.target_epsilon stopped it before the rounds `asked` (the run config as given) wanted."""
+    import yaml
+
+    p = cfg.privacy
+    out = {"clip": p.clip, "noise_multiplier": p.noise_multiplier, "noise_at": p.noise_at, "delta": p.delta,
+           "sampling": cfg.schedule.sampling, "rounds": cfg.schedule.rounds}
+    if accountant is not None:
+        out.update(epsilon=accountant.epsilon(cfg.schedule.rounds), accountant=p.accountant, neighbouring=accountant.relation,
+                   target_epsilon=p.target_epsilon,
+                   stopped_by_target=cfg.schedule.rounds < yaml.safe_load(asked)["schedule"]["rounds"])
+    return out

@@ -16,6 +16,7 @@ import numpy as np
 
 from hierfed.data import load_data, partition
 from hierfed.model import FlatView, build_model
+from hierfed.privacy import wrap_child
 from hierfed.roles.protocol import check_plan, child_link, codec_rng, local_steps, sampled_clients
 from hierfed.roles.work import StepCost, share_of_uplink
 from hierfed.runtime.checkpoint import RankState
@@ -58,6 +59,8 @@ def run(rt, cfg) -> None:
     if k is not None:
         trainer.handshake(data[spec.clients[0]], task.kind == "causal_lm")
     link = child_link(rt.up, cfg, rt.placement.flat, "cloud" if rt.placement.flat else "edge", plan.dim, plan.start_round > 1)
+    # privacy: clip each client's update (and add its share of distributed noise); secure aggregation masks it
+    link = wrap_child(link, cfg, rt.placement, spec.edge, plan.start_round, lambda t: _agg_size(rt.placement, spec, cfg, t))
     saved = RankState(Path(plan.out), rt.role.rank, cfg.checkpoint.keep)
     if plan.start_round > 1 and link.feedback is not None:
         link.load_state_dict(saved.load(plan.start_round - 1))
@@ -68,7 +71,7 @@ def run(rt, cfg) -> None:
     params = np.empty(plan.dim, dtype=np.float32)
     delta = np.zeros(plan.dim, dtype=np.float32)
     for t in range(plan.start_round, cfg.schedule.rounds + 1):
-        chosen = set(sampled_clients(rt.placement.num_clients, cfg.schedule.client_fraction, cfg.seed, t).tolist())
+        chosen = set(sampled_clients(rt.placement.num_clients, cfg.schedule.client_fraction, cfg.seed, t, cfg.schedule.sampling).tolist())
         mine = [c for c in spec.clients if c in chosen]
         for s in range(1, edge_rounds + 1):
             link.receive(params)
@@ -95,3 +98,12 @@ def run(rt, cfg) -> None:
                               "bytes": sent, "work": work})
         if link.feedback is not None and (t % cfg.checkpoint.every == 0 or t == cfg.schedule.rounds):
             saved.save(t, link.state_dict())
+
+
+def _agg_size(placement, spec, cfg, t: int) -> int:
+    """The sampled clients whose updates are summed with this device's in cloud round t: its edge's
+    (all of them when flat) — what a client's share of distributed DP noise is divided by."""
+    chosen = sampled_clients(placement.num_clients, cfg.schedule.client_fraction, cfg.seed, t, cfg.schedule.sampling)
+    if spec.edge is None:
+        return len(chosen)
+    return len(placement.edges[spec.edge].all_clients.intersection(chosen.tolist()))

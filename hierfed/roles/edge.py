@@ -13,6 +13,7 @@ import numpy as np
 from hierfed.comm.channel import bcast_object, wait
 from hierfed.comm.ledger import merge
 from hierfed.placement.dsconfig import use_deepspeed
+from hierfed.privacy import wrap_parent, wrap_strategy
 from hierfed.roles.protocol import aggregation_round, child_link, codec_rng, parent_link, prefixed, sampled_clients, unprefixed
 from hierfed.runtime.checkpoint import RankState
 from hierfed.strategy import build_strategy
@@ -21,14 +22,14 @@ from hierfed.strategy import build_strategy
 def run(rt, cfg) -> None:
     if rt.role.group_index > 0:
         return run_follower(rt, cfg)
-    strategy = build_strategy(cfg.aggregation.edge)
+    strategy = wrap_strategy(build_strategy(cfg.aggregation.edge), cfg, "edge", False, rt.role.rank)  # DP noise at the edges
     plan = rt.up.bcast_obj()
     rt.down.bcast_obj(plan)
     if rt.edge_group.Get_size() > 1:
         bcast_object(rt.edge_group, plan, True, rt.poll)
     strategy.load_state_dict(plan.edge_states.get(rt.role.edge, {}))
     up = child_link(rt.up, cfg, False, "cloud", plan.dim, plan.start_round > 1)
-    down = parent_link(rt.down, cfg, False, "edge", plan.dim)
+    down = wrap_parent(parent_link(rt.down, cfg, False, "edge", plan.dim), cfg, rt.placement, rt.role.edge, plan.start_round)  # SecAgg
     # Sender state: the uplink's error-feedback residual and what the devices hold (codec downlink).
     saved = RankState(Path(plan.out), rt.role.rank, cfg.checkpoint.keep)
     has_state = up.feedback is not None or not down.down.is_identity
@@ -45,7 +46,7 @@ def run(rt, cfg) -> None:
     for t in range(plan.start_round, cfg.schedule.rounds + 1):
         up.receive(params)
         np.copyto(local, params)
-        sampled = my_clients.intersection(sampled_clients(rt.placement.num_clients, cfg.schedule.client_fraction, cfg.seed, t).tolist())
+        sampled = my_clients.intersection(sampled_clients(rt.placement.num_clients, cfg.schedule.client_fraction, cfg.seed, t, cfg.schedule.sampling).tolist())
         weight_sum, rows = 0.0, []
         for s in range(1, cfg.schedule.tau2 + 1):
             started = time.perf_counter()
@@ -68,6 +69,7 @@ def run(rt, cfg) -> None:
                 "clients": sum(d["clients"] for d in telemetry),
                 "samples": w,
                 "receivers": receivers,  # clients the edge's broadcast went to
+                **getattr(down, "report", dict)(),  # secure aggregation: members, survivors, t, failure
                 "work": [x for d in telemetry for x in d.get("work", ())],  # per trained client: steps, FLOPs, seconds, uplink bytes
                 "bytes": merge([d["bytes"] for d in telemetry] + [rt.ledger.take_round()]),
                 "seconds": {"wall": time.perf_counter() - started, "compute": max(d["compute_s"] for d in telemetry), "aggregate": agg_s,
@@ -144,7 +146,7 @@ def run_follower(rt, cfg) -> None:
     trainer = edge_trainer(rt, cfg, plan, unprefixed("split", resumed), ks)
     clients = rt.placement.edges[rt.role.edge].all_clients
     for t in range(plan.start_round, cfg.schedule.rounds + 1):
-        sampled = clients.intersection(sampled_clients(rt.placement.num_clients, cfg.schedule.client_fraction, cfg.seed, t).tolist())
+        sampled = clients.intersection(sampled_clients(rt.placement.num_clients, cfg.schedule.client_fraction, cfg.seed, t, cfg.schedule.sampling).tolist())
         for s in range(1, cfg.schedule.tau2 + 1):
             trainer.round(None, t, s, sampled)
         if t % cfg.checkpoint.every == 0 or t == cfg.schedule.rounds:

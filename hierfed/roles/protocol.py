@@ -48,12 +48,17 @@ def check_plan(plan: Plan, dim: int, fingerprint: str, base_hashes: dict[str, st
         raise HierfedError(f"{who}: frozen base weight {differ} {what} the cloud's model; all ranks must load the same base model")
 
 
-def sampled_clients(num_clients: int, fraction: float, seed: int, round_: int) -> np.ndarray:
-    """The clients that train in a cloud round: the same set on every rank, with no communication."""
+def sampled_clients(num_clients: int, fraction: float, seed: int, round_: int, sampling: str = "fixed") -> np.ndarray:
+    """The clients that train in a cloud round: the same set on every rank, with no communication.
+
+    "fixed": round(fraction · N) clients (at least 1) without replacement; "poisson": each client
+    independently with probability `fraction` (possibly none), as DP accountants assume."""
     if fraction >= 1.0:
         return np.arange(num_clients)
-    k = max(1, int(round(fraction * num_clients)))
     rng = np.random.default_rng([seed, round_, 0x5A])
+    if sampling == "poisson":
+        return np.flatnonzero(rng.random(num_clients) < fraction)
+    k = max(1, int(round(fraction * num_clients)))
     return np.sort(rng.choice(num_clients, size=k, replace=False))
 
 

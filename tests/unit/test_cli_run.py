@@ -97,3 +97,15 @@ def test_an_edge_client_smaller_than_its_edge_group(write_yaml) -> None:
     topo = write_yaml("edges.yaml", {"name": "e", "edges": [{"name": "e0", "ranks": 3, "train_locally": True, "devices": [{"ranks": 1}]}]})
     run = write_yaml("run.yaml", {"data": {"train_samples": 4}, "train": {"batch_size": 8}})  # 2 clients of 2 examples
     assert "edge 'e0' trains client 1 on 3 ranks, but the client has 2 examples" in one_line_error(topo, "--config", run)
+
+
+def test_privacy_target_already_exceeded_at_round_one() -> None:
+    line = one_line_error("default", "--set", "privacy.clip=1.0", "--set", "privacy.noise_multiplier=0.3",
+                          "--set", "privacy.target_epsilon=0.5")
+    assert "privacy.target_epsilon 0.5 is already exceeded at round 1" in line
+
+
+def test_secagg_with_topk_is_refused() -> None:
+    line = one_line_error("default", "--set", "privacy.secagg=true", "--set", "privacy.clip=1.0",
+                          "--set", "compression.device_up=topk:0.1")
+    assert "top-k is refused under secure aggregation" in line

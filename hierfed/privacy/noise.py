@@ -1,0 +1,55 @@
+"""Gaussian noise on a tier's SUM of clipped updates (DP-FedAvg, McMahan et al. 2018), as a wrapper
+around the tier's Strategy: the children's contributions [Σ Δ_c, n] arrive summed; N(0, (σC)²) is
+added to Σ Δ_c once, before the wrapped strategy divides by n — so the mean carries noise of std
+σC/n, and whatever the strategy does after (server momentum, Adam) is post-processing.
+
+The noise is drawn from (seed, tier, rank, aggregation count): reproducible, and exact across a
+resume (the count is part of the strategy's checkpointed state). A real deployment draws it from the
+operating system's CSPRNG instead (docs/privacy.md).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from hierfed.strategy import Strategy
+
+
+def gaussian(shape: int, std: float, *seed: int) -> np.ndarray:
+    """N(0, std²) in float64 from a seed tuple (the same on every machine)."""
+    return np.random.default_rng([*seed, 0xD1FF]).standard_normal(shape) * std
+
+
+class NoisySum(Strategy):
+    """`inner` with N(0, (σC)²) added to the summed update before it is averaged. σ = 0: no noise,
+    the inner strategy's numbers exactly."""
+
+    def __init__(self, inner: Strategy, sigma: float, clip: float, seed: int, who: int) -> None:
+        if not inner.reducible:
+            raise ValueError(f"DP noise is added to a SUM; {inner.name} must see every update")
+        self.inner, self.sigma, self.clip, self.seed, self.who = inner, float(sigma), float(clip), seed, who
+        self.name, self.reducible = f"dp({inner.name})", True
+        self.calls = 0  # aggregations so far: the noise's seed
+
+    @property
+    def std(self) -> float:
+        """The noise std on the sum: σ·C."""
+        return self.sigma * self.clip
+
+    def aggregate(self, params: np.ndarray, reduced: np.ndarray, out: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+        if self.sigma > 0 and float(reduced[-1]) > 0:  # no client: the parent keeps its parameters
+            noise = gaussian(reduced.size - 1, self.std, self.seed, self.who, self.calls)
+            np.add(reduced[:-1], noise, out=reduced[:-1], casting="unsafe")
+        self.calls += 1
+        return self.inner.aggregate(params, reduced, out)
+
+    def step(self, params: np.ndarray, mean_delta: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        return self.inner.step(params, mean_delta, out)
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return {**self.inner.state_dict(), "dp_calls": np.array([self.calls], dtype=np.int64)}
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        state = dict(state)
+        self.calls = int(state.pop("dp_calls", np.zeros(1))[0])
+        self.inner.load_state_dict(state)

@@ -1,0 +1,186 @@
+"""Secure aggregation between an edge and its devices, as wrappers around the edge's Parent and the
+devices' Child (hierfed.comm.links): the strategy above and the channel below do not change.
+
+Per edge round (one aggregation), over the edge's communicator, every device rank taking part
+whether or not it has sampled clients (a rank's virtual clients each run their own protocol):
+  devices --adverts--> edge --all adverts--> devices --sealed shares--> edge --routed--> devices
+  devices: Σ_c masked y_c (uint32) --Reduce(SUM), wrapping mod 2^32--> edge
+  devices --who was sent--> edge --survivors/dropped--> devices --revealed shares--> edge: unmask
+Every message is counted in the ledger on the device-edge link: the ring elements as payload (4 bytes
+a word, as float32), keys and shares as kind "secagg".
+
+The `HIERFED_SECAGG_DROP=ROUND:CLIENT,...` test hook makes those clients drop after masking in that cloud round: their masked
+update is not sent and they reveal nothing, as a device that vanished mid-round.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import time
+from typing import Any
+
+import numpy as np
+from mpi4py import MPI
+
+from hierfed.comm.channel import Channel, bcast_object, wait
+from hierfed.privacy.ring import FixedPoint
+from hierfed.privacy.secagg import Client, SecAggError, Server, threshold
+
+_KIND = "secagg"
+
+
+def _size(obj: Any) -> int:
+    return len(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def _up(ch: Channel, obj: Any) -> list[Any] | None:
+    """A protocol message from every child to the parent, counted at the child."""
+    if not ch.is_parent:
+        ch.ledger.record(ch.link, "up", _size(obj) + 8, kind=_KIND, raw=0)
+    return ch.gather_obj(obj)
+
+
+def _down(ch: Channel, obj: Any, receivers: int) -> Any:
+    """The same protocol message to every child, counted at the parent once per receiving client."""
+    if ch.is_parent:
+        ch.ledger.record(ch.link, "down", (_size(obj) + 8) * receivers, kind=_KIND, raw=0)
+    return bcast_object(ch.comm, obj, ch.is_parent, ch.poll)
+
+
+def _scatter(ch: Channel, objs: list[Any] | None) -> Any:
+    """One protocol message per child (the parent's `objs`, in child order), counted at the parent."""
+    if ch.is_parent:
+        blobs = [b""] + [pickle.dumps(o, protocol=pickle.HIGHEST_PROTOCOL) for o in objs]
+        sizes = np.array([len(b) for b in blobs], dtype=np.int64)
+        ch.ledger.record(ch.link, "down", int(sizes.sum()) + 8 * len(objs), kind=_KIND, raw=0)
+        mine = np.zeros(1, dtype=np.int64)
+        wait(ch.comm.Iscatter(sizes, mine, root=0), ch.poll)
+        displs = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        wait(ch.comm.Iscatterv([b"".join(blobs), sizes, displs, MPI.BYTE], bytearray(0), root=0), ch.poll)
+        return None
+    mine = np.zeros(1, dtype=np.int64)
+    wait(ch.comm.Iscatter(None, mine, root=0), ch.poll)
+    buf = bytearray(int(mine[0]))
+    wait(ch.comm.Iscatterv(None, buf, root=0), ch.poll)
+    return pickle.loads(buf)
+
+
+def forced_drops() -> dict[int, set[int]]:
+    """The test hook HIERFED_SECAGG_DROP="ROUND:CLIENT,...": cloud round -> clients that drop after masking."""
+    out: dict[int, set[int]] = {}
+    for item in os.environ.get("HIERFED_SECAGG_DROP", "").split(","):
+        if item.strip():
+            t, c = item.split(":")
+            out.setdefault(int(t), set()).add(int(c))
+    return out
+
+
+class SecAggChild:
+    """A device's uplink under secure aggregation: each client's [w·Δ, w] is encoded in Z_2^32 and
+    masked; only the rank's masked sum travels."""
+
+    def __init__(self, child, fixed: FixedPoint, fraction: float, edge: int, start_round: int, edge_rounds: int) -> None:
+        self.child, self.fixed, self.fraction, self.edge = child, fixed, fraction, edge
+        self._count = (start_round - 1) * edge_rounds  # aggregations so far (both ends count alike)
+        self.edge_rounds = edge_rounds
+        self._queued: dict[int, tuple[np.ndarray, float]] = {}
+        self._drop = forced_drops()
+
+    def add(self, sender: int, weight: float, delta: np.ndarray, rng: np.random.Generator | None = None) -> None:
+        x, saturated = self.fixed.encode(np.multiply(delta, weight, dtype=np.float64), weight)
+        self._queued[sender] = x, weight, saturated
+
+    def send(self) -> float:
+        ch = self.child.channel
+        self._count += 1
+        tag = f"edge{self.edge}/agg{self._count}".encode()
+        clients = {c: Client(c, tag) for c in self._queued}
+        _up(ch, {c: cl.advertise() for c, cl in clients.items()})
+        adverts = _down(ch, None, 0)
+        t = threshold(len(adverts), self.fraction) if adverts else 0
+        sealed, commits = {}, {}
+        for c, cl in clients.items():
+            sealed[c], commits[c] = cl.share(adverts, t)
+        _up(ch, (sealed, commits))
+        routed, members = _scatter(ch, None)
+        for c, cl in clients.items():
+            cl.receive(routed.get(c, {}))
+        acc = np.zeros(self.fixed_size, dtype=np.uint32)
+        drop = self._drop.get((self._count - 1) // self.edge_rounds + 1, set())
+        sent = [c for c in clients if c not in drop]
+        for c in sent:
+            acc += clients[c].mask(self._queued[c][0], members)
+        ch.reduce_sum(acc, senders=len(sent))
+        _up(ch, (sent, sum(self._queued[c][2] for c in sent)))
+        survivors, dropped = _down(ch, None, 0)
+        _up(ch, {c: clients[c].reveal(survivors, dropped) for c in sent})
+        weight = float(sum(self._queued[c][1] for c in sent))
+        self._queued = {}
+        return weight
+
+    @property
+    def fixed_size(self) -> int:
+        return self.child.dim + 1
+
+    def __getattr__(self, name: str):  # receive, feedback, state_dict, ...: the wrapped Child's
+        return getattr(self.child, name)
+
+
+class SecAggParent:
+    """An edge's downlink/uplink under secure aggregation: receives only the unmasked sum of its
+    clients' fixed-point updates; a failed aggregation (too few survivors or shares, a corrupt
+    share) contributes nothing and is reported in the edge's row."""
+
+    def __init__(self, parent, fixed: FixedPoint, fraction: float, edge: int, start_round: int, edge_rounds: int) -> None:
+        self.parent, self.fixed, self.fraction, self.edge = parent, fixed, fraction, edge
+        self._count = (start_round - 1) * edge_rounds
+        self.decode_s = 0.0
+        self.last: dict[str, Any] = {}
+
+    def send(self, params: np.ndarray, receivers: int | None = None, rng: np.random.Generator | None = None) -> None:
+        self.parent.send(params, receivers, rng)
+
+    def receive(self) -> np.ndarray:
+        ch = self.parent.channel
+        self._count += 1
+        server = Server(f"edge{self.edge}/agg{self._count}".encode(), self.fraction)
+        adverts = {c: a for part in _up(ch, None) for c, a in part.items()}
+        n = len(adverts)
+        _down(ch, server.collect_adverts(adverts), n)
+        parts = _up(ch, None)
+        sealed = {c: s for part, _ in parts for c, s in part.items()}
+        commits = {c: h for _, part in parts for c, h in part.items()}
+        routed = server.route(sealed, commits)
+        members = server.members
+        _scatter(ch, [({c: routed[c] for c in part}, members) for part in self._owners(adverts, parts)])
+        total = np.zeros(self.parent.dim + 1, dtype=np.uint32)
+        ch.reduce_sum(total)
+        sent = _up(ch, None)
+        survivors = sorted(c for part, _ in sent for c in part)
+        dropped = [c for c in members if c not in survivors]
+        _down(ch, (survivors, dropped), len(survivors))
+        reveals = {c: r for part in _up(ch, None) for c, r in part.items()}
+        started = time.perf_counter()
+        self.last = {"members": len(members), "survivors": len(survivors), "t": server.t, "failed": None,
+                     "saturated": sum(n for _, n in sent)}  # coordinates beyond ±secagg_bound (clipped there)
+        out = np.zeros(self.parent.dim + 1, dtype=np.float64)
+        if members:
+            try:
+                out = self.fixed.decode(server.unmask(total, survivors, reveals))
+            except SecAggError as e:
+                self.last["failed"] = str(e)
+        self.decode_s = time.perf_counter() - started
+        return out
+
+    @staticmethod
+    def _owners(adverts: dict, parts: list) -> list[list[int]]:
+        """Per child (in order): the clients it hosts (those whose shares it sent)."""
+        return [sorted(sealed) for sealed, _ in parts]
+
+    def report(self) -> dict[str, Any]:
+        """The last aggregation's SecAgg outcome, for the edge's row."""
+        return {"secagg": dict(self.last)}
+
+    def __getattr__(self, name: str):  # state_dict, channel, down, ...: the wrapped Parent's
+        return getattr(self.parent, name)

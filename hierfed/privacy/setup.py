@@ -1,0 +1,136 @@
+"""Which tier does what under `privacy` (hierfed.config.PrivacyConfig), checked once before launch,
+and the wrappers each role puts around its strategy or its uplink.
+
+    noise_at: edge         devices clip; each edge adds N(0,(σC)²) to its devices' sum every edge round
+    noise_at: cloud        devices clip; the cloud adds it to the sum over all clients (edges pass sums on)
+    noise_at: distributed  devices clip and each adds N(0,(σC)²/n), n = clients of its edge's sum
+"""
+
+from __future__ import annotations
+
+from hierfed.errors import HierfedError
+from hierfed.privacy.noise import NoisySum
+from hierfed.privacy.ring import FixedPoint
+from hierfed.privacy.secagg_link import SecAggChild, SecAggParent
+from hierfed.privacy.transport import PrivateChild
+from hierfed.strategy import STRATEGIES, Strategy
+
+_LOSSLESS = ("identity", "fp32")
+
+
+def noise_tier(cfg, flat: bool) -> str | None:
+    """The tier whose parent adds the noise ("edge" or "cloud"); None without noise or when the
+    clients add it themselves (distributed)."""
+    p = cfg.privacy
+    if not p.noisy or p.noise_at == "distributed":
+        return None
+    return "cloud" if flat else p.noise_at
+
+
+def aggregations_per_round(cfg, flat: bool) -> int:
+    """How many noised sums a sampled client's updates enter per cloud round: τ2 edge rounds when the
+    noise is added at the edges (or by the clients of an edge), 1 at the cloud or when flat."""
+    if flat or cfg.privacy.noise_at == "cloud":
+        return 1
+    return cfg.schedule.tau2
+
+
+def check_secagg(placement, cfg) -> None:
+    """Combinations secure aggregation at the edges cannot honour, refused before launch in one line."""
+    src = placement.topology.source
+    if placement.flat:
+        raise HierfedError(f"{src}: privacy.secagg runs at the edges and a flat topology has none (its devices' virtual "
+                           "clients would share a rank with no edge to sum them); use a topology with edges")
+    up = cfg.compression.device_up
+    if "topk" in up:
+        raise HierfedError(f"privacy.secagg with compression.device_up {up!r}: top-k keeps a different set of coordinates per "
+                           "client and masked sums need one shared pattern; top-k is refused under secure aggregation")
+    if up not in _LOSSLESS:
+        raise HierfedError(f"privacy.secagg with compression.device_up {up!r}: updates travel as fixed-point ring elements "
+                           "(4 bytes a value); use identity or fp32")
+    if not STRATEGIES[cfg.aggregation.edge.name].reducible:
+        raise HierfedError(f"privacy.secagg: the edge sees only its devices' sum, but aggregation.edge.name="
+                           f"{cfg.aggregation.edge.name} must see every update")
+    for e in placement.edges:
+        if e.clients or e.split_devices:
+            raise HierfedError(f"{src}: edge '{e.name}' trains part of its clients' updates itself (train_locally or split "
+                               "devices); privacy.secagg needs edges that only aggregate")
+
+
+def check_privacy(placement, cfg) -> None:
+    """Combinations DP-FedAvg and secure aggregation cannot honour, refused before launch in one line."""
+    p = cfg.privacy
+    if p.secagg:
+        check_secagg(placement, cfg)
+    if not p.dp:
+        return
+    src = placement.topology.source
+    if placement.flat and p.noise_at == "edge" and p.noisy:
+        raise HierfedError(f"{src}: privacy.noise_at is edge but a flat topology has no edge tier; use noise_at: cloud or distributed")
+    for e in placement.edges:
+        if e.clients:
+            raise HierfedError(f"{src}: edge '{e.name}' trains its own client (train_locally); DP clipping runs on devices only, "
+                               "so privacy.clip needs an edge without train_locally")
+    if any(d.split_layers is not None for d in placement.devices):
+        raise HierfedError(f"{src}: privacy.clip with split devices is not supported (the edge trains part of their update, unclipped)")
+    tier = noise_tier(cfg, placement.flat)
+    if p.noisy and not placement.flat and p.noise_at != "cloud":
+        if not STRATEGIES[cfg.aggregation.edge.name].reducible:
+            raise HierfedError(f"privacy: noise is added to the edges' sums, but aggregation.edge.name={cfg.aggregation.edge.name} "
+                               "must see every update; use a reducible rule (fedavg, fedavgm, fedadam, ...)")
+    if tier == "cloud" and not STRATEGIES[cfg.aggregation.cloud.name].reducible:
+        raise HierfedError(f"privacy: noise is added to the cloud's sum, but aggregation.cloud.name={cfg.aggregation.cloud.name} "
+                           "must see every update; use a reducible rule")
+    if p.noisy and tier == "cloud" and not placement.flat:
+        # the cloud's sum must be the sum of the clipped client updates: one edge round, plain averaging, lossless
+        edge = cfg.aggregation.edge
+        if cfg.schedule.tau2 != 1:
+            raise HierfedError(f"privacy.noise_at: cloud needs schedule.tau2: 1 (got {cfg.schedule.tau2}): after several edge rounds "
+                               "one client moves its edge's update by more than C; add the noise at the edges instead")
+        if edge.name != "fedavg" or (edge.server_lr or 1.0) != 1.0:
+            raise HierfedError("privacy.noise_at: cloud needs aggregation.edge fedavg with server_lr 1, so an edge passes its "
+                               "clients' sum on unchanged")
+        if cfg.compression.edge_up not in _LOSSLESS:
+            raise HierfedError(f"privacy.noise_at: cloud needs a lossless compression.edge_up (got {cfg.compression.edge_up!r}): "
+                               "a lossy edge uplink with error feedback would carry unclipped residuals")
+    if cfg.compression.device_up not in _LOSSLESS and p.noisy:
+        raise HierfedError(f"privacy: compression.device_up {cfg.compression.device_up!r} with DP noise is not supported "
+                           "(the codec's error-feedback residual would leave the clipped norm); use identity or fp32")
+
+
+def wrap_strategy(strategy: Strategy, cfg, tier: str, flat: bool, who: int) -> Strategy:
+    """The tier's strategy, with the DP noise if this tier adds it."""
+    if noise_tier(cfg, flat) != tier:
+        return strategy
+    return NoisySum(strategy, cfg.privacy.noise_multiplier, cfg.privacy.clip, cfg.seed, who)
+
+
+def fixed_point(cfg, placement) -> FixedPoint:
+    """Secure aggregation's fixed-point encoding: its range, and the largest edge's clients."""
+    p = cfg.privacy
+    bound = p.secagg_bound
+    if bound is None:  # a clipped client's coordinate is at most C; its share of distributed noise has std <= σC
+        bound = p.clip * (1 + (6 * p.noise_multiplier if p.noise_at == "distributed" else 0))
+    return FixedPoint(bound, max(len(e.all_clients) for e in placement.edges))
+
+
+def wrap_child(link, cfg, placement, edge: int | None, start_round: int, agg_size):
+    """A device's uplink: secure aggregation inside (privacy.secagg), clipping and distributed noise
+    outside it (privacy.clip). `agg_size(t)`: the clients of the sum this device's clients join in
+    cloud round t."""
+    p = cfg.privacy
+    edge_rounds = 1 if placement.flat else cfg.schedule.tau2
+    if p.secagg:
+        link = SecAggChild(link, fixed_point(cfg, placement), p.secagg_threshold, edge, start_round, edge_rounds)
+    if not p.dp:
+        return link
+    return PrivateChild(link, p.clip, p.noise_multiplier, uniform=p.noisy, distributed=p.noise_at == "distributed",
+                        seed=cfg.seed, start_round=start_round, edge_rounds=edge_rounds, agg_size=agg_size)
+
+
+def wrap_parent(link, cfg, placement, edge: int, start_round: int):
+    """An edge's link to its devices, under secure aggregation when privacy.secagg is on."""
+    p = cfg.privacy
+    if not p.secagg:
+        return link
+    return SecAggParent(link, fixed_point(cfg, placement), p.secagg_threshold, edge, start_round, cfg.schedule.tau2)
