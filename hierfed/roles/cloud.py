@@ -62,6 +62,7 @@ def run(rt, cfg) -> None:
     flat = FlatView(built.model)
     evaluator = LocalTrainer(built.model, cfg.train)
     eval_data = tokenize(built.tokenizer, task.eval, task.kind, cfg.model.max_length)
+    eval_groups = np.array([task.groups.index(e.group) for e in task.eval]) if task.groups else None  # per-group eval
     strategy = build_strategy(cfg.aggregation.cloud)
     ckpts = Checkpoints(out / "checkpoints", cfg.checkpoint.keep)
     meta = {"fingerprint": flat.fingerprint(), "seed": cfg.seed, "topology": rt.placement.topology.name}
@@ -87,7 +88,7 @@ def run(rt, cfg) -> None:
         last = row["round"] == cfg.schedule.rounds
         if row["round"] % cfg.schedule.eval_every == 0 or last:  # round 0 included: where learning starts
             flat.set(params)
-            row.update(evaluator.evaluate(eval_data, task.kind, cfg.schedule.eval_batch_size))
+            row.update(evaluator.evaluate(eval_data, task.kind, cfg.schedule.eval_batch_size, eval_groups, task.groups))
         if row["round"] > 0 and (last or row["round"] % cfg.checkpoint.every == 0):
             ckpts.save(State(row["round"], params, cloud_state, states), built.model, flat, meta)
         row["seconds"]["eval"] = time.perf_counter() - t0
