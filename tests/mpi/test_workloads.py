@@ -1,0 +1,46 @@
+"""Real MPI job on the fortunes category task (Debian's packages, .ci/run installs them): the
+shelves partition across the default topology's 4 clients and the cloud's per-group evaluation in
+metrics.jsonl and summary.json."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import mpirun
+from hierfed.data import DataConfig, load_data
+
+pytestmark = pytest.mark.mpi
+
+DATA = {"source": "fortunes", "task": "category", "categories": 4, "shelf": 2, "partition": "shelves", "eval_samples": 64}
+
+
+def test_fortunes_shelves_job_reports_every_group(tmp_path):
+    cfg = {"model": {"source": "gpt2", "size": "tiny", "max_length": 48}, "data": DATA,
+           "train": {"lr": 0.01, "batch_size": 8}, "schedule": {"rounds": 2, "tau1": 2, "tau2": 1},
+           "runtime": {"progress": False}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "out"
+    proc = mpirun(7, "run", "--config", str(tmp_path / "run.yaml"), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    task = load_data(DataConfig(**DATA))
+    counts = {g: sum(e.group == g for e in task.eval) for g in task.groups}
+    assert len(counts) == 2 and set(counts.values()) == {32}
+    cloud = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    cloud = [r for r in cloud if r["tier"] == "cloud"]
+    assert [r["round"] for r in cloud] == [0, 1, 2]
+    for r in cloud:
+        groups = r["groups"]
+        assert set(groups) == set(task.groups)
+        # the groups partition the eval set: overall = the groups' metrics weighted by their sizes
+        n = sum(counts.values())
+        for key in ("eval_accuracy", "eval_loss"):
+            assert np.isclose(r[key], sum(groups[g][key] * counts[g] for g in groups) / n)
+        for g, m in groups.items():
+            assert m["eval_accuracy"] * counts[g] == pytest.approx(round(m["eval_accuracy"] * counts[g]))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["groups"] == cloud[-1]["groups"]
+    assert summary["final"]["eval_accuracy"] == cloud[-1]["eval_accuracy"]
