@@ -11,15 +11,15 @@ import pydantic
 from hierfed.validation import KnownFields
 
 BUILTIN_SOURCES = ("topics", "corpus")
-FILE_SOURCES = ("jsonl", "disk")
+FILE_SOURCES = ("jsonl", "disk", "instruct")
 
 
 class DataConfig(KnownFields):
     """Where the task's examples come from and how they are split across clients."""
 
-    source: Literal["topics", "corpus", "jsonl", "disk", "fortunes"] = "topics"
-    # jsonl file, or a directory written by datasets' save_to_disk; fortunes: the fortune directory
-    # (default /usr/share/games/fortunes)
+    source: Literal["topics", "corpus", "jsonl", "disk", "fortunes", "instruct"] = "topics"
+    # jsonl file, or a directory written by datasets' save_to_disk; instruct: a JSONL of instruction
+    # records (hierfed.data.instruct); fortunes: the fortune directory (default /usr/share/games/fortunes)
     path: str | None = None
     eval_path: str | None = None  # optional separate eval file/dir; else eval_fraction is held out
     eval_fraction: float = pydantic.Field(0.1, gt=0.0, le=0.5)
@@ -68,6 +68,9 @@ class Example:
     label: int | None = None
     client: str | None = None
     group: str | None = None
+    # instruction tuning: the conversation, (role, content) pairs; its last (assistant) message is
+    # the response that is trained and scored (hierfed.data.instruct); None for plain text
+    messages: tuple[tuple[str, str], ...] | None = None
 
 
 @dataclass(frozen=True)

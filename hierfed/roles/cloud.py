@@ -14,7 +14,15 @@ import numpy as np
 from hierfed.comm.ledger import merge
 from hierfed.data import load_data
 from hierfed.model import FlatView, build_model
-from hierfed.roles.protocol import Plan, aggregation_round, codec_rng, parent_link, prefixed, sampled_clients, unprefixed
+from hierfed.roles.protocol import (
+    Plan,
+    aggregation_round,
+    codec_rng,
+    parent_link,
+    prefixed,
+    sampled_clients,
+    unprefixed,
+)
 from hierfed.runtime.checkpoint import Checkpoints, State
 from hierfed.runtime.results import RunLog
 from hierfed.sim.clock import Rates, round_times
@@ -118,7 +126,13 @@ def run(rt, cfg) -> None:
     if pending:
         finish(*pending)
 
+    truncated = {}  # instruction data: conversations that truncation shortened (hierfed.training.instruct)
+    if task.kind == "causal_lm" and task.train[0].messages is not None:
+        from hierfed.training.instruct import truncation
+
+        truncated = {"truncated": {s: truncation(built.tokenizer, getattr(task, s), cfg.model.max_length) for s in ("train", "eval")}}
     rt.summary = log.summary({
+        **truncated,
         "topology": rt.placement.topology.name,
         "world_size": rt.placement.world_size,
         "clients": rt.placement.num_clients,

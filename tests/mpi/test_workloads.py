@@ -44,3 +44,27 @@ def test_fortunes_shelves_job_reports_every_group(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["groups"] == cloud[-1]["groups"]
     assert summary["final"]["eval_accuracy"] == cloud[-1]["eval_accuracy"]
+
+
+def test_instruction_tuning_job_scores_responses_and_counts_truncation(tmp_path):
+    """tests/data/instruct.jsonl (Alpaca, prompt/response and chat records) through a real job: the
+    eval is a perplexity on responses, and the two records made to overflow 48 tokens are reported
+    (one long prompt, cut from the left; one long response, cut at its end)."""
+    cfg = {"model": {"source": "gpt2", "size": "tiny", "max_length": 48},
+           "data": {"source": "instruct", "path": "tests/data/instruct.jsonl", "eval_fraction": 0.25},
+           "train": {"lr": 0.05, "batch_size": 4}, "schedule": {"rounds": 3, "tau1": 3, "tau2": 1},
+           "runtime": {"progress": False}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "out"
+    proc = mpirun(7, "run", "--config", str(tmp_path / "run.yaml"), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    t = summary["truncated"]
+    assert t["train"]["records"] + t["eval"]["records"] == 16
+    assert t["train"]["prompt_truncated"] + t["eval"]["prompt_truncated"] == 1
+    assert t["train"]["response_truncated"] + t["eval"]["response_truncated"] == 1
+    cloud = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["tier"] == "cloud"]
+    for r in cloud:
+        assert r["eval_perplexity"] == pytest.approx(np.exp(r["eval_loss"])) and "eval_accuracy" not in r
+    assert summary["final"]["eval_loss"] < summary["initial"]["eval_loss"]
+    assert summary["groups"] is None
