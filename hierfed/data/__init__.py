@@ -1,5 +1,6 @@
 """Task data for federated fine-tuning: built-in tasks, JSONL and datasets-on-disk sources, the
-fortune-package workloads, instruction JSONL, and partitioners (iid, Dirichlet, natural, shelves). Pure: no MPI, torch or tokenisation here.
+fortune-package workloads, instruction JSONL, and partitioners (iid, Dirichlet, natural, shelves).
+Pure: no MPI, torch or tokenisation here.
 
     task = load_data(DataConfig(source="topics"))
     shards = partition(task.train, num_clients=8, scheme="dirichlet", alpha=0.3, seed=7)
@@ -15,13 +16,8 @@ from hierfed.data.schema import DataConfig, Example, TaskData
 from hierfed.data.tasks import corpus, topics
 
 __all__ = [
-    "SCHEMES",
-    "DataConfig",
-    "Example",
-    "TaskData",
-    "label_skew",
-    "load_data",
-    "partition",
+    "DataConfig", "Example", "TaskData", "SCHEMES",
+    "load_data", "partition", "label_skew",
 ]
 
 

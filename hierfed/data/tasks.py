@@ -152,10 +152,12 @@ def topics(cfg: DataConfig) -> TaskData:
 
 # ---- corpus: short lines with structure a tiny LM can learn ----------------------------------
 
-_NUMBERS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen", "twenty"]
-_DAYS = ["monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"]
-_MONTHS = ["january", "february", "march", "april", "may", "june", "july", "august", "september", "october", "november", "december"]
-_COLORS = ["red", "blue", "green", "yellow", "black", "white"]
+_NUMBERS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen "
+            "fourteen fifteen sixteen seventeen eighteen nineteen twenty").split()
+_DAYS = "monday tuesday wednesday thursday friday saturday sunday".split()
+_MONTHS = ("january february march april may june july august september october november "
+           "december").split()
+_COLORS = "red blue green yellow black white".split()
 _DETS = ["the", "a", "my", "our", "that"]
 _VERBS = ["liked", "saw", "found", "wanted", "watched", "remembered", "described"]
 _WHEN = ["today", "yesterday", "on monday", "in the morning", "at night", "last week"]

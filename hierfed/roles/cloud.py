@@ -14,15 +14,7 @@ import numpy as np
 from hierfed.comm.ledger import merge
 from hierfed.data import load_data
 from hierfed.model import FlatView, build_model
-from hierfed.roles.protocol import (
-    Plan,
-    aggregation_round,
-    codec_rng,
-    parent_link,
-    prefixed,
-    sampled_clients,
-    unprefixed,
-)
+from hierfed.roles.protocol import Plan, aggregation_round, codec_rng, parent_link, prefixed, sampled_clients, unprefixed
 from hierfed.runtime.checkpoint import Checkpoints, State
 from hierfed.runtime.results import RunLog
 from hierfed.sim.clock import Rates, round_times
