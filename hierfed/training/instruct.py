@@ -63,10 +63,8 @@ def encode(tokenizer, messages: Sequence[tuple[str, str]], max_length: int) -> t
     return ids, labels, cut
 
 
-def tokenize_conversations(tokenizer, examples: Sequence[Example], max_length: int):
-    """A Tokenized set of conversations, right-padded to the longest (at most max_length)."""
-    from hierfed.training.batches import Tokenized
-
+def tokenize_conversations(tokenizer, examples: Sequence[Example], max_length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input ids, attention mask, labels) of conversations, right-padded to the longest (at most max_length)."""
     encoded = [encode(tokenizer, e.messages, max_length) for e in examples]
     width = max(len(ids) for ids, _, _ in encoded)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -77,7 +75,7 @@ def tokenize_conversations(tokenizer, examples: Sequence[Example], max_length: i
         input_ids[i, : len(ids)] = torch.tensor(ids)
         mask[i, : len(ids)] = 1
         labels[i, : len(lab)] = torch.tensor(lab)
-    return Tokenized(input_ids, mask, labels)
+    return input_ids, mask, labels
 
 
 def truncation(tokenizer, examples: Sequence[Example], max_length: int) -> dict[str, int]:
