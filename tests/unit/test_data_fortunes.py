@@ -171,3 +171,18 @@ def test_shelves_on_the_category_task(category):
     assert all(len(h) == 1 for h in held) and {g for h in held for g in h} == set(category.groups)
     labels = [{category.train[i].label for i in p} for p in parts]
     assert all(len(x) == 2 for x in labels)  # each client holds its shelf's two categories
+
+
+@pytest.mark.parametrize("sets, expected", [
+    (["data.source=fortunes", "data.task=lm", "data.languages=[en,xx]", "model.source=gpt2"],
+     ("hierfed: error: data.source=fortunes: no fortune files for language 'xx' in /usr/share/games/fortunes/xx; "
+      "install it with: apt-get install fortunes-xx")),
+    (["data.source=fortunes", "data.path=/nonexistent-fortunes"],
+     "hierfed: error: data.source=fortunes: /nonexistent-fortunes does not exist; install it with: apt-get install fortunes fortunes-min"),
+])
+def test_hierfed_run_stops_before_launch_naming_the_package(sets, expected):
+    from conftest import hierfed
+
+    res = hierfed("run", *[a for s in sets for a in ("--set", s)], timeout=120)
+    assert res.returncode == 2 and "launching" not in res.stdout
+    assert [line for line in res.stderr.splitlines() if line.strip()] == [expected]
