@@ -118,6 +118,10 @@ def run(rt, cfg) -> None:
     if pending:
         finish(*pending)
 
+    if task.kind == "causal_lm":  # a few greedy generations from the final model (flat holds its parameters)
+        from hierfed.training.samples import write_samples
+
+        write_samples(built.model, built.tokenizer, task.eval, out / "samples.txt")
     truncated = {}  # instruction data: conversations that truncation shortened (hierfed.training.instruct)
     if task.kind == "causal_lm" and task.train[0].messages is not None:
         from hierfed.training.instruct import truncation

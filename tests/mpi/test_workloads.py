@@ -44,6 +44,7 @@ def test_fortunes_shelves_job_reports_every_group(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["groups"] == cloud[-1]["groups"]
     assert summary["final"]["eval_accuracy"] == cloud[-1]["eval_accuracy"]
+    assert not (out / "samples.txt").exists()  # classification: no generations
 
 
 def test_instruction_tuning_job_scores_responses_and_counts_truncation(tmp_path):
@@ -68,3 +69,5 @@ def test_instruction_tuning_job_scores_responses_and_counts_truncation(tmp_path)
         assert r["eval_perplexity"] == pytest.approx(np.exp(r["eval_loss"])) and "eval_accuracy" not in r
     assert summary["final"]["eval_loss"] < summary["initial"]["eval_loss"]
     assert summary["groups"] is None
+    samples = (out / "samples.txt").read_text()  # greedy generations from the final model
+    assert samples.count("### sample ") == 4 and samples.count("### Assistant:\nmodel:") == 4
