@@ -120,3 +120,17 @@ def test_sample_file_tokenises_and_scores_responses_only(tok):
     responses = [sum(x != -100 for x in encode(tok, e.messages, 48)[1]) for e in task.train]
     assert count.tolist() == responses  # the response tokens (and end token) only, never the prompt
     assert np.allclose(loss, count * np.log(vocab))
+
+
+def test_a_chat_template_that_hides_the_prompt_stops_hierfed_run(tmp_path, tok):
+    bad = copy.deepcopy(tok)  # renders only the last message: the prompt is no prefix of the conversation
+    bad.chat_template = "{{ messages[-1]['content'] }}{% if add_generation_prompt %} ->{% endif %}"
+    bad.save_pretrained(tmp_path / "tok")
+    from conftest import hierfed
+
+    res = hierfed("run", "--set", "model.source=gpt2", "--set", f"model.tokenizer={tmp_path / 'tok'}",
+                  "--set", "data.source=instruct", "--set", f"data.path={SAMPLE}", timeout=120)
+    assert res.returncode == 2 and "launching" not in res.stdout
+    assert [line for line in res.stderr.splitlines() if line.strip()] == [
+        ("hierfed: error: the tokenizer's chat template does not render the prompt as a prefix of the conversation, "
+         "so the response cannot be told apart; give model.tokenizer one that does")]
