@@ -71,3 +71,34 @@ def test_instruction_tuning_job_scores_responses_and_counts_truncation(tmp_path)
     assert summary["groups"] is None
     samples = (out / "samples.txt").read_text()  # greedy generations from the final model
     assert samples.count("### sample ") == 4 and samples.count("### Assistant:\nmodel:") == 4
+
+
+def test_multilingual_lm_job_reports_perplexity_per_language(tmp_path):
+    """Causal LM on three languages' fortunes, clients by language (4 clients, 3 languages: de has two):
+    a perplexity per language whose token-weighted mean is the overall eval loss, and samples per language."""
+    data = {"source": "fortunes", "task": "lm", "languages": ["en", "de", "zh"], "partition": "shelves", "eval_samples": 48}
+    cfg = {"model": {"source": "gpt2", "size": "tiny", "max_length": 32}, "data": data,
+           "train": {"lr": 0.01, "batch_size": 8}, "schedule": {"rounds": 1, "tau1": 2, "tau2": 1},
+           "runtime": {"progress": False}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "out"
+    proc = mpirun(7, "run", "--config", str(tmp_path / "run.yaml"), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from hierfed.config import ModelConfig
+    from hierfed.model import load_tokenizer
+    from hierfed.training import tokenize
+
+    task = load_data(DataConfig(**data))
+    tok = load_tokenizer(ModelConfig(source="gpt2"))
+    targets = {g: int((tokenize(tok, [e for e in task.eval if e.group == g], "causal_lm", 32).labels[:, 1:] != -100).sum())
+               for g in task.groups}  # next-token targets per language
+    cloud = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["tier"] == "cloud"]
+    for r in cloud:
+        groups = r["groups"]
+        assert list(groups) == ["en", "de", "zh"]
+        for m in groups.values():
+            assert m["eval_perplexity"] == pytest.approx(np.exp(m["eval_loss"]))
+        weighted = sum(groups[g]["eval_loss"] * targets[g] for g in groups) / sum(targets.values())
+        assert r["eval_loss"] == pytest.approx(weighted)
+    samples = (out / "samples.txt").read_text()
+    assert all(f"(group {g})" in samples for g in ("en", "de", "zh"))
