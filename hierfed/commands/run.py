@@ -71,6 +71,11 @@ def prepare(args: argparse.Namespace):
     if cfg.model.source == "path" and not Path(cfg.model.path).is_dir():
         raise HierfedError(f"model.path: {cfg.model.path} is not a directory")
     task = load_data(cfg.data)  # bad data paths and formats fail here, once, not on every rank mid-run
+    if task.train[0].messages is not None:  # instruction data: the tokenizer's chat template must split prompt/response
+        from hierfed.model import load_tokenizer
+        from hierfed.training.instruct import render
+
+        render(load_tokenizer(cfg.model), task.train[0].messages)
     check_edge_clients(placement, cfg, task)
     if any(d.split_layers is not None for d in placement.devices):
         from hierfed.placement.plan import split_plan

@@ -1,5 +1,6 @@
-"""Task data for federated fine-tuning: built-in tasks, JSONL and datasets-on-disk sources, and
-partitioners (iid, Dirichlet, natural). Pure: no MPI, torch or tokenisation here.
+"""Task data for federated fine-tuning: built-in tasks, JSONL and datasets-on-disk sources, the
+fortune-package workloads, instruction JSONL, and partitioners (iid, Dirichlet, natural, shelves).
+Pure: no MPI, torch or tokenisation here.
 
     task = load_data(DataConfig(source="topics"))
     shards = partition(task.train, num_clients=8, scheme="dirichlet", alpha=0.3, seed=7)
@@ -8,6 +9,8 @@ partitioners (iid, Dirichlet, natural). Pure: no MPI, torch or tokenisation here
 from __future__ import annotations
 
 from hierfed.data.files import load_files
+from hierfed.data.fortunes import fortunes
+from hierfed.data.instruct import instruct
 from hierfed.data.partition import SCHEMES, label_skew, partition
 from hierfed.data.schema import DataConfig, Example, TaskData
 from hierfed.data.tasks import corpus, topics
@@ -24,4 +27,8 @@ def load_data(cfg: DataConfig) -> TaskData:
         return topics(cfg)
     if cfg.source == "corpus":
         return corpus(cfg)
+    if cfg.source == "fortunes":
+        return fortunes(cfg)
+    if cfg.source == "instruct":
+        return instruct(cfg)
     return load_files(cfg)

@@ -1,4 +1,5 @@
-"""Split a task's train examples across federated clients: iid, Dirichlet label skew, natural.
+"""Split a task's train examples across federated clients: iid, Dirichlet label skew, natural
+(by Example.client), shelves (by Example.group, a group split over several clients when needed).
 
 Every scheme returns, per client, sorted int64 indices into the example sequence, and every client
 gets at least one example. All randomness comes from the `seed` argument.
@@ -13,7 +14,7 @@ import numpy as np
 from hierfed.data.schema import Example
 from hierfed.errors import HierfedError
 
-SCHEMES = ("iid", "dirichlet", "natural")
+SCHEMES = ("iid", "dirichlet", "natural", "shelves")
 _DIRICHLET_TRIES = 20  # resample draws that leave a client empty, then repair deterministically
 
 
@@ -41,8 +42,10 @@ def partition(examples: Sequence[Example], num_clients: int, scheme: str, *,
         if not alpha > 0:
             raise HierfedError(f"partition: dirichlet alpha must be > 0, got {alpha}")
         parts = _dirichlet(_labels(examples), num_clients, float(alpha), rng)
-    else:
+    elif scheme == "natural":
         parts = _natural(examples, num_clients)
+    else:
+        parts = _shelves(examples, num_clients, rng)
     return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
 
 
@@ -90,14 +93,48 @@ def _natural(examples: Sequence[Example], num_clients: int) -> list[list[int]]:
         )
     groups = sorted({e.client for e in examples})
     if len(groups) < num_clients:
+        hint = ("; data.partition=shelves splits a group over several clients"
+                if all(e.group is not None for e in examples) else "")
         raise HierfedError(
             f"natural partition: the data has {len(groups)} clients but the topology has "
-            f"{num_clients}"
+            f"{num_clients}{hint}"
         )
     slot = {g: i % num_clients for i, g in enumerate(groups)}
     parts: list[list[int]] = [[] for _ in range(num_clients)]
     for i, e in enumerate(examples):
         parts[slot[e.client]].append(i)
+    return parts
+
+
+def _shelves(examples: Sequence[Example], num_clients: int,
+             rng: np.random.Generator) -> list[list[int]]:
+    """Whole groups (Example.group: a category shelf, a language) per client. Sorted group g goes to
+    client g % num_clients when there are at least as many groups as clients; otherwise client c
+    serves group c % G, and each group's examples are shuffled (seeded) and cut into near-equal
+    parts for its clients, so every client still holds one group only."""
+    missing = sum(e.group is None for e in examples)
+    if missing:
+        raise HierfedError(
+            f"shelves partition needs a group on every example ({missing} of {len(examples)} have "
+            "none); data.source=fortunes gives them"
+        )
+    groups = sorted({e.group for e in examples})
+    members: dict[str, list[int]] = {g: [] for g in groups}
+    for i, e in enumerate(examples):
+        members[e.group].append(i)
+    parts: list[list[int]] = [[] for _ in range(num_clients)]
+    if len(groups) >= num_clients:
+        for gi, g in enumerate(groups):
+            parts[gi % num_clients].extend(members[g])
+        return parts
+    for gi, g in enumerate(groups):
+        clients = list(range(gi, num_clients, len(groups)))
+        if len(members[g]) < len(clients):
+            raise HierfedError(
+                f"shelves partition: group {g!r} has {len(members[g])} examples for {len(clients)} clients"
+            )
+        for c, chunk in zip(clients, np.array_split(rng.permutation(members[g]), len(clients))):
+            parts[c].extend(chunk.tolist())
     return parts
 
 

@@ -1,5 +1,5 @@
 """A sweep's report: results.csv (a row per finished point and cloud round), summary.md (a table per
-condition, over its seeds: final quality, worst group, time and bytes to the target) and the plots,
+condition, over its seeds: final quality, worst/mean/best group, time and bytes to the target) and the plots,
 from the points' own metrics.jsonl replayed through the simulated clock (hierfed.sim.clock).
 
 A condition is a point's labels without `seed`: the points of a `seed` axis are repeats of one
@@ -108,11 +108,14 @@ def _groups(rows: list[dict[str, Any]], metric: str) -> list[str]:
     return sorted({k.split(":")[1] for r in rows for k in r if k.startswith("group:") and k.endswith(suffix)})
 
 
-def _worst_group(row: dict[str, Any], metric: str) -> float | None:
+def _group_spread(row: dict[str, Any], metric: str) -> tuple[float, float, float] | None:
+    """(worst, mean, best) of `metric` over the row's groups; None without groups."""
     values = [v for k, v in row.items() if k.startswith("group:") and k.endswith(":" + metric) and v is not None]
     if not values:
         return None
-    return min(values) if higher_is_better(metric) else max(values)
+    lo, hi = min(values), max(values)
+    worst, best = (lo, hi) if higher_is_better(metric) else (hi, lo)
+    return worst, statistics.fmean(values), best
 
 
 def _by(rows: list[dict[str, Any]], key: str) -> dict[str, list[dict[str, Any]]]:
@@ -183,9 +186,9 @@ def _write_summary(sweep: Sweep, resolved: list[Resolved], conditions: dict[str,
     if target is not None:
         lines += [f"- target {short} for time-to-target: {target:.4g} ({how})"]
     worst = any(_groups(next(iter(pts.values())), metric) for pts in conditions.values())
-    head = f"| condition | seeds | {short} final |" + (f" worst group {short} |" if worst else "")
+    head = f"| condition | seeds | {short} final |" + (f" worst group {short} | mean group {short} | best group {short} |" if worst else "")
     head += " reached | rounds to target | sim s to target | cloud MB to target | sim s total | cloud MB total |"
-    lines += ["", head, "|---|---:|---|" + ("---|" if worst else "") + "---:|---|---|---|---|---|"]
+    lines += ["", head, "|---|---:|---|" + ("---|---|---|" if worst else "") + "---:|---|---|---|---|---|"]
     listed = set()
     for r in resolved:
         cond = ",".join(f"{k}={v}" for k, v in r.point.labels.items() if k != SEED_AXIS) or "base"
@@ -194,13 +197,14 @@ def _write_summary(sweep: Sweep, resolved: list[Resolved], conditions: dict[str,
         listed.add(cond)
         pts = conditions.get(cond)
         if not pts:
-            lines.append(f"| {cond} | 0 | not finished |" + (" |" if worst else "") + "  |  |  |  |  |  |")
+            lines.append(f"| {cond} | 0 | not finished |" + (" | | |" if worst else "") + "  |  |  |  |  |  |")
             continue
         finals = [rs[-1] for rs in pts.values()]
         hits = [h for h in (_hit(rs, metric, target) for rs in pts.values()) if h is not None]
         cells = [cond, str(len(pts)), str(Stat([f[metric] for f in finals if f.get(metric) is not None]))]
-        if worst:
-            cells.append(str(Stat([w for w in (_worst_group(f, metric) for f in finals) if w is not None])))
+        if worst:  # each seed's worst, mean and best group, then those over the seeds
+            spreads = [sp for sp in (_group_spread(f, metric) for f in finals) if sp is not None]
+            cells += [str(Stat([sp[i] for sp in spreads])) for i in range(3)]
         cells += [f"{len(hits)}/{len(pts)}",
                   str(Stat([h["round"] for h in hits])) if hits else "not reached",
                   str(Stat([h["sim_clock_s"] for h in hits])) if hits else "not reached",

@@ -63,6 +63,7 @@ def run(rt, cfg) -> None:
     flat = FlatView(built.model)
     evaluator = LocalTrainer(built.model, cfg.train)
     eval_data = tokenize(built.tokenizer, task.eval, task.kind, cfg.model.max_length)
+    eval_groups = np.array([task.groups.index(e.group) for e in task.eval]) if task.groups else None  # per-group eval
     strategy = wrap_strategy(build_strategy(cfg.aggregation.cloud), cfg, "cloud", rt.placement.flat, rt.role.rank)  # DP noise at the cloud
     _, accountant = budget(cfg, rt.placement)  # None without DP noise
     ckpts = Checkpoints(out / "checkpoints", cfg.checkpoint.keep)
@@ -89,7 +90,7 @@ def run(rt, cfg) -> None:
         last = row["round"] == cfg.schedule.rounds
         if row["round"] % cfg.schedule.eval_every == 0 or last:  # round 0 included: where learning starts
             flat.set(params)
-            row.update(evaluator.evaluate(eval_data, task.kind, cfg.schedule.eval_batch_size))
+            row.update(evaluator.evaluate(eval_data, task.kind, cfg.schedule.eval_batch_size, eval_groups, task.groups))
         if row["round"] > 0 and (last or row["round"] % cfg.checkpoint.every == 0):
             ckpts.save(State(row["round"], params, cloud_state, states), built.model, flat, meta)
         row["seconds"]["eval"] = time.perf_counter() - t0
@@ -122,7 +123,17 @@ def run(rt, cfg) -> None:
     if pending:
         finish(*pending)
 
+    if task.kind == "causal_lm":  # a few greedy generations from the final model (flat holds its parameters)
+        from hierfed.training.samples import write_samples
+
+        write_samples(built.model, built.tokenizer, task.eval, out / "samples.txt")
+    truncated = {}  # instruction data: conversations that truncation shortened (hierfed.training.instruct)
+    if task.kind == "causal_lm" and task.train[0].messages is not None:
+        from hierfed.training.instruct import truncation
+
+        truncated = {"truncated": {s: truncation(built.tokenizer, getattr(task, s), cfg.model.max_length) for s in ("train", "eval")}}
     rt.summary = log.summary({
+        **truncated,
         "topology": rt.placement.topology.name,
         "world_size": rt.placement.world_size,
         "clients": rt.placement.num_clients,

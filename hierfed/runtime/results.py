@@ -89,8 +89,10 @@ class RunLog:
         summary = {
             **info,
             "rounds": len(rounds),
-            "initial": {k: first.get(k) for k in ("eval_accuracy", "eval_loss")},
-            "final": {k: last.get(k) for k in ("eval_accuracy", "eval_loss", "loss")},
+            "initial": {k: first.get(k) for k in ("eval_accuracy", "eval_loss", "eval_perplexity")},
+            "final": {k: last.get(k) for k in ("eval_accuracy", "eval_loss", "eval_perplexity", "loss")},
+            # per-group eval of the last evaluated round (a category shelf, a language): None without groups
+            "groups": last.get("groups"),
             "bytes": totals,
             "bytes_uncompressed": uncompressed,
             "full_model_flat_fedavg": {"device-cloud": {"up": full, "down": full}},
@@ -108,9 +110,17 @@ class RunLog:
         t = Table(title=f"hierfed: {s['topology']} ({s['world_size']} ranks, {s['clients']} clients), {s['rounds']} cloud rounds")
         t.add_column("")
         t.add_column("value", justify="right")
-        for key in ("eval_accuracy", "eval_loss"):
+        for key in ("eval_accuracy", "eval_loss", "eval_perplexity"):
             if s["final"].get(key) is not None:
                 t.add_row(key.replace("_", " "), f"{s['initial'][key]:.4f} -> {s['final'][key]:.4f}")
+        if s.get("groups"):  # the spread over the workload's groups, on its main metric
+            key = "eval_accuracy" if s["final"].get("eval_accuracy") is not None else "eval_perplexity"
+            vals = {g: m[key] for g, m in s["groups"].items() if m.get(key) is not None}
+            if vals:
+                worst = (min if key == "eval_accuracy" else max)(vals, key=vals.__getitem__)
+                best = (max if key == "eval_accuracy" else min)(vals, key=vals.__getitem__)
+                t.add_row(f"{key.replace('_', ' ')} per group: worst / mean / best",
+                          f"{vals[worst]:.4f} ({worst}) / {sum(vals.values()) / len(vals):.4f} / {vals[best]:.4f} ({best})")
         for link, d in s["bytes"].items():
             t.add_row(f"{link} bytes up / down", f"{human_bytes(d['up'])} / {human_bytes(d['down'])}")
             raw = s["bytes_uncompressed"].get(link, d)

@@ -27,6 +27,10 @@ class Tokenized:
 
 
 def tokenize(tokenizer, examples: list[Example] | tuple[Example, ...], kind: str, max_length: int) -> Tokenized:
+    if kind == "causal_lm" and examples and examples[0].messages is not None:  # instruction tuning: loss on responses
+        from hierfed.training.instruct import tokenize_conversations
+
+        return Tokenized(*tokenize_conversations(tokenizer, examples, max_length))
     # Padded to the longest example of the set (at most max_length): short texts cost short steps.
     enc = tokenizer([e.text for e in examples], padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
     if kind == "classification":

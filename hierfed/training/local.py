@@ -12,6 +12,7 @@ import torch
 
 from hierfed.config import TrainConfig
 from hierfed.training.batches import Tokenized
+from hierfed.training.evaluate import evaluate
 
 
 def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -48,22 +49,11 @@ class LocalTrainer:
             total += float(loss.detach())
         return total / steps, steps * bs
 
-    @torch.no_grad()
-    def evaluate(self, data: Tokenized, kind: str, batch_size: int) -> dict[str, float]:
-        """Mean loss over the eval set, and accuracy for classification."""
-        self.model.eval()
-        loss_sum, correct, n = 0.0, 0, len(data)
-        for start in range(0, n, batch_size):
-            idx = np.arange(start, min(start + batch_size, n))
-            batch = data.batch(idx, self.device)
-            out = self.model(**batch)
-            loss_sum += float(out.loss) * len(idx)
-            if kind == "classification":
-                correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
-        metrics = {"eval_loss": loss_sum / n}
-        if kind == "classification":
-            metrics["eval_accuracy"] = correct / n
-        return metrics
+    def evaluate(self, data: Tokenized, kind: str, batch_size: int, groups: np.ndarray | None = None,
+                 names: tuple[str, ...] | None = None) -> dict:
+        """Eval loss, and accuracy (classification) or perplexity (causal LM); per group as well when
+        each example's group index and the group names are given (hierfed.training.evaluate)."""
+        return evaluate(self.model, data, kind, batch_size, self.device, groups, names)
 
 
 def optimizer_arrays(opt: torch.optim.Optimizer) -> dict[str, np.ndarray]:

@@ -148,8 +148,10 @@ def test_report_averages_seeds_and_reports_groups(tmp_path: Path) -> None:
     md = (s.out / "summary.md").read_text()
     row_a = next(line for line in md.splitlines() if line.startswith("| tau2=1 "))
     row_b = next(line for line in md.splitlines() if line.startswith("| tau2=2 "))
-    # final 0.8, 0.9 -> mean 0.85 ± 0.0707; worst group 0.7, 0.8; both seeds reach 0.75 (at rounds 2 and 2)
-    assert "| 2 | 0.850 ± 0.071 (0.800–0.900) | 0.750 ± 0.071 (0.700–0.800) | 2/2 | 2.000 ± 0.000 (2–2) |" in row_a
+    # final 0.8, 0.9 -> mean 0.85 ± 0.0707; worst group 0.7, 0.8; mean group 0.8, 0.9; best group 0.9, 1.0;
+    # both seeds reach 0.75 (at rounds 2 and 2)
+    assert ("| 2 | 0.850 ± 0.071 (0.800–0.900) | 0.750 ± 0.071 (0.700–0.800) | 0.850 ± 0.071 (0.800–0.900) "
+            "| 0.950 ± 0.071 (0.900–1.000) | 2/2 | 2.000 ± 0.000 (2–2) |") in row_a
     assert "| 0/2 | not reached | not reached | not reached |" in row_b
     s2 = sw.load_sweep(spec(tmp_path, name="seeds", grid={"schedule.tau2": [1, 2], "seed": [0, 1]}), out=str(tmp_path / "o"))
     sweep_report.report(s2, sw.plan(s2))
