@@ -60,7 +60,7 @@ def overrides(args: argparse.Namespace) -> list[str]:
 
 def prepare(args: argparse.Namespace):
     """Everything every rank checks identically before any message is sent: config, topology, data."""
-    from hierfed.cluster.preflight import check_edge_clients, check_resolved_split, check_supported
+    from hierfed.cluster.preflight import check_deadline, check_edge_clients, check_resolved_split, check_supported
     from hierfed.config import dump_config, load_config
     from hierfed.data import load_data
     from hierfed.topology import load_topology
@@ -72,6 +72,7 @@ def prepare(args: argparse.Namespace):
         raise HierfedError(f"model.path: {cfg.model.path} is not a directory")
     task = load_data(cfg.data)  # bad data paths and formats fail here, once, not on every rank mid-run
     check_edge_clients(placement, cfg, task)
+    check_deadline(placement, cfg, task)
     if any(d.split_layers is not None for d in placement.devices):
         from hierfed.placement.plan import split_plan
 

@@ -31,6 +31,7 @@ class Plan:
     base_hashes: dict[str, str]  # a hash of every frozen base weight, by name
     out: str  # the run directory (ranks with state to checkpoint write there)
     edge_states: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)  # edge strategy state on resume
+    step_flops: np.ndarray | None = None  # FLOPs of one local step per client, when the model clock decides (roles/hetero.py)
 
 
 def check_plan(plan: Plan, dim: int, fingerprint: str, base_hashes: dict[str, str], who: str, part: bool = False) -> None:
