@@ -112,6 +112,11 @@ class ScheduleConfig(_Section):
         return self
 
     @property
+    def timed(self) -> bool:
+        """Clients are scheduled from the model clock (deadlines, over-selection, FedBuff)."""
+        return self.straggler != "wait" or self.edge_mode == "fedbuff"
+
+    @property
     def sampling_fraction(self) -> float:
         """The fraction of clients sampled per cloud round: client_fraction x (1 + over_selection), at most 1."""
         return min(1.0, self.client_fraction * (1.0 + self.over_selection))
@@ -244,7 +249,7 @@ class RunConfig(_Section):
     @model_validator(mode="after")
     def _model_clock(self) -> RunConfig:
         s = self.schedule
-        if (s.straggler != "wait" or s.edge_mode == "fedbuff") and self.sim.compute != "model":
+        if s.timed and self.sim.compute != "model":
             raise ValueError(f"schedule.{'edge_mode=fedbuff' if s.edge_mode == 'fedbuff' else 'straggler=' + s.straggler} "
                              "decides from the model clock: it needs sim.compute: model")
         return self

@@ -70,10 +70,8 @@ def check_edge_clients(placement, cfg, task) -> None:
 def check_heterogeneity(placement, cfg) -> None:
     """What stragglers and asynchrony (schedule.straggler, edge_mode; docs/heterogeneity.md) cannot
     run with, and FedBuff's K against each edge's clients."""
-    from hierfed.roles.hetero import timing_policy
-
     s, src = cfg.schedule, placement.topology.source
-    if not timing_policy(cfg):
+    if not s.timed:
         return
     what = "schedule.edge_mode=fedbuff" if s.edge_mode == "fedbuff" else f"schedule.straggler={s.straggler}"
     if s.edge_mode == "fedbuff" and placement.flat:

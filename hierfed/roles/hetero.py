@@ -30,17 +30,11 @@ from hierfed.sim.clock import Rates
 from hierfed.sim.schedule import BufferRound, SyncRound, Timing, plan_fedbuff, plan_sync
 
 
-def timing_policy(cfg) -> bool:
-    """The run decides from the model clock (deadlines, over-selection, FedBuff): needs step costs."""
-    s = cfg.schedule
-    return s.straggler != "wait" or s.edge_mode == "fedbuff"
-
-
 def client_step_flops(cfg, task, model, tokenizer, num_clients: int) -> np.ndarray | None:
     """FLOPs of one local step of every client (index: client id), as its device prices it
     (hierfed.roles.work.StepCost on the client's tokenised shard; `model` may be a meta skeleton);
     None when no timing policy is on."""
-    if not timing_policy(cfg):
+    if not cfg.schedule.timed:
         return None
     from hierfed.data import partition
     from hierfed.training import tokenize
