@@ -293,3 +293,40 @@ def test_clock_takes_the_planned_span() -> None:
             {"round": 1, "tier": "cloud", "seconds": {"aggregate": 0}, "bytes": {}}]
     t = round_times(rows, p, Rates(reference_tflops=1.0), dim=0)[1]
     assert t.seconds == pytest.approx(9.5)
+
+
+# ------------------------------------------------------------------- refused before launch ---
+
+
+@pytest.mark.parametrize("topo, sets, words", [
+    ({"edges": [{"devices": [{"ranks": 2}]}]}, ["schedule.edge_mode=fedbuff", "schedule.buffer_k=3"],
+     "schedule.buffer_k=3 is larger than edge 'edge0's 2 clients"),
+    ({"devices": [{"ranks": 2}]}, ["schedule.edge_mode=fedbuff"], "a flat topology has none"),
+    ({"edges": [{"devices": [{"ranks": 1, "split_layers": 1}]}]}, ["schedule.straggler=drop", "schedule.deadline=1"],
+     "has split devices"),
+    ({"edges": [{"train_locally": True, "devices": [{"ranks": 1}]}]}, ["schedule.straggler=drop", "schedule.deadline=1"],
+     "has train_locally: true"),
+])
+def test_unsupported_heterogeneity_is_refused_in_one_line(topo: dict, sets: list[str], words: str) -> None:
+    from hierfed.cluster.preflight import check_supported
+
+    with pytest.raises(HierfedError) as e:
+        check_supported(parse_topology(topo, "t.yaml").placement(), load_config(None, sets))
+    assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_deadline_no_client_can_meet_is_refused_before_launch() -> None:
+    """Tiny GPT-2 on 4 clients at 1 GFLOP/s: a step takes tens of ms, the transfers ~1 ms; a 1 ms
+    deadline fits nothing, 10 s fits everything."""
+    from hierfed.cluster.preflight import check_deadline
+    from hierfed.data import load_data
+
+    topo = parse_topology({"edges": [{"devices": [{"ranks": 2, "clients": 2, "tflops": 0.001}]}]}, "t.yaml").placement()
+    base = ["model.source=gpt2", "model.max_length=16", "data.train_samples=200", "data.eval_samples=16"]
+    for policy in ("drop", "partial"):
+        cfg = load_config(None, base + [f"schedule.straggler={policy}", "schedule.deadline=0.001"])
+        with pytest.raises(HierfedError) as e:
+            check_deadline(topo, cfg, load_data(cfg.data))
+        assert "no client can meet it" in str(e.value) and "\n" not in str(e.value)
+    cfg = load_config(None, base + ["schedule.straggler=drop", "schedule.deadline=10"])
+    check_deadline(topo, cfg, load_data(cfg.data))  # no error
