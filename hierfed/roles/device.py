@@ -100,7 +100,7 @@ def run(rt, cfg) -> None:
                     contribute(c, job.key, delta, job.scale, loss, done)
                 else:
                     held[job.key] = (delta.copy(), loss, done)
-            for key, scale in schedule.due(t, s, mine, {j.key for j in jobs if j.now}):
+            for key, scale in schedule.due(t, s, mine, chosen, {j.key for j in jobs if j.now}):
                 contribute(key[0], key, held[key][0], scale, *held.pop(key)[1:])
             compute_s = time.perf_counter() - started
             weight = link.send()

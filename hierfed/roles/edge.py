@@ -52,7 +52,8 @@ def run(rt, cfg) -> None:
         for s in range(1, cfg.schedule.tau2 + 1):
             started = time.perf_counter()
             rng = codec_rng(cfg.seed, t, s, rt.role.rank, 1)
-            receivers = len(sampled - set(me.clients))  # the edge's own client gets no message
+            # the edge's own client gets no message, nor do clients that are unreachable (hierfed.sim.behaviour)
+            receivers = len(sampled - set(me.clients)) - schedule.unreachable(t, s, sampled)
             if trainer is None:
                 local, weight, telemetry, agg_s = aggregation_round(down, local, strategy, receivers=receivers, rng=rng)
             else:  # the edge trains while its devices do, and adds its own update to theirs

@@ -134,15 +134,25 @@ class ClientSchedule:
         return [Job(c, o.steps, derive_seed(seed, t, s, c), (c, 0), True, o.scale)
                 for c in mine if (o := plan.outcomes[c]).steps > 0]
 
-    def due(self, t: int, s: int, mine: list[int], trained_now: set[tuple[int, int]]) -> list[tuple[tuple[int, int], float]]:
+    def due(self, t: int, s: int, mine: list[int], sampled: set[int], trained_now: set[tuple[int, int]]) -> list[tuple[tuple[int, int], float]]:
         """Updates trained in earlier edge rounds that arrive in edge round s (FedBuff), with their
-        staleness weights."""
+        staleness weights (`trained_now`: those of this round's jobs, already contributed)."""
         if self.s.edge_mode != "fedbuff" or self.plain:
             return []
-        plan = self.fedbuff(t, set())  # cached by jobs() of this cloud round
+        plan = self.fedbuff(t, sampled)
         mine_set = set(mine)
         steps = plan.steps[s - 1] if s <= len(plan.steps) else []
         return [((a.client, a.attempt), a.weight) for a in steps if a.client in mine_set and (a.client, a.attempt) not in trained_now]
+
+    def unreachable(self, t: int, s: int, sampled: set[int]) -> int:
+        """Sampled clients of this schedule that cannot be reached in edge round s (the edge's
+        broadcast does not count them)."""
+        if self.plain:
+            return 0
+        if self.s.edge_mode == "fedbuff":
+            seed, b = self.cfg.seed, self.behaviour
+            return sum(not is_available(b[c], seed, t, 0, c) for c in sampled if c in b)
+        return self.sync(t, s, sampled).count("unavailable")
 
     def row(self, t: int, s: int, sampled: set[int]) -> dict[str, Any]:
         """The edge row's account of edge round s: sampled, available, dropped, late, ..."""

@@ -258,6 +258,15 @@ def test_schedule_prices_clients_by_class_and_link() -> None:
     assert sch.timing[3].step == pytest.approx(1.0)
 
 
+def test_flat_schedule_prices_the_device_cloud_link() -> None:
+    cfg = load_config(None, ["schedule.straggler=drop", "schedule.deadline=1"])
+    p = parse_topology({"links": {"device_cloud": {"bandwidth_mbps": 8, "latency_ms": 100}}, "devices": [{"ranks": 2, "tflops": 1.0}]},
+                       "t").placement()
+    sch = ClientSchedule(cfg, p, np.full(2, 1e11), None, dim=1_000_000)
+    assert sch.timing[1] == Timing(pytest.approx(0.1 + 4.0), pytest.approx(0.1), pytest.approx(0.1 + 4.000004))
+    assert sch.row(1, 1, {0, 1})["late"] == 2  # 8.7 s of work against a 1 s deadline
+
+
 def test_plain_schedule_is_todays_loop() -> None:
     """No behaviour, no policy: every sampled client of the rank trains tau1 steps with the seed
     (seed, round, edge round, client) and contributes at once, unscaled."""
@@ -268,7 +277,7 @@ def test_plain_schedule_is_todays_loop() -> None:
     sch = ClientSchedule(cfg, p, None, 0, 10)
     jobs = sch.jobs(2, 1, [0, 1], {0, 1}, 5)
     assert [(j.client, j.steps, j.seed, j.now, j.scale) for j in jobs] == [(c, 5, derive_seed(3, 2, 1, c), True, 1.0) for c in (0, 1)]
-    assert sch.row(2, 1, {0, 1}) == {} and sch.due(2, 1, [0, 1], set()) == []
+    assert sch.row(2, 1, {0, 1}) == {} and sch.due(2, 1, [0, 1], {0, 1}, set()) == []
 
 
 def test_fedbuff_jobs_with_k_all_match_synchronous_seeds() -> None:
