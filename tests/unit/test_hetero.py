@@ -339,3 +339,17 @@ def test_a_deadline_no_client_can_meet_is_refused_before_launch() -> None:
         assert "no client can meet it" in str(e.value) and "\n" not in str(e.value)
     cfg = load_config(None, base + ["schedule.straggler=drop", "schedule.deadline=10"])
     check_deadline(topo, cfg, load_data(cfg.data))  # no error
+
+
+def test_summary_totals_what_clients_did(tmp_path) -> None:
+    from hierfed.runtime.results import RunLog
+
+    log = RunLog(tmp_path, None, progress=False)
+    log.write({"round": 1, "edge_round": 1, "tier": "edge", "sampled": 6, "available": 5, "dropped": 1, "late": 2, "partial": 1})
+    log.write({"round": 1, "edge_round": 2, "tier": "edge", "sampled": 6, "available": 6, "dropped": 0, "late": 1, "partial": 0})
+    assert log._participation() == {"sampled": 12, "available": 11, "dropped": 1, "late": 3, "partial": 1}
+    buff = RunLog(tmp_path / "b", None, progress=False)
+    buff.write({"round": 1, "edge_round": 1, "tier": "edge", "arrivals": 2, "staleness": [0, 3]})
+    buff.write({"round": 1, "edge_round": 2, "tier": "edge", "arrivals": 2, "staleness": [1, 0], "dropped": 1, "discarded": 4})
+    assert buff._participation() == {"dropped": 1, "arrivals": 4, "discarded": 4, "staleness_mean": 1.0, "staleness_max": 3}
+    assert RunLog(tmp_path / "c", None, progress=False)._participation() == {}
