@@ -95,11 +95,12 @@ def check_deadline(placement, cfg, task) -> None:
     from hierfed.model import FlatView, load_tokenizer
     from hierfed.placement.memory import skeleton
     from hierfed.roles.hetero import ClientSchedule, client_step_flops
+    from hierfed.roles.protocol import local_steps
 
     model = skeleton(cfg, task.kind, task.num_labels)
     flops = client_step_flops(cfg, task, model, load_tokenizer(cfg.model), placement.num_clients)
     dim = FlatView(model).dim
-    need = 1 if s.straggler == "partial" else s.tau1
+    need = 1 if s.straggler == "partial" else local_steps(cfg, placement.flat)
     best = min(t.finish(need) for e in ([None] if placement.flat else range(len(placement.edges)))
                for t in ClientSchedule(cfg, placement, flops, e, dim).timing.values())
     if best > s.deadline:

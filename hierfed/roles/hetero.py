@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from hierfed.comm.codecs import parse_codec
+from hierfed.roles.protocol import local_steps
 from hierfed.roles.work import StepCost
 from hierfed.seeding import derive_seed
 from hierfed.sim.behaviour import drops_out, is_available
@@ -65,6 +66,7 @@ class ClientSchedule:
 
     def __init__(self, cfg, placement, step_flops: np.ndarray | None, edge: int | None, dim: int) -> None:
         self.cfg, self.s = cfg, cfg.schedule
+        self.tau1 = local_steps(cfg, placement.flat)  # a client's full work per edge round (flat: schedule.flat_local_steps)
         devices = placement.devices if edge is None else placement.edges[edge].devices
         self.behaviour = {c: d.behaviour for d in devices for c in d.clients}
         self.reliable = all(d.behaviour.reliable for d in devices)
@@ -100,7 +102,7 @@ class ClientSchedule:
             self._sync = {(t, s): plan_sync(
                 mine, self.timing or {c: Timing(0.0, 0.0, 0.0) for c in mine},
                 lambda c: is_available(b[c], seed, t, s, c), lambda c: drops_out(b[c], seed, t, s, c),
-                self.s.tau1, self.s.straggler, self.s.deadline, self.s.deadline_quantile, self.s.over_selection,
+                self.tau1, self.s.straggler, self.s.deadline, self.s.deadline_quantile, self.s.over_selection,
                 self.sizes, self.s.normalise == "fednova")}
         return self._sync[(t, s)]
 
@@ -111,7 +113,7 @@ class ClientSchedule:
             k = self.s.buffer_k or len(reachable)
             # attempt a of a client draws its dropout as edge round "a + 1" of the cloud round
             self._buf = {t: plan_fedbuff(reachable, self.timing, lambda c, a: drops_out(b[c], seed, t, a + 1, c),
-                                         self.s.tau1, k, self.s.tau2, self.s.staleness_exponent)}
+                                         self.tau1, k, self.s.tau2, self.s.staleness_exponent)}
         return self._buf[t]
 
     def jobs(self, t: int, s: int, mine: list[int], sampled: set[int], steps: int) -> list[Job]:
