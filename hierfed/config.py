@@ -87,6 +87,43 @@ class ScheduleConfig(_Section):
     # replacement; "poisson" = each client independently with probability client_fraction (what
     # DP accountants assume for their amplification by sampling; docs/privacy.md).
     sampling: Literal["fixed", "poisson"] = "fixed"
+    # Stragglers and asynchrony (docs/heterogeneity.md), decided from the simulated model clock:
+    # synchronous edge rounds cut off at a deadline (seconds, or the time the fastest quantile of
+    # the reachable clients arrive, or the first ceil(n/(1+o)) of an over-selected sample), late
+    # clients dropped or counted with the steps they finished; or FedBuff edges (buffer_k arrivals
+    # per edge update, staleness weight (1+s)^-staleness_exponent).
+    straggler: Literal["wait", "drop", "partial"] = "wait"
+    deadline: float | None = Field(None, gt=0, allow_inf_nan=False)  # simulated seconds per edge round
+    deadline_quantile: float | None = Field(None, gt=0, le=1)  # wait for the fastest fraction
+    over_selection: float = Field(0.0, ge=0, allow_inf_nan=False)  # sample (1+o) x the clients, keep the first 1/(1+o)
+    normalise: Literal["none", "fednova"] = "none"  # partial work: FedNova's tau_eff / tau_i scaling
+    edge_mode: Literal["sync", "fedbuff"] = "sync"
+    buffer_k: int | None = Field(None, ge=1)  # FedBuff: arrivals per edge update; None: the edge's reachable clients
+    staleness_exponent: float = Field(0.5, ge=0, allow_inf_nan=False)  # FedBuff: g(s) = (1+s)^-a
+
+    @model_validator(mode="after")
+    def _stragglers(self) -> ScheduleConfig:
+        cut = self.deadline is not None or self.deadline_quantile is not None or self.over_selection > 0
+        if self.edge_mode == "fedbuff" and (self.straggler != "wait" or cut):
+            raise ValueError("edge_mode=fedbuff has no deadline: straggler must be wait and deadline, deadline_quantile, "
+                             "over_selection unset")
+        if self.straggler == "wait" and cut and self.edge_mode == "sync":
+            raise ValueError("deadline, deadline_quantile and over_selection need straggler: drop or partial (wait has no cut-off)")
+        if self.straggler != "wait" and not cut:
+            raise ValueError(f"straggler={self.straggler} needs a cut-off: deadline, deadline_quantile or over_selection")
+        if self.buffer_k is not None and self.edge_mode != "fedbuff":
+            raise ValueError("buffer_k applies to edge_mode=fedbuff")
+        return self
+
+    @property
+    def timed(self) -> bool:
+        """Clients are scheduled from the model clock (deadlines, over-selection, FedBuff)."""
+        return self.straggler != "wait" or self.edge_mode == "fedbuff"
+
+    @property
+    def sampling_fraction(self) -> float:
+        """The fraction of clients sampled per cloud round: client_fraction x (1 + over_selection), at most 1."""
+        return min(1.0, self.client_fraction * (1.0 + self.over_selection))
 
 
 class AggregatorConfig(_Section):
@@ -253,6 +290,14 @@ class RunConfig(_Section):
     sim: SimConfig = SimConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+
+    @model_validator(mode="after")
+    def _model_clock(self) -> RunConfig:
+        s = self.schedule
+        if s.timed and self.sim.compute != "model":
+            raise ValueError(f"schedule.{'edge_mode=fedbuff' if s.edge_mode == 'fedbuff' else 'straggler=' + s.straggler} "
+                             "decides from the model clock: it needs sim.compute: model")
+        return self
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

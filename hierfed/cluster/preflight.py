@@ -35,6 +35,7 @@ def check_supported(placement, cfg) -> None:
             raise HierfedError(f"{src}: device {d.name} has split_layers, but a flat topology has no edge to hold the other blocks")
         if len(d.clients) > 1:
             raise HierfedError(f"{src}: device {d.name} has split_layers and {len(d.clients)} virtual clients; a split device is one client")
+    check_heterogeneity(placement, cfg)
     check_edges(placement, cfg)
     check_privacy(placement, cfg)
 
@@ -66,3 +67,44 @@ def check_edge_clients(placement, cfg, task) -> None:
         if n < len(e.ranks):
             raise HierfedError(f"{placement.topology.source}: edge '{e.name}' trains client {e.clients[0]} on {len(e.ranks)} ranks, "
                                f"but the client has {n} example{'s' * (n != 1)} (each rank needs one per batch)")
+
+
+def check_heterogeneity(placement, cfg) -> None:
+    """What stragglers and asynchrony (schedule.straggler, edge_mode; docs/heterogeneity.md) cannot
+    run with, and FedBuff's K against each edge's clients."""
+    s, src = cfg.schedule, placement.topology.source
+    if not s.timed:
+        return
+    what = "schedule.edge_mode=fedbuff" if s.edge_mode == "fedbuff" else f"schedule.straggler={s.straggler}"
+    if s.edge_mode == "fedbuff" and placement.flat:
+        raise HierfedError(f"{src}: {what} runs at edges; a flat topology has none (use straggler: drop or partial)")
+    for e in placement.edges:
+        if e.split_devices or e.clients:
+            kind = "split devices" if e.split_devices else "train_locally: true"
+            raise HierfedError(f"{src}: edge '{e.name}' has {kind}; {what} is not supported with them in this version")
+        n = len(e.all_clients)
+        if s.buffer_k is not None and s.buffer_k > n:
+            raise HierfedError(f"{src}: schedule.buffer_k={s.buffer_k} is larger than edge '{e.name}'s {n} clients: its buffer would never fill")
+
+
+def check_deadline(placement, cfg, task) -> None:
+    """A fixed schedule.deadline that no client can meet (every update would always be discarded):
+    each client's download + one local step (partial; tau1 steps for drop) + upload on the model
+    clock, from its FLOPs per step (the clients' tokenised shards on the model's meta skeleton)."""
+    s = cfg.schedule
+    if s.deadline is None or s.straggler == "wait":
+        return
+    from hierfed.model import FlatView, load_tokenizer
+    from hierfed.placement.memory import skeleton
+    from hierfed.roles.hetero import ClientSchedule, client_step_flops
+    from hierfed.roles.protocol import local_steps
+
+    model = skeleton(cfg, task.kind, task.num_labels)
+    flops = client_step_flops(cfg, task, model, load_tokenizer(cfg.model), placement.num_clients)
+    dim = FlatView(model).dim
+    need = 1 if s.straggler == "partial" else local_steps(cfg, placement.flat)
+    best = min(t.finish(need) for e in ([None] if placement.flat else range(len(placement.edges)))
+               for t in ClientSchedule(cfg, placement, flops, e, dim).timing.values())
+    if best > s.deadline:
+        raise HierfedError(f"schedule.deadline={s.deadline:g} s: no client can meet it (the fastest needs {best:.3g} s on the model "
+                           f"clock for {need} local step{'s' * (need > 1)} and its transfers); every update would be discarded")

@@ -60,7 +60,7 @@ def overrides(args: argparse.Namespace) -> list[str]:
 
 def prepare(args: argparse.Namespace):
     """Everything every rank checks identically before any message is sent: config, topology, data."""
-    from hierfed.cluster.preflight import check_edge_clients, check_resolved_split, check_supported
+    from hierfed.cluster.preflight import check_deadline, check_edge_clients, check_resolved_split, check_supported
     from hierfed.config import dump_config, load_config
     from hierfed.data import load_data
     from hierfed.topology import load_topology
@@ -77,6 +77,7 @@ def prepare(args: argparse.Namespace):
 
         render(load_tokenizer(cfg.model), task.train[0].messages)
     check_edge_clients(placement, cfg, task)
+    check_deadline(placement, cfg, task)
     if any(d.split_layers is not None for d in placement.devices):
         from hierfed.placement.plan import split_plan
 

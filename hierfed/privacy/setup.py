@@ -73,6 +73,10 @@ def check_privacy(placement, cfg) -> None:
                                "so privacy.clip needs an edge without train_locally")
     if any(d.split_layers is not None for d in placement.devices):
         raise HierfedError(f"{src}: privacy.clip with split devices is not supported (the edge trains part of their update, unclipped)")
+    if p.noisy and (cfg.schedule.timed or cfg.schedule.over_selection > 0 or not all(d.behaviour.reliable for d in placement.devices)):
+        # the noise is scaled to the sampled clients; dropped, late or stale updates change who is summed
+        raise HierfedError(f"{src}: privacy.noise_multiplier > 0 with unreliable devices (availability, dropout), a straggler "
+                           "policy, over-selection or FedBuff edges is not supported: the accountant assumes every sampled client contributes")
     tier = noise_tier(cfg, placement.flat)
     if p.noisy and not placement.flat and p.noise_at != "cloud":
         if not STRATEGIES[cfg.aggregation.edge.name].reducible:

@@ -15,7 +15,8 @@ from hierfed.comm.ledger import merge
 from hierfed.data import load_data
 from hierfed.model import FlatView, build_model
 from hierfed.privacy import budget, wrap_strategy
-from hierfed.roles.protocol import Plan, aggregation_round, codec_rng, parent_link, prefixed, sampled_clients, unprefixed
+from hierfed.roles.hetero import ClientSchedule, client_step_flops
+from hierfed.roles.protocol import Plan, aggregation_round, codec_rng, parent_link, prefixed, round_clients, unprefixed
 from hierfed.runtime.checkpoint import Checkpoints, State
 from hierfed.runtime.results import RunLog
 from hierfed.sim.clock import Rates, round_times
@@ -77,7 +78,9 @@ def run(rt, cfg) -> None:
         start, params, edge_states = 1, flat.get().astype(np.float64), {}  # float64 master copy
     log = RunLog(out, start - 1 if rt.resume else None, cfg.runtime.progress)
     (out / "config.yaml").write_text(rt.config_text)
-    rt.down.bcast_obj(Plan(start, flat.dim, flat.fingerprint(), flat.base_hashes(), str(out), edge_states))
+    step_flops = client_step_flops(cfg, task, built.model, built.tokenizer, rt.placement.num_clients)  # None unless the model clock decides (roles/hetero.py)
+    rt.down.bcast_obj(Plan(start, flat.dim, flat.fingerprint(), flat.base_hashes(), str(out), edge_states, step_flops))
+    schedule = ClientSchedule(cfg, rt.placement, step_flops, None, flat.dim) if rt.placement.flat else None
     link = parent_link(rt.down, cfg, rt.placement.flat, "cloud", flat.dim)
     if rt.resume:
         link.load_state_dict(unprefixed("link", state.cloud_state))
@@ -107,7 +110,7 @@ def run(rt, cfg) -> None:
         started = time.perf_counter()
         job = pending
         # Flat: the broadcast stands for one copy per sampled client; hierarchical: one per edge.
-        receivers = len(sampled_clients(rt.placement.num_clients, cfg.schedule.client_fraction, cfg.seed, t, cfg.schedule.sampling)) if rt.placement.flat else None
+        receivers = len(round_clients(cfg, rt.placement.num_clients, t)) if rt.placement.flat else None
         # Updates params in place: by then finish(*job) has evaluated and saved the last round's model.
         params, _weight, telemetry, agg_s = aggregation_round(
             link, params, strategy, receivers, codec_rng(cfg.seed, t, 0, rt.role.rank, 1), while_children_work=(lambda: finish(*job)) if job else None
@@ -115,6 +118,8 @@ def run(rt, cfg) -> None:
         row, raw = _round_row(t, telemetry, rt.placement.flat, agg_s, log, receivers)
         if accountant is not None:
             row["epsilon"] = accountant.epsilon(t)  # at privacy.delta, after this round
+        if schedule is not None:  # flat: what the clients did (sampled, available, dropped, late, ...)
+            row.update(schedule.row(t, 1, round_clients(cfg, rt.placement.num_clients, t)))
         raw = merge([raw, rt.ledger.take_round()])  # the cloud's own sends this round
         row["seconds"]["round"] = time.perf_counter() - started
         states = {} if rt.placement.flat else {e: d["strategy_state"] for e, d in enumerate(telemetry) if d["strategy_state"]}

@@ -17,10 +17,10 @@ import numpy as np
 from hierfed.data import load_data, partition
 from hierfed.model import FlatView, build_model
 from hierfed.privacy import wrap_child
-from hierfed.roles.protocol import check_plan, child_link, codec_rng, local_steps, sampled_clients
+from hierfed.roles.hetero import ClientSchedule
+from hierfed.roles.protocol import check_plan, child_link, codec_rng, local_steps, round_clients
 from hierfed.roles.work import StepCost, share_of_uplink
 from hierfed.runtime.checkpoint import RankState
-from hierfed.seeding import derive_seed
 from hierfed.training import LocalTrainer, configure_threads, tokenize, torch_device
 
 
@@ -70,31 +70,47 @@ def run(rt, cfg) -> None:
     cost = StepCost(built.model, cfg, layout_model if k is not None else None)
     params = np.empty(plan.dim, dtype=np.float32)
     delta = np.zeros(plan.dim, dtype=np.float32)
+    # which clients train how many steps and contribute what (availability, dropout, deadlines, FedBuff)
+    schedule = ClientSchedule(cfg, rt.placement, plan.step_flops, spec.edge, plan.dim)
+    schedule.set_sizes({c: float(len(shards[c])) for c in schedule.behaviour})
     for t in range(plan.start_round, cfg.schedule.rounds + 1):
-        chosen = set(sampled_clients(rt.placement.num_clients, cfg.schedule.client_fraction, cfg.seed, t, cfg.schedule.sampling).tolist())
+        chosen = round_clients(cfg, rt.placement.num_clients, t)
         mine = [c for c in spec.clients if c in chosen]
+        held: dict[tuple[int, int], tuple] = {}  # FedBuff: updates trained earlier that arrive later
         for s in range(1, edge_rounds + 1):
             link.receive(params)
             own = params if mine_idx is None else params[mine_idx]  # the part of the model this rank holds
             loss_sum, started, work = 0.0, time.perf_counter(), []
-            for c in mine:
-                began = time.perf_counter()
-                flat.set(own)
-                loss, _ = trainer.train(data[c], steps, derive_seed(cfg.seed, t, s, c))
+
+            def contribute(c: int, key: tuple[int, int], delta: np.ndarray, scale: float, loss: float, done: dict) -> None:
+                nonlocal loss_sum
                 weight = len(data[c])  # FedAvg weights a client by its local data size
+                link.add(c, weight, delta if scale == 1.0 else delta * np.float32(scale), codec_rng(cfg.seed, t, s, *key[: 1 + bool(key[1])]))
+                loss_sum += loss * weight
+                work.append(done)
+
+            jobs = schedule.jobs(t, s, mine, chosen, steps)
+            for job in jobs:
+                c, began = job.client, time.perf_counter()
+                flat.set(own)
+                loss, _ = trainer.train(data[c], job.steps, job.seed)
                 if mine_idx is None:
                     delta = flat.get() - own
                 else:
                     delta[mine_idx] = flat.get() - own
-                link.add(c, weight, delta, codec_rng(cfg.seed, t, s, c))
-                loss_sum += loss * weight
-                work.append(cost.work(c, data[c], steps, time.perf_counter() - began))
+                done = cost.work(c, data[c], job.steps, time.perf_counter() - began)
+                if job.now:
+                    contribute(c, job.key, delta, job.scale, loss, done)
+                else:
+                    held[job.key] = (delta.copy(), loss, done)
+            for key, scale in schedule.due(t, s, mine, chosen, {j.key for j in jobs if j.now}):
+                contribute(key[0], key, held[key][0], scale, *held.pop(key)[1:])
             compute_s = time.perf_counter() - started
             weight = link.send()
             phases = trainer.phases.take() if k is not None else {}  # split devices: time per phase of the cut
             sent = rt.ledger.take_round()
             share_of_uplink(work, sent)
-            rt.up.gather_obj({"loss_sum": loss_sum, "weight": weight, "clients": len(mine), "compute_s": compute_s, "phases": phases,
+            rt.up.gather_obj({"loss_sum": loss_sum, "weight": weight, "clients": len(work), "compute_s": compute_s, "phases": phases,
                               "bytes": sent, "work": work})
         if link.feedback is not None and (t % cfg.checkpoint.every == 0 or t == cfg.schedule.rounds):
             saved.save(t, link.state_dict())
@@ -103,7 +119,7 @@ def run(rt, cfg) -> None:
 def _agg_size(placement, spec, cfg, t: int) -> int:
     """The sampled clients whose updates are summed with this device's in cloud round t: its edge's
     (all of them when flat) — what a client's share of distributed DP noise is divided by."""
-    chosen = sampled_clients(placement.num_clients, cfg.schedule.client_fraction, cfg.seed, t, cfg.schedule.sampling)
+    chosen = round_clients(cfg, placement.num_clients, t)
     if spec.edge is None:
         return len(chosen)
-    return len(placement.edges[spec.edge].all_clients.intersection(chosen.tolist()))
+    return len(placement.edges[spec.edge].all_clients.intersection(chosen))

@@ -14,7 +14,8 @@ from hierfed.comm.channel import bcast_object, wait
 from hierfed.comm.ledger import merge
 from hierfed.placement.dsconfig import use_deepspeed
 from hierfed.privacy import wrap_parent, wrap_strategy
-from hierfed.roles.protocol import aggregation_round, child_link, codec_rng, parent_link, prefixed, sampled_clients, unprefixed
+from hierfed.roles.hetero import ClientSchedule
+from hierfed.roles.protocol import aggregation_round, child_link, codec_rng, parent_link, prefixed, round_clients, unprefixed
 from hierfed.runtime.checkpoint import RankState
 from hierfed.strategy import build_strategy
 
@@ -41,17 +42,19 @@ def run(rt, cfg) -> None:
     my_clients = me.all_clients
     trainer = edge_trainer(rt, cfg, plan, unprefixed("split", resumed_state), ks)  # None: the edge only aggregates
 
+    schedule = ClientSchedule(cfg, rt.placement, plan.step_flops, rt.role.edge, plan.dim)  # what its clients do (roles/hetero.py)
     params = np.empty(plan.dim, dtype=np.float32)
     local = np.empty(plan.dim, dtype=np.float64)  # the edge's master copy; aggregation_round updates it in place
     for t in range(plan.start_round, cfg.schedule.rounds + 1):
         up.receive(params)
         np.copyto(local, params)
-        sampled = my_clients.intersection(sampled_clients(rt.placement.num_clients, cfg.schedule.client_fraction, cfg.seed, t, cfg.schedule.sampling).tolist())
+        sampled = my_clients.intersection(round_clients(cfg, rt.placement.num_clients, t))
         weight_sum, rows = 0.0, []
         for s in range(1, cfg.schedule.tau2 + 1):
             started = time.perf_counter()
             rng = codec_rng(cfg.seed, t, s, rt.role.rank, 1)
-            receivers = len(sampled - set(me.clients))  # the edge's own client gets no message
+            # the edge's own client gets no message, nor do clients that are unreachable (hierfed.sim.behaviour)
+            receivers = len(sampled - set(me.clients)) - schedule.unreachable(t, s, sampled)
             if trainer is None:
                 local, weight, telemetry, agg_s = aggregation_round(down, local, strategy, receivers=receivers, rng=rng)
             else:  # the edge trains while its devices do, and adds its own update to theirs
@@ -74,6 +77,7 @@ def run(rt, cfg) -> None:
                 "bytes": merge([d["bytes"] for d in telemetry] + [rt.ledger.take_round()]),
                 "seconds": {"wall": time.perf_counter() - started, "compute": max(d["compute_s"] for d in telemetry), "aggregate": agg_s,
                             **(trainer.row_seconds(telemetry) if trainer else {})},
+                **schedule.row(t, s, sampled),  # sampled, available, dropped, late, ...; span_s for the simulated clock
             })
         # Up to the cloud: the edge's whole change this cloud round, weighted by the samples behind it.
         if weight_sum > 0:
@@ -146,7 +150,7 @@ def run_follower(rt, cfg) -> None:
     trainer = edge_trainer(rt, cfg, plan, unprefixed("split", resumed), ks)
     clients = rt.placement.edges[rt.role.edge].all_clients
     for t in range(plan.start_round, cfg.schedule.rounds + 1):
-        sampled = clients.intersection(sampled_clients(rt.placement.num_clients, cfg.schedule.client_fraction, cfg.seed, t, cfg.schedule.sampling).tolist())
+        sampled = clients.intersection(round_clients(cfg, rt.placement.num_clients, t))
         for s in range(1, cfg.schedule.tau2 + 1):
             trainer.round(None, t, s, sampled)
         if t % cfg.checkpoint.every == 0 or t == cfg.schedule.rounds:

@@ -31,6 +31,7 @@ class Plan:
     base_hashes: dict[str, str]  # a hash of every frozen base weight, by name
     out: str  # the run directory (ranks with state to checkpoint write there)
     edge_states: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)  # edge strategy state on resume
+    step_flops: np.ndarray | None = None  # FLOPs of one local step per client, when the model clock decides (roles/hetero.py)
 
 
 def check_plan(plan: Plan, dim: int, fingerprint: str, base_hashes: dict[str, str], who: str, part: bool = False) -> None:
@@ -60,6 +61,13 @@ def sampled_clients(num_clients: int, fraction: float, seed: int, round_: int, s
         return np.flatnonzero(rng.random(num_clients) < fraction)
     k = max(1, int(round(fraction * num_clients)))
     return np.sort(rng.choice(num_clients, size=k, replace=False))
+
+
+def round_clients(cfg, num_clients: int, round_: int) -> set[int]:
+    """The clients sampled for cloud round `round_` under cfg.schedule: client_fraction (raised by
+    over_selection), drawn fixed-size or Poisson (schedule.sampling)."""
+    s = cfg.schedule
+    return set(sampled_clients(num_clients, s.sampling_fraction, cfg.seed, round_, s.sampling).tolist())
 
 
 def local_steps(cfg, flat: bool) -> int:

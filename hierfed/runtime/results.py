@@ -101,10 +101,25 @@ class RunLog:
             "seconds": secs,
             "sim_seconds": last.get("sim_clock_s"),  # the simulated clock at the end (hierfed.sim.clock)
         }
+        participation = self._participation()
+        if participation:
+            summary["participation"] = participation
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         if self.console:
             self._print_summary(summary)
         return summary
+
+    def _participation(self) -> dict[str, Any]:
+        """Totals of what unreliable clients did (docs/heterogeneity.md), over the rows that say it
+        (edge rows; a flat topology's cloud rows): sampled, available, dropped, late, partial;
+        FedBuff: arrivals, discarded and the mean and largest staleness. Empty when no row says."""
+        rows = [r for r in self.rows if r.get("round", 0) > 0 and ("sampled" in r or "arrivals" in r)]
+        out: dict[str, Any] = {k: sum(r.get(k) or 0 for r in rows) for k in
+                               ("sampled", "available", "dropped", "late", "partial", "arrivals", "discarded") if any(k in r for r in rows)}
+        stale = [x for r in rows for x in r.get("staleness") or ()]
+        if stale:
+            out.update(staleness_mean=sum(stale) / len(stale), staleness_max=max(stale))
+        return out
 
     def _print_summary(self, s: dict[str, Any]) -> None:
         t = Table(title=f"hierfed: {s['topology']} ({s['world_size']} ranks, {s['clients']} clients), {s['rounds']} cloud rounds")

@@ -14,7 +14,9 @@ model (docs/launch.md, "Simulated clock"):
         down_c    = its link carrying one copy of the edge's broadcast (the edge row's downlink
                     bytes over the clients that received it)
         up_c      = its link carrying its share of its device rank's uplink bytes
-    edge round (edge e):  the slowest client of the round + e's aggregation
+    edge round (edge e):  the slowest client of the round + e's aggregation; a row with `span_s`
+                          (deadlines, FedBuff: hierfed.sim.schedule) takes that span instead
+                          of its slowest client: waiting for a deadline or for K arrivals
     cloud round:          max over edges e of [cloud->e + Σ e's edge rounds + e->cloud] + the cloud's aggregation
         cloud<->e         = e's edge-cloud link carrying the round's edge-cloud bytes / edges taking part
     flat cloud round:     the slowest client (over the device-cloud links) + the cloud's aggregation
@@ -99,8 +101,9 @@ class _Clock:
         """(time, compute, communication) of the slowest client of one aggregation step."""
         work = row.get("work")
         up, down = _bytes(row, link_name)
+        span = row.get("span_s")  # planned from the model clock (hierfed.sim.schedule): waiting for a deadline included
         if not work:
-            return 0.0, 0.0, 0.0
+            return (float(span), 0.0, 0.0) if span else (0.0, 0.0, 0.0)
         receivers = max(1, int(row.get("receivers") or len(work)))
         best = (0.0, 0.0, 0.0)
         for w in work:
@@ -115,6 +118,8 @@ class _Clock:
             total = down_s + compute + up_s
             if total > best[0]:
                 best = (total, compute, down_s + up_s)
+        if span is not None:
+            return float(span), best[1], best[2]
         return best
 
     def _compute(self, w: dict[str, Any], d: DeviceSpec | None, edge_tflops: float | None) -> float:

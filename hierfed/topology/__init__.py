@@ -10,6 +10,7 @@ from hierfed.topology.placement import (
     DEFAULT_LINKS,
     DEFAULT_MEMORY_GB,
     DEFAULT_SPEED,
+    Behaviour,
     DeviceGroup,
     DeviceSpec,
     EdgeGroup,
@@ -23,6 +24,6 @@ from hierfed.topology.schema import DEFAULT_DIR, EMBEDDED_DEFAULT, load_topology
 
 __all__ = [
     "DEFAULT_DIR", "DEFAULT_LINKS", "DEFAULT_MEMORY_GB", "DEFAULT_SPEED", "EMBEDDED_DEFAULT",
-    "DeviceGroup", "DeviceSpec", "EdgeGroup", "EdgeSpec", "LinkModel", "Placement", "Role", "Topology",
+    "Behaviour", "DeviceGroup", "DeviceSpec", "EdgeGroup", "EdgeSpec", "LinkModel", "Placement", "Role", "Topology",
     "load_topology", "parse_topology",
 ]

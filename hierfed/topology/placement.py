@@ -48,6 +48,24 @@ DEFAULT_LINKS = {
 
 
 @dataclass(frozen=True)
+class Behaviour:
+    """How reliable a device is (hierfed.sim.behaviour draws from it): the probability of being
+    reachable in an edge round it is sampled for, of vanishing mid-round after starting, and an
+    optional periodic (diurnal) pattern scaling the availability with the cloud round t:
+    availability x (1 - amplitude (1 - cos 2pi(t / period - phase)) / 2)."""
+
+    availability: float = 1.0
+    dropout: float = 0.0
+    period: float | None = None  # cloud rounds; None: no pattern
+    amplitude: float = 0.0
+    phase: float = 0.0
+
+    @property
+    def reliable(self) -> bool:
+        return self.availability == 1.0 and self.dropout == 0.0 and (self.period is None or self.amplitude == 0.0)
+
+
+@dataclass(frozen=True)
 class DeviceGroup:
     """A validated device group: `ranks` identical ranks, each simulating `clients` clients."""
 
@@ -59,6 +77,7 @@ class DeviceGroup:
     split_layers: int | str | None  # None = whole model ("all" is normalised to None)
     link: LinkModel
     tflops: float | None = None  # compute rate for the simulated clock; None: speed x sim.reference_tflops
+    behaviour: Behaviour = Behaviour()  # availability, dropout (hierfed.sim.behaviour)
 
 
 @dataclass(frozen=True)
@@ -91,6 +110,7 @@ class DeviceSpec:
     split_layers: int | str | None
     link: LinkModel  # link to its parent (edge, or cloud when flat)
     tflops: float | None = None  # compute rate (simulated clock); None: speed x sim.reference_tflops
+    behaviour: Behaviour = Behaviour()  # availability, dropout (hierfed.sim.behaviour)
 
 
 @dataclass(frozen=True)
@@ -212,7 +232,7 @@ class Placement:
                 for _ in range(g.ranks):
                     ids = range(next_client, next_client + g.clients)
                     out.append(DeviceSpec(next_rank, edge, len(out), f"{prefix}d{len(out)}", ids,
-                                          g.memory_gb, g.speed, g.device_class, g.split_layers, g.link, g.tflops))
+                                          g.memory_gb, g.speed, g.device_class, g.split_layers, g.link, g.tflops, g.behaviour))
                     next_rank, next_client = next_rank + 1, next_client + g.clients
             return out
 

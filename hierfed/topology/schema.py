@@ -17,6 +17,7 @@ from pydantic import ConfigDict, Field, ValidationError, field_validator
 from hierfed.errors import HierfedError
 from hierfed.topology.placement import (
     DEFAULT_LINKS,
+    Behaviour,
     DEFAULT_MEMORY_GB,
     DEFAULT_SPEED,
     DeviceGroup,
@@ -56,10 +57,22 @@ class _Links(_Strict):
     device_cloud: _Link = _Link()
 
 
+class _Diurnal(_Strict):
+    """A periodic availability pattern: availability x (1 - amplitude (1 - cos 2pi(t/period - phase))/2)."""
+
+    period: float = Field(gt=0, allow_inf_nan=False)  # in cloud rounds
+    amplitude: float = Field(default=1.0, ge=0, le=1, allow_inf_nan=False)  # 1: unavailable at the trough
+    phase: float = Field(default=0.0, ge=0, le=1, allow_inf_nan=False)  # fraction of a period at which it peaks
+
+
 class _DeviceClass(_Strict):
     memory_gb: Optional[float] = _positive()
     speed: Optional[float] = _positive()  # relative to the reference device (sim.reference_tflops)
     tflops: Optional[float] = _positive()  # absolute sustained training rate; wins over speed
+    # behaviour (hierfed.sim.behaviour, docs/heterogeneity.md): probabilities in [0, 1]
+    availability: Optional[float] = Field(default=None, ge=0, le=1, allow_inf_nan=False)  # reachable when sampled
+    dropout: Optional[float] = Field(default=None, ge=0, le=1, allow_inf_nan=False)  # vanishes mid-round after starting
+    diurnal: Optional[_Diurnal] = None  # availability varying with the cloud round
 
 
 class _Group(_DeviceClass):
@@ -133,8 +146,12 @@ def parse_topology(data: Any, source: str) -> Topology:
         memory = next(v for v in (g.memory_gb, cls.memory_gb, DEFAULT_MEMORY_GB) if v is not None)
         speed = next(v for v in (g.speed, cls.speed, DEFAULT_SPEED) if v is not None)
         tflops = next((v for v in (g.tflops, cls.tflops) if v is not None), None)
+        availability = next(v for v in (g.availability, cls.availability, 1.0) if v is not None)
+        dropout = next(v for v in (g.dropout, cls.dropout, 0.0) if v is not None)
+        diurnal = next((v for v in (g.diurnal, cls.diurnal) if v is not None), None)
+        behaviour = Behaviour(availability, dropout, *((diurnal.period, diurnal.amplitude, diurnal.phase) if diurnal else (None, 0.0, 0.0)))
         return DeviceGroup(g.ranks, g.clients, g.device_class, memory, speed, g.split_layers,
-                           link(g.link, tier), tflops)
+                           link(g.link, tier), tflops, behaviour)
 
     edges: list[EdgeGroup] = []
     seen: set[str] = set()

@@ -190,6 +190,9 @@ def test_poisson_sampling_draws_each_client_with_probability_q():
     ({"privacy.clip": 1.0, "privacy.noise_multiplier": 1.0, "compression.device_up": "int8"}, "default", "device_up"),
     ({"privacy.clip": 1.0}, "edge-clients", "train_locally"),
     ({"privacy.target_epsilon": 1.0}, "default", "needs privacy.noise_multiplier"),
+    ({"privacy.clip": 1.0, "privacy.noise_multiplier": 1.0, "schedule.straggler": "drop", "schedule.over_selection": 0.5},
+     "default", "unreliable devices"),
+    ({"privacy.clip": 1.0, "privacy.noise_multiplier": 1.0}, "hetero-phones", "unreliable devices"),
 ])
 def test_impossible_combinations_are_refused_in_one_line(sets, topology, message):
     with pytest.raises(HierfedError, match=message) as e:

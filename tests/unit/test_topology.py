@@ -232,7 +232,7 @@ def hier(**group: object) -> dict:
     ({"fanout": 3, "devices": [{}]}, "t.yaml: top level: unknown field 'fanout' "
      "(allowed: name, description, links, device_classes, edges, devices)"),
     (hier(colour="red"), "t.yaml: edges[1].devices[0]: unknown field 'colour' "
-     "(allowed: memory_gb, speed, tflops, ranks, clients, class, split_layers, link)"),
+     "(allowed: memory_gb, speed, tflops, availability, dropout, diurnal, ranks, clients, class, split_layers, link)"),
     ({"links": {"edge_cloud": {"bandwith_mbps": 5}}, "devices": [{}]},
      "t.yaml: links.edge_cloud: unknown field 'bandwith_mbps' (allowed: bandwidth_mbps, latency_ms)"),
     ({"edges": [{"devices": [{}]}], "devices": [{}]}, "t.yaml: edges/devices: give exactly one of 'edges' "
@@ -264,7 +264,7 @@ def hier(**group: object) -> dict:
     ({"edges": [{"devices": [{"ranks": 2.5, "clients": 0}]}]},
      "t.yaml: edges[0].devices[0].ranks: must be an integer (got 2.5) (and 1 more problem)"),
     ({"device_classes": {"tiny": {"colour": 1}}, "devices": [{}]},
-     "t.yaml: device_classes.tiny: unknown field 'colour' (allowed: memory_gb, speed, tflops)"),
+     "t.yaml: device_classes.tiny: unknown field 'colour' (allowed: memory_gb, speed, tflops, availability, dropout, diurnal)"),
     ({"device_classes": {"phone": {"memory_gb": 4}}, "devices": [{"class": "tablet"}]},
      "t.yaml: devices[0].class: unknown device class 'tablet' (known: phone)"),
     (hier(**{"class": "laptop"}),
