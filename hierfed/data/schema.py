@@ -27,7 +27,7 @@ class DataConfig(KnownFields):
     eval_samples: int = pydantic.Field(400, gt=0)  # built-in tasks only
     partition: Literal["iid", "dirichlet", "natural"] = "iid"
     alpha: float = pydantic.Field(0.5, gt=0.0)  # Dirichlet concentration
-    seed: int = 1234  # the task's own seed: the data does not change with the run seed
+    seed: int = pydantic.Field(1234, ge=0)  # the task's own seed: the data does not change with the run seed
 
     @pydantic.model_validator(mode="after")
     def _path_matches_source(self) -> DataConfig:

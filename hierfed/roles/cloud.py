@@ -106,7 +106,7 @@ def run(rt, cfg) -> None:
         receivers = len(sampled_clients(rt.placement.num_clients, cfg.schedule.client_fraction, cfg.seed, t)) if rt.placement.flat else None
         # Updates params in place: by then finish(*job) has evaluated and saved the last round's model.
         params, _weight, telemetry, agg_s = aggregation_round(
-            link, params, strategy, receivers, codec_rng(cfg.seed, t, 0, rt.role.rank, 1), while_children_work=(lambda: finish(*job)) if job else None
+            link, params, strategy, receivers, codec_rng(cfg.seed, t, 0, rt.role.rank, 1), while_children_work=(lambda job=job: finish(*job)) if job else None
         )
         row, raw = _round_row(t, telemetry, rt.placement.flat, agg_s, log, receivers)
         raw = merge([raw, rt.ledger.take_round()])  # the cloud's own sends this round
