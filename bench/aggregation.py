@@ -43,8 +43,8 @@ from hierfed.comm.channel import wait
 from hierfed.comm.codecs import parse_codec
 from hierfed.comm.links import Child, Parent
 from hierfed.errors import HierfedError
-from hierfed.runtime.world import build_runtime
 from hierfed.runtime.failure import guarded, report_once
+from hierfed.runtime.world import build_runtime
 from hierfed.strategy import FedAvg, Strategy
 from hierfed.topology import load_topology
 

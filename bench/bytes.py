@@ -41,6 +41,7 @@ import platform
 import shutil
 import sys
 from pathlib import Path
+
 from common import fmt_bytes, git_state, read_run, run_hierfed
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -138,7 +139,8 @@ def table(results: list[dict]) -> str:
     base = next((r for r in results if r["name"] == "full-flat"), None)
     hier = next((r for r in results if r["name"] == "lora-hier"), None)
     lines = [
-        "| configuration | cloud link | cloud up+down / round | cloud up / round | edge link up+down / round | edge up / round | final acc | Δacc vs (3) | cloud bytes vs (1) |",
+        "| configuration | cloud link | cloud up+down / round | cloud up / round | edge link up+down / round | edge up / round"
+        " | final acc | Δacc vs (3) | cloud bytes vs (1) |",
         "|---|---|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in results:

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rich import filesize
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -28,13 +30,8 @@ def git_state() -> str:
 
 
 def fmt_bytes(n: float | None) -> str:
-    """Decimal units with 3 significant digits ('5.1 GB', '340 MB'); '—' for None."""
-    if n is None:
-        return "—"
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.3g} {unit}" if abs(n) / scale < 100 else f"{n / scale:.0f} {unit}"
-    return f"{n:.0f} B"
+    """Decimal units with 2 decimals ('5.10 GB', '340.00 MB'; rich's file sizes); '—' for None."""
+    return "—" if n is None else filesize.decimal(int(n), precision=2)
 
 
 @dataclass

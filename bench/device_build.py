@@ -7,7 +7,8 @@ from disk against loading the whole model and pruning it.
 
 Saves a Llama-shaped model (float32, MiniLM's tokenizer) to a temporary directory once, then in a
 fresh process each (so peaks do not mix) builds the device's model as the device role does,
-`build_model(..., blocks=k)`, and the whole model loaded and then pruned (`prune_for_device`). Prints the peak resident memory of each process (ru_maxrss), what the
+`build_model(..., blocks=k)`, and the whole model loaded and then pruned (`prune_for_device`). Prints the peak resident
+memory of each process (VmHWM, see high_water), what the
 pruned model holds, the build time, and the ratios to the whole-model build. Linux only (VmHWM).
 """
 
@@ -26,8 +27,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def high_water() -> int:
-    """This process's peak resident memory (VmHWM; unlike ru_maxrss it does not carry the parent's
-    peak across fork + exec)."""
+    """This process's peak resident memory (VmHWM). Not resource.getrusage's ru_maxrss (which
+    hierfed's ranks use): the children here are started by a Python parent that holds a whole model,
+    and ru_maxrss keeps the pre-exec process's peak across fork (or vfork) + exec."""
     line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM:"))
     return int(line.split()[1]) * 1024
 
@@ -68,8 +70,8 @@ def main() -> None:
     import torch
 
     from hierfed.config import ModelConfig
-    from hierfed.model.build import _base_model
     from hierfed.model import load_tokenizer
+    from hierfed.model.build import _base_model
 
     conf = ModelConfig(source="llama", config_overrides={"num_hidden_layers": args.layers, "hidden_size": args.hidden,
                                                          "intermediate_size": int(2.75 * args.hidden), "num_attention_heads": args.hidden // 64,

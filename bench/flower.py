@@ -76,6 +76,7 @@ import time
 from pathlib import Path
 
 import psutil
+
 from common import ROOT, git_state
 
 RESULTS = ROOT / "bench" / "results"

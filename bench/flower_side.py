@@ -61,9 +61,9 @@ from flwr.serverapp.strategy import FedAvg  # noqa: E402
 
 from hierfed.config import RunConfig, load_config  # noqa: E402
 from hierfed.data import load_data, partition  # noqa: E402
-from hierfed.training import LocalTrainer, configure_threads, tokenize
-from hierfed.seeding import derive_seed  # noqa: E402
 from hierfed.model import FlatView, build_model  # noqa: E402
+from hierfed.seeding import derive_seed  # noqa: E402
+from hierfed.training import LocalTrainer, configure_threads, tokenize  # noqa: E402
 
 IMPORTS_DONE = time.time()
 

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+
 from common import read_run, run_hierfed
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,7 +51,8 @@ def run_config(args) -> dict:
         "data": {"source": "jsonl", "path": str(args.out / "data.jsonl"), "eval_fraction": 0.05},
         "train": {"lr": 1e-4, "batch_size": args.batch},
         "schedule": {"rounds": 1, "tau1": args.steps, "tau2": 3, "eval_batch_size": 4},
-        "split": {"micro_batches": 4, "activation_codec": "bf16" if args.device != "cpu" else "fp32", "gradient_codec": "bf16" if args.device != "cpu" else "fp32"},
+        "split": {"micro_batches": 4, "activation_codec": "bf16" if args.device != "cpu" else "fp32",
+                  "gradient_codec": "bf16" if args.device != "cpu" else "fp32"},
         "deepspeed": {"enabled": True, "zero_stage": 2},  # split(): enabled per run
         "runtime": {"device": args.device, "progress": False},
         "checkpoint": {"keep": 1},
@@ -90,9 +92,9 @@ def in_process(args, cfg: dict, runs: list[tuple[str, int]]) -> dict:
     import torch
 
     from hierfed.config import RunConfig
-    from hierfed.training import make_optimizer
     from hierfed.model import build_model
     from hierfed.model.cut import DeviceStage, EdgeStage
+    from hierfed.training import make_optimizer
 
     rc = RunConfig.model_validate(cfg)
     device = torch.device("cuda" if args.device != "cpu" else "cpu")

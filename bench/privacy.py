@@ -24,7 +24,6 @@ import time
 import numpy as np
 
 from common import git_state
-
 from hierfed.privacy.ring import FixedPoint
 from hierfed.privacy.secagg import Client, Server
 

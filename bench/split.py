@@ -78,6 +78,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 from common import fmt_bytes, git_state, read_run, run_hierfed
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -263,10 +264,10 @@ def measure_device(cfg, k: int | None, data, kind: str) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     from hierfed.comm.ledger import Ledger
-    from hierfed.training import LocalTrainer
     from hierfed.model import build_model
     from hierfed.model.cut import prune_for_device
     from hierfed.placement.link import SplitClient
+    from hierfed.training import LocalTrainer
 
     built = build_model(cfg.model, cfg.peft, kind, None, cfg.seed)
     model = built.model
@@ -314,9 +315,9 @@ def memory_part(ks: list[int], packed: bool, threads: int) -> dict:
 
     from hierfed.config import RunConfig
     from hierfed.data import load_data
-    from hierfed.training import configure_threads, tokenize
-    from hierfed.placement.memory import estimate, link_bytes
     from hierfed.model import load_tokenizer
+    from hierfed.placement.memory import estimate, link_bytes
+    from hierfed.training import configure_threads, tokenize
 
     configure_threads(threads)
     torch.manual_seed(0)
@@ -477,9 +478,9 @@ def stage_costs(ks: list[int], repeats: int = 5) -> dict:
 
     from hierfed.config import RunConfig
     from hierfed.data import load_data
-    from hierfed.training import configure_threads, tokenize
     from hierfed.model import build_model
     from hierfed.model.cut import split_model
+    from hierfed.training import configure_threads, tokenize
 
     configure_threads(1)
     cfg = RunConfig.model_validate(run_config(1, 1))

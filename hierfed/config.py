@@ -275,7 +275,7 @@ class CheckpointConfig(_Section):
 
 class RunConfig(_Section):
     topology: str = "default"
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**63)  # every random choice derives from it (hierfed/seeding.py)
     out: str | None = None  # default: runs/<topology>-<timestamp>
     model: ModelConfig = ModelConfig()
     peft: PeftConfig = PeftConfig()

@@ -15,7 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -49,7 +49,7 @@ def find_mpiexec() -> str:
     raise HierfedError("no mpiexec found: install the 'mpich' wheel (pip install mpich) or load your site MPI")
 
 
-@lru_cache(maxsize=None)
+@cache
 def mpi_flavor(mpiexec: str) -> str:
     """'openmpi', 'mpich' or 'unknown', from `mpiexec --version`."""
     try:

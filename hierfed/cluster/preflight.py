@@ -6,8 +6,8 @@ the run config it is given, so a job that cannot run fails in one line, not on a
 
 from __future__ import annotations
 
-from hierfed.placement.dsconfig import check_edges
 from hierfed.errors import HierfedError
+from hierfed.placement.dsconfig import check_edges
 from hierfed.privacy import check_privacy
 
 

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 
-
 def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "launch", help="run a job on a cluster: mpiexec with a host map, or srun inside Slurm",

@@ -51,7 +51,8 @@ def parse_run_args(argv: list[str]) -> argparse.Namespace:
 def overrides(args: argparse.Namespace) -> list[str]:
     """--set items, then the shortcut flags (JSON-quoted: a path like 'runs/x #1' stays a string)."""
     out = list(args.overrides)
-    for flag, key in (("rounds", "schedule.rounds"), ("tau1", "schedule.tau1"), ("tau2", "schedule.tau2"), ("seed", "seed"), ("out", "out"), ("topology", "topology")):
+    flags = (("rounds", "schedule.rounds"), ("tau1", "schedule.tau1"), ("tau2", "schedule.tau2"), ("seed", "seed"), ("out", "out"), ("topology", "topology"))
+    for flag, key in flags:
         value = getattr(args, flag)
         if value is not None:
             out.append(f"{key}={json.dumps(value)}")

@@ -41,8 +41,8 @@ def add_parser(subparsers: Any) -> None:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from hierfed.experiments.sweep import load_sweep, plan, run_point, status
     from hierfed.experiments.report import report
+    from hierfed.experiments.sweep import load_sweep, plan, run_point, status
 
     if not args.spec and not args.axis:
         raise HierfedError("sweep: give a spec file or at least one --axis KEY=V1,V2")

@@ -39,8 +39,8 @@ def add_parser(subparsers: Any) -> None:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from hierfed.config import load_config
     from hierfed.cluster.preflight import check_resolved_split, check_supported
+    from hierfed.config import load_config
 
     placement = load_topology(args.file).placement()
     cfg = load_config(args.config)

@@ -36,7 +36,7 @@ class DataConfig(KnownFields):
     max_chars: int = pydantic.Field(400, ge=20)  # records longer than this (after cleaning) are skipped
     partition: Literal["iid", "dirichlet", "natural", "shelves"] = "iid"
     alpha: float = pydantic.Field(0.5, gt=0.0)  # Dirichlet concentration
-    seed: int = 1234  # the task's own seed: the data does not change with the run seed
+    seed: int = pydantic.Field(1234, ge=0)  # the task's own seed: the data does not change with the run seed
 
     @pydantic.model_validator(mode="after")
     def _path_matches_source(self) -> DataConfig:

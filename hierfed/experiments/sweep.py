@@ -39,6 +39,7 @@ import yaml
 
 from hierfed.errors import HierfedError
 
+
 @dataclass(frozen=True)
 class Axis:
     key: str  # a run-config key ("schedule.tau1"), or a name for a named axis ("codec")

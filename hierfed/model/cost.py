@@ -34,7 +34,7 @@ def _attention(model: torch.nn.Module) -> tuple[int, int]:
             layers += 1
     if conf is None or layers == 0:
         return layers, 0
-    heads = getattr(conf, "num_attention_heads", None) or getattr(conf, "n_head")
+    heads = getattr(conf, "num_attention_heads", None) or conf.n_head
     head_dim = getattr(conf, "head_dim", None) or conf.hidden_size // heads
     return layers, heads * head_dim
 

@@ -24,15 +24,15 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from hierfed.training import Tokenized, load_optimizer_arrays, make_optimizer, optimizer_arrays
-from hierfed.seeding import derive_seed
-from hierfed.model.cut import DeviceStage, EdgeStage
 
 from hierfed.comm.channel import wait, wait_all, wait_any
 from hierfed.comm.codecs import Codec, parse_codec
 from hierfed.comm.ledger import Ledger
 from hierfed.errors import HierfedError
 from hierfed.model import FlatView
+from hierfed.model.cut import DeviceStage, EdgeStage
+from hierfed.seeding import derive_seed
+from hierfed.training import Tokenized, load_optimizer_arrays, make_optimizer, optimizer_arrays
 
 TAG_ACT, TAG_META, TAG_GRAD, TAG_LOSS = 11, 12, 13, 14
 LINK = "device-edge"

@@ -19,11 +19,12 @@ from dataclasses import dataclass
 import torch
 import transformers
 from peft import get_peft_model
+from rich import filesize
 
 from hierfed.config import RunConfig
 from hierfed.errors import HierfedError
-from hierfed.model.build import _base_model
 from hierfed.model import load_tokenizer, minilm_path, peft_config
+from hierfed.model.build import _base_model
 
 GB = 1e9
 # bytes per value on the device-edge link, by codec; int8 also sends one float32 scale per row (token)
@@ -301,8 +302,5 @@ def _model(cfg: RunConfig) -> str:
 
 
 def human(n: float) -> str:
-    """Bytes in decimal units with 2-3 significant digits: '5.1 GB', '340 MB', '12 kB'."""
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.3g} {unit}"
-    return f"{int(n)} B"
+    """Bytes in decimal units, 1 decimal: '5.1 GB', '340.0 MB', '12.0 kB' (rich's file sizes)."""
+    return filesize.decimal(int(n), precision=1)

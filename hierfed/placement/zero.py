@@ -29,13 +29,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from hierfed.placement.dsconfig import local_config, split_config
-from hierfed.seeding import derive_seed
-from hierfed.training import local_rank
-from hierfed.placement.link import Phases, SplitServer
 from mpi4py import MPI
 
 from hierfed.errors import HierfedError
+from hierfed.placement.dsconfig import local_config, split_config
+from hierfed.placement.link import Phases, SplitServer
+from hierfed.seeding import derive_seed
+from hierfed.training import local_rank
 
 DS_SUBDIR = "deepspeed"
 

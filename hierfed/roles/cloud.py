@@ -113,7 +113,7 @@ def run(rt, cfg) -> None:
         receivers = len(round_clients(cfg, rt.placement.num_clients, t)) if rt.placement.flat else None
         # Updates params in place: by then finish(*job) has evaluated and saved the last round's model.
         params, _weight, telemetry, agg_s = aggregation_round(
-            link, params, strategy, receivers, codec_rng(cfg.seed, t, 0, rt.role.rank, 1), while_children_work=(lambda: finish(*job)) if job else None
+            link, params, strategy, receivers, codec_rng(cfg.seed, t, 0, rt.role.rank, 1), while_children_work=(lambda job=job: finish(*job)) if job else None
         )
         row, raw = _round_row(t, telemetry, rt.placement.flat, agg_s, log, receivers)
         if accountant is not None:

@@ -82,7 +82,8 @@ def run(rt, cfg) -> None:
             own = params if mine_idx is None else params[mine_idx]  # the part of the model this rank holds
             loss_sum, started, work = 0.0, time.perf_counter(), []
 
-            def contribute(c: int, key: tuple[int, int], delta: np.ndarray, scale: float, loss: float, done: dict) -> None:
+            def contribute(c: int, key: tuple[int, int], delta: np.ndarray, scale: float, loss: float, done: dict,
+                           t: int = t, s: int = s, work: list = work) -> None:
                 nonlocal loss_sum
                 weight = len(data[c])  # FedAvg weights a client by its local data size
                 link.add(c, weight, delta if scale == 1.0 else delta * np.float32(scale), codec_rng(cfg.seed, t, s, *key[: 1 + bool(key[1])]))

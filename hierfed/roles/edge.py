@@ -61,7 +61,7 @@ def run(rt, cfg) -> None:
                 start = local.astype(np.float32)
                 local, weight, telemetry, agg_s = aggregation_round(
                     down, local, strategy, receivers=receivers, rng=rng,
-                    while_children_work=lambda: trainer.round(start, t, s, sampled), add_own=trainer.add_own,
+                    while_children_work=lambda start=start, t=t, s=s, sampled=sampled: trainer.round(start, t, s, sampled), add_own=trainer.add_own,
                 )
                 telemetry = telemetry + trainer.telemetry()
             weight_sum += weight

@@ -9,8 +9,9 @@ One aggregation round between a parent and its children, the same at every tier:
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 

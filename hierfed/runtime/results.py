@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from rich import filesize
 from rich.console import Console
 from rich.table import Table
 
@@ -24,11 +25,8 @@ def _sum_links(rows: list[dict[str, Any]], key: str) -> dict[str, dict[str, int]
 
 
 def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return f"{n:.2f} GB"
+    """Decimal units, 2 decimals: '18.53 kB', '6.06 MB' (rich's file sizes)."""
+    return filesize.decimal(int(n), precision=2)
 
 
 class RunLog:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import resource
 import sys
 from pathlib import Path
 
@@ -15,13 +16,13 @@ from hierfed.topology import Role
 
 
 def peak_memory() -> tuple[int, int]:
-    """(host, gpu) peak bytes of this process so far: its resident-set high-water mark (VmHWM;
-    -1 where /proc does not exist) and torch's peak CUDA allocation (-1 when it used no GPU)."""
-    try:
-        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM:"))
-        host = int(line.split()[1]) * 1024
-    except (OSError, StopIteration):
-        host = -1
+    """(host, gpu) peak bytes of this process so far: its resident-set high-water mark (getrusage's
+    ru_maxrss: KiB on Linux, bytes on macOS) and torch's peak CUDA allocation (-1 when it used no GPU).
+
+    ru_maxrss also covers what the process was before its exec (the launcher's small proxy), never
+    less than this process's own peak."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    host = rss if sys.platform == "darwin" else rss * 1024
     torch = sys.modules.get("torch")  # never imported just to ask (an edge that only aggregates has not)
     used = torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized()
     # the GPU this rank used need not be the current one: the largest peak over the GPUs it sees

@@ -160,5 +160,5 @@ class Strategy(ABC):
     def state_dict(self) -> dict[str, np.ndarray]:
         return {}
 
-    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:  # noqa: B027 (stateless rules need not override)
         pass

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
 import yaml
 from pydantic import ConfigDict, Field, ValidationError, field_validator
@@ -17,9 +17,9 @@ from pydantic import ConfigDict, Field, ValidationError, field_validator
 from hierfed.errors import HierfedError
 from hierfed.topology.placement import (
     DEFAULT_LINKS,
-    Behaviour,
     DEFAULT_MEMORY_GB,
     DEFAULT_SPEED,
+    Behaviour,
     DeviceGroup,
     EdgeGroup,
     LinkModel,
@@ -47,8 +47,8 @@ def _positive() -> Any:
 
 
 class _Link(_Strict):
-    bandwidth_mbps: Optional[float] = _positive()
-    latency_ms: Optional[float] = Field(default=None, ge=0, allow_inf_nan=False)
+    bandwidth_mbps: float | None = _positive()
+    latency_ms: float | None = Field(default=None, ge=0, allow_inf_nan=False)
 
 
 class _Links(_Strict):
@@ -66,20 +66,20 @@ class _Diurnal(_Strict):
 
 
 class _DeviceClass(_Strict):
-    memory_gb: Optional[float] = _positive()
-    speed: Optional[float] = _positive()  # relative to the reference device (sim.reference_tflops)
-    tflops: Optional[float] = _positive()  # absolute sustained training rate; wins over speed
+    memory_gb: float | None = _positive()
+    speed: float | None = _positive()  # relative to the reference device (sim.reference_tflops)
+    tflops: float | None = _positive()  # absolute sustained training rate; wins over speed
     # behaviour (hierfed.sim.behaviour, docs/heterogeneity.md): probabilities in [0, 1]
-    availability: Optional[float] = Field(default=None, ge=0, le=1, allow_inf_nan=False)  # reachable when sampled
-    dropout: Optional[float] = Field(default=None, ge=0, le=1, allow_inf_nan=False)  # vanishes mid-round after starting
-    diurnal: Optional[_Diurnal] = None  # availability varying with the cloud round
+    availability: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)  # reachable when sampled
+    dropout: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)  # vanishes mid-round after starting
+    diurnal: _Diurnal | None = None  # availability varying with the cloud round
 
 
 class _Group(_DeviceClass):
     ranks: int = Field(default=1, ge=1)
     clients: int = Field(default=1, ge=1)
-    device_class: Optional[str] = Field(default=None, alias="class")
-    split_layers: Union[int, str, None] = None
+    device_class: str | None = Field(default=None, alias="class")
+    split_layers: int | str | None = None
     link: _Link = _Link()
 
     @field_validator("split_layers", mode="before")
@@ -92,22 +92,22 @@ class _Group(_DeviceClass):
 
 
 class _Edge(_Strict):
-    name: Optional[str] = None
+    name: str | None = None
     ranks: int = Field(default=1, ge=1)
-    memory_gb: Optional[float] = _positive()  # of each edge rank (its GPU): checked by `topology plan`
-    tflops: Optional[float] = _positive()  # the edge's compute rate for the simulated clock
+    memory_gb: float | None = _positive()  # of each edge rank (its GPU): checked by `topology plan`
+    tflops: float | None = _positive()  # the edge's compute rate for the simulated clock
     link: _Link = _Link()
     devices: list[_Group] = Field(min_length=1)
     train_locally: bool = False
 
 
 class _File(_Strict):
-    name: Optional[str] = None
+    name: str | None = None
     description: str = ""
     links: _Links = _Links()
     device_classes: dict[str, _DeviceClass] = {}
-    edges: Optional[list[_Edge]] = Field(default=None, min_length=1)
-    devices: Optional[list[_Group]] = Field(default=None, min_length=1)
+    edges: list[_Edge] | None = Field(default=None, min_length=1)
+    devices: list[_Group] | None = Field(default=None, min_length=1)
 
 
 # ------------------------------------------------------------------- loading + errors ---

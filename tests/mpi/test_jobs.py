@@ -71,13 +71,12 @@ def test_checkpoint_is_a_peft_adapter(tmp_path):
     """The cloud's checkpoint loads with PeftModel.from_pretrained and holds the global parameters."""
     out = tmp_path / "run"
     check_ok(mpirun(7, "run", "--config", _tiny_config(tmp_path), "--out", str(out)))
+    import torch
     from peft import PeftModel
 
     from hierfed.config import ModelConfig
     from hierfed.model import FlatView, load_tokenizer
     from hierfed.model.build import _base_model
-
-    import torch
 
     mcfg = ModelConfig(source="gpt2", size="tiny", max_length=24)
     tok = load_tokenizer(mcfg)

@@ -9,11 +9,11 @@ import json
 
 import numpy as np
 import pytest
-from conftest import job_env, mpirun
-from test_jobs import _tiny_config, check_ok, final_params, rows
 
+from conftest import job_env, mpirun
 from hierfed.config import load_config
 from hierfed.privacy import Accountant
+from test_jobs import _tiny_config, check_ok, final_params, rows
 
 pytestmark = pytest.mark.mpi
 

@@ -36,11 +36,11 @@ def test_split_device_equals_whole_device(tmp_path, weights):
     """
     model = {"source": "llama", "size": "tiny", "max_length": 24}
     if weights == "on disk":
-        from hierfed.config import ModelConfig
-        from hierfed.model.build import _base_model
-        from hierfed.model import load_tokenizer
-
         import torch
+
+        from hierfed.config import ModelConfig
+        from hierfed.model import load_tokenizer
+        from hierfed.model.build import _base_model
 
         tok = load_tokenizer(ModelConfig(source="llama"))
         torch.manual_seed(0)

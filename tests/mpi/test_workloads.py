@@ -9,8 +9,8 @@ import json
 import numpy as np
 import pytest
 import yaml
-from conftest import mpirun
 
+from conftest import mpirun
 from hierfed.data import DataConfig, load_data
 
 pytestmark = pytest.mark.mpi

@@ -7,10 +7,10 @@ import shutil
 import numpy as np
 import pytest
 
-from hierfed.runtime.checkpoint import Checkpoints, State
 from hierfed.config import ModelConfig, PeftConfig
 from hierfed.errors import HierfedError
 from hierfed.model import FlatView, build_model
+from hierfed.runtime.checkpoint import Checkpoints, State
 
 pytestmark = pytest.mark.filterwarnings("ignore:fan_in_fan_out:UserWarning", "ignore::FutureWarning")
 
@@ -96,7 +96,7 @@ def test_leftover_tmp_dir_is_ignored(tmp_path, tiny) -> None:
     crashed = ckpts.root / ".tmp-round-0005"
     shutil.copytree(ckpts.root / "round-0002", crashed)
     np.savez(crashed / "state.npz", params=np.zeros(flat.dim))
-    (crashed / "state.json").write_text('{"round": 5, "dim": %d, "fingerprint": "%s"}' % (flat.dim, flat.fingerprint()))
+    (crashed / "state.json").write_text(f'{{"round": 5, "dim": {flat.dim}, "fingerprint": "{flat.fingerprint()}"}}')
     got = ckpts.load_latest(flat.dim, flat.fingerprint())
     assert got.round == 2
     np.testing.assert_array_equal(got.params, saved.params)

@@ -98,6 +98,9 @@ def test_bad_field_in_file_names_file_and_field(write_yaml) -> None:
     (["deepspeed.enabled=maybe"], "deepspeed.enabled: must be a boolean or 'auto' (got 'maybe')"),
     (["model.source=path"], "model: source=path needs model.path (a local transformers directory)"),
     (["schedule.tau1=0", "schedule.tau2=0"], "schedule.tau1: must be >= 1 (got 0) (and 1 more problem)"),
+    # seeds feed numpy's SeedSequence, which takes no negative numbers
+    (["seed=-1"], "seed: must be >= 0 (got -1)"),
+    (["data.seed=-3"], "data.seed: must be >= 0 (got -3)"),
 ])
 def test_bad_value_message(overrides: list[str], expected: str) -> None:
     assert error(overrides=overrides) == f"run config: {expected}"

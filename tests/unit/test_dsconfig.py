@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from hierfed.config import RunConfig
-from hierfed.placement.dsconfig import check_edges, ds_config, use_deepspeed
 from hierfed.errors import HierfedError
+from hierfed.placement.dsconfig import check_edges, ds_config, use_deepspeed
 from hierfed.topology import load_topology
 
 TOPOS = Path(__file__).resolve().parents[2] / "topologies"
@@ -38,7 +38,8 @@ def test_user_config_is_merged_and_checked() -> None:
 def test_zero_stage_only_from_deepspeed_zero_stage() -> None:
     """hierfed builds (ZeRO-3: on the CPU, partitioned) and loads the edge model by deepspeed.zero_stage:
     a different stage in deepspeed.config would disagree with it."""
-    with pytest.raises(HierfedError, match=r"deepspeed \(edge0\): set the ZeRO stage with deepspeed.zero_stage, not deepspeed.config's zero_optimization.stage \(3\)"):
+    with pytest.raises(HierfedError, match=r"deepspeed \(edge0\): set the ZeRO stage with deepspeed.zero_stage, "
+                                           r"not deepspeed.config's zero_optimization.stage \(3\)"):
         ds_config(cfg(deepspeed={"zero_stage": 2, "config": {"zero_optimization": {"stage": 3}}}), 4, 2, 2, "edge0")
     assert ds_config(cfg(deepspeed={"zero_stage": 3, "config": {"zero_optimization": {"stage": 3}}}), 4, 2, 2, "edge0")["zero_optimization"]["stage"] == 3
 

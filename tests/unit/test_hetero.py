@@ -18,7 +18,6 @@ from hierfed.sim.clock import Rates, round_times
 from hierfed.sim.schedule import Timing, plan_fedbuff, plan_sync, staleness_weight
 from hierfed.topology import Behaviour, parse_topology
 
-
 # ------------------------------------------------------------------------------------ draws ---
 
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from hierfed.errors import HierfedError
 from hierfed.experiments import report as sweep_report
 from hierfed.experiments import sweep as sw
-from hierfed.errors import HierfedError
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -8,12 +8,12 @@ import sys
 
 import pytest
 
-from hierfed.placement import memory, plan
+from conftest import ROOT, hierfed, job_env, topology_cli
 from hierfed.config import ModelConfig, RunConfig, SplitConfig, TrainConfig
 from hierfed.data import DataConfig
 from hierfed.errors import HierfedError
+from hierfed.placement import memory, plan
 from hierfed.topology import parse_topology
-from conftest import ROOT, hierfed, job_env, topology_cli
 
 GPT2_SMALL = RunConfig(model=ModelConfig(source="gpt2", size="small"), data=DataConfig(source="corpus"))
 CAUSAL = ("causal_lm", None)
@@ -196,7 +196,7 @@ def test_validate_rejects_an_impossible_budget(write_yaml) -> None:
     r = hierfed("topology", "validate", topo, "--config", run, timeout=120)
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.count("\n") == 1
-    assert r.stderr.startswith(f"hierfed: error: {topo}: edge0/d1: split_layers auto: not even 1 block fits in 1 MB")
+    assert r.stderr.startswith(f"hierfed: error: {topo}: edge0/d1: split_layers auto: not even 1 block fits in 1.0 MB")
 
 
 def test_validate_rejects_an_edge_group_whose_auto_devices_all_train_whole(write_yaml, capsys) -> None:

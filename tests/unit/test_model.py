@@ -94,10 +94,10 @@ def test_split_device_loads_only_its_blocks_from_disk(tmp_path, source, kind, nu
     """blocks=k with weights on disk: embeddings and blocks [0, k) loaded (equal to the whole model's,
     same names), the later blocks placeholders that hold nothing; after pruning it is exactly the
     whole model pruned, and the cloud's per-weight hashes accept it."""
-    from hierfed.placement.memory import skeleton
     from hierfed.model.build import _load_first_blocks
-    from hierfed.roles.protocol import Plan, check_plan
     from hierfed.model.cut import Pruned, num_blocks, prune_for_device
+    from hierfed.placement.memory import skeleton
+    from hierfed.roles.protocol import Plan, check_plan
 
     mcfg = _saved_llama(tmp_path, kind, num_labels) if source == "path" else ModelConfig(source="minilm")
     path = mcfg.path if source == "path" else minilm_path()

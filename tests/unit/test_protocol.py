@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hierfed.seeding import derive_seed
 from hierfed.roles.protocol import sampled_clients
+from hierfed.seeding import derive_seed
 
 
 def test_sampling_is_deterministic() -> None:
@@ -35,15 +35,26 @@ def test_sampling_changes_with_round_and_seed() -> None:
 
 
 def test_derive_seed_is_stable() -> None:
-    # Computed once; a change here means resumed/re-run jobs would no longer reproduce old runs.
-    assert derive_seed(0, 1, 2, 3) == 4019600915400777878
-    assert derive_seed(1, 2, 3) == 1517167407554927345
+    # Computed once (SeedSequence since issue 16; blake2b before); a change here means resumed or
+    # re-run jobs would no longer reproduce old runs.
+    assert derive_seed(0, 1, 2, 3) == 1016540571377362578
+    assert derive_seed(1, 2, 3) == 7600732243742545204
+    # the scheme itself: numpy's SeedSequence over two 32-bit words per part, then the count
+    words = [0, 0, 1, 0, 2, 0, 3, 0, 4]
+    assert derive_seed(0, 1, 2, 3) == int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0]) >> 1
     assert derive_seed(0, 1, 2, 3) == derive_seed(np.int64(0), 1, 2, 3)
 
 
 def test_derive_seed_is_distinct_and_63_bit() -> None:
     tuples = [(s, r, e, c) for s in range(2) for r in range(4) for e in range(3) for c in range(5)]
-    tuples += [(1, 2), (12,), (1, 23), (12, 3)]  # the separator keeps (1, 23) apart from (12, 3)
+    tuples += [(1, 2), (12,), (1, 23), (12, 3)]
+    tuples += [(1,), (1, 0), (1, 0, 0), (0, 1), (2**32,), (2**63 - 1,), (2**64 - 1, 0)]  # plain SeedSequence mixes these up
     seeds = [derive_seed(*t) for t in tuples]
     assert len(set(seeds)) == len(tuples)
     assert all(0 <= s < 2**63 for s in seeds)
+
+
+def test_derive_seed_refuses_negative_and_huge_parts() -> None:
+    for bad in (-1, 2**64):
+        with pytest.raises(ValueError, match=r"not in \[0, 2\*\*64\)"):
+            derive_seed(0, bad)

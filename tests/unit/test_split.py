@@ -9,10 +9,10 @@ import torch
 
 from hierfed.config import ModelConfig, PeftConfig
 from hierfed.data.schema import Example
-from hierfed.training import tokenize
 from hierfed.errors import HierfedError
 from hierfed.model import FlatView, build_model
 from hierfed.model.cut import DeviceStage, EdgeStage, num_blocks, prune_for_device, prune_for_edge, side_of, split_model
+from hierfed.training import tokenize
 
 TOL = 1e-6
 TEXTS = ["the cat sat", "a much longer sentence about federated learning at the edge", "hi", "split models train too"]

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from hierfed.errors import HierfedError
-
 from conftest import topology_cli
+from hierfed.errors import HierfedError
 
 ROOT = Path(__file__).resolve().parents[2]
 TOPOS = ROOT / "topologies"

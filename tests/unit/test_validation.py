@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Union
+from typing import Literal
 
 import pytest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -17,8 +17,8 @@ class _Inner(BaseModel):
 
 class _Doc(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    mode: Union[int, Literal["auto"]] = "auto"
-    limit: Optional[int] = Field(None, ge=1, le=8)
+    mode: int | Literal["auto"] = "auto"
+    limit: int | None = Field(None, ge=1, le=8)
     names: list[str] = Field(default_factory=list, min_length=1)
     classes: dict[str, _Inner] = {}
 
