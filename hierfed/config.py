@@ -182,6 +182,21 @@ class CompressionConfig(_Section):
     def _valid(cls, v: str) -> str:
         return _check_codec(v)
 
+    @model_validator(mode="after")
+    def _feedback(self) -> CompressionConfig:
+        """Error feedback on an uplink with scaled rand-k would fail on every device after its first
+        edge round (the dim/k scaling makes the residual grow): refuse it here, before launch."""
+        from hierfed.comm.codecs import parse_codec
+        from hierfed.comm.codecs.sparse import RandK
+
+        for link in ("device_up", "edge_up"):
+            spec = getattr(self, link)
+            sparsifier = parse_codec(spec).sparsifier
+            if self.error_feedback and isinstance(sparsifier, RandK) and sparsifier.scaled:
+                raise ValueError(f"{link}={spec!r} with error_feedback: scaling kept values by dim/k makes the "
+                                 f"residual grow every round; use '{sparsifier.spec.split(',')[0]},scaled=false', topk, or error_feedback: false")
+        return self
+
 
 class SplitConfig(_Section):
     """Split placement (devices with `split_layers` in the topology): what crosses the device-edge cut."""

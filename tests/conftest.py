@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from hierfed.cluster.mpi import mpiexec_command
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-MPIEXEC = str(BIN / "mpiexec")
 
 
 def job_env() -> dict[str, str]:
@@ -23,8 +24,10 @@ def job_env() -> dict[str, str]:
 
 
 def mpirun(n: int, *args: str, timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """`mpiexec -n N python -m hierfed ARGS` from the repository root; output captured."""
-    cmd = [MPIEXEC, "-n", str(n), sys.executable, "-m", "hierfed", *args]
+    """`mpiexec -n N python -m hierfed ARGS` from the repository root; output captured. The mpiexec
+    is the one hierfed's own launcher finds (HIERFED_MPIEXEC, beside this Python, or on PATH), with
+    the flags it adds for Open MPI, so the MPI tests run with a site MPI too."""
+    cmd = mpiexec_command(n, list(args))
     return subprocess.run(cmd, cwd=ROOT, env=env or job_env(), capture_output=True, text=True, timeout=timeout)
 
 

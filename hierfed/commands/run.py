@@ -109,12 +109,28 @@ def _run(args: argparse.Namespace) -> int:
     from hierfed.runtime.failure import guarded, report_once
     from hierfed.runtime.world import build_runtime
 
+    world = MPI.COMM_WORLD
     try:
+        if os.environ.get("HIERFED_INJECT_FAILURE") == f"preflight:{world.Get_rank()}":  # test hook: one rank's pre-flight fails
+            raise HierfedError(f"model.path: /nonexistent-on-rank-{world.Get_rank()} is not a directory")
         cfg, placement, text = prepare(args)
-        placement.check_world_size(MPI.COMM_WORLD.Get_size())
-    except HierfedError as e:  # the same on every rank: one line from one rank, all exit 2
-        report_once(str(e))
-        return e.exit_code
+        placement.check_world_size(world.Get_size())
+        error: tuple[str, int] | None = None
+    except HierfedError as e:
+        error = (str(e), e.exit_code)
+    except Exception as e:  # noqa: BLE001 - an unexpected pre-flight failure must not leave the others waiting
+        error = (f"{type(e).__name__}: {e}".splitlines()[0], 1)
+    # Agree collectively before any communicator is built: a rank that failed alone (a path missing
+    # on its node) would otherwise exit while every other rank waits forever in COMM_WORLD.Split.
+    errors = world.allgather(error)
+    failed = [(r, e) for r, e in enumerate(errors) if e is not None]
+    if failed:
+        if len(failed) == world.Get_size() and len({e for _, e in failed}) == 1:
+            report_once(failed[0][1][0])  # the same on every rank (bad input): one line from one rank
+        elif world.Get_rank() == failed[0][0]:
+            others = f" (and {len(failed) - 1} more ranks)" if len(failed) > 1 else ""
+            print(f"hierfed: error: rank {failed[0][0]}{others}: {failed[0][1][0]}", file=sys.stderr, flush=True)
+        return max(e[1] for _, e in failed)
     role = placement.role(MPI.COMM_WORLD.Get_rank())
     out = cfg.out or f"runs/{placement.topology.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 

@@ -136,10 +136,10 @@ def test_async_edge_killed_and_resumed_equals_the_uninterrupted_run(tmp_path):
     import os
     import signal
     import subprocess
-    import sys
     import time
 
-    from conftest import MPIEXEC, ROOT, job_env
+    from conftest import ROOT, job_env
+    from hierfed.cluster.mpi import mpiexec_command
 
     cfg = _config(tmp_path, TOPOLOGY, seed=2, schedule={"rounds": 4, "tau1": 2, "tau2": 3, "edge_mode": "fedbuff", "buffer_k": 2})
     whole, parts = tmp_path / "whole", tmp_path / "parts"
@@ -149,7 +149,7 @@ def test_async_edge_killed_and_resumed_equals_the_uninterrupted_run(tmp_path):
     assert max(s for r in rows for s in r["staleness"]) > 0
     assert all(r["span_s"] >= 0 for r in rows)
 
-    job = subprocess.Popen([MPIEXEC, "-n", "4", sys.executable, "-m", "hierfed", "run", "--config", cfg, "--out", str(parts)],
+    job = subprocess.Popen(mpiexec_command(4, ["run", "--config", cfg, "--out", str(parts)]),
                            cwd=ROOT, env=job_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     latest = parts / "checkpoints" / "latest"
     try:

@@ -165,3 +165,16 @@ def test_a_failing_rank_ends_the_job(tmp_path, victim):
     assert time.monotonic() - started < 90
     assert f"({victim}): RuntimeError: injected failure" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_rank_failing_its_preflight_ends_every_rank(tmp_path):
+    """Under a plain mpiexec (no launcher of ours), one rank's pre-flight fails (a path missing on
+    its node): the ranks agree on it before building communicators, so nobody waits in Split; the
+    failing rank's line is printed once and every rank exits 2."""
+    env = job_env()
+    env["HIERFED_INJECT_FAILURE"] = "preflight:3"
+    proc = mpirun(7, "run", "--no-launch", "--config", _tiny_config(tmp_path), "--out", str(tmp_path / "x"), env=env, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("hierfed: error")]
+    assert lines == ["hierfed: error: rank 3: model.path: /nonexistent-on-rank-3 is not a directory"], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr

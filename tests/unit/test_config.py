@@ -137,3 +137,21 @@ def test_dump_round_trips(tmp_path) -> None:
     path = tmp_path / "dumped.yaml"
     path.write_text(dump_config(cfg))
     assert load_config(path) == cfg
+
+
+def test_scaled_randk_with_error_feedback_is_refused_before_launch():
+    """It used to pass validation and raise on every device after its first edge round."""
+    with pytest.raises(HierfedError, match=r"compression: device_up='randk:0.1,scaled=true' with error_feedback.*use 'randk:0.1,scaled=false'") as e:
+        load_config(None, ["compression.device_up=randk:0.1"])
+    assert "\n" not in str(e.value)
+    with pytest.raises(HierfedError, match="compression: edge_up="):
+        load_config(None, ["compression.edge_up=randk:0.1 > int8"])
+    # what works: unscaled rand-k, top-k, or scaled rand-k without error feedback
+    load_config(None, ["compression.device_up=randk:0.1,scaled=false"])
+    load_config(None, ["compression.device_up=topk:0.1"])
+    load_config(None, ["compression.device_up=randk:0.1", "compression.error_feedback=false"])
+
+
+def test_negative_seed_is_refused():
+    with pytest.raises(HierfedError, match="seed"):
+        load_config(None, ["seed=-1"])
