@@ -156,3 +156,14 @@ def test_report_averages_seeds_and_reports_groups(tmp_path: Path) -> None:
     s2 = sw.load_sweep(spec(tmp_path, name="seeds", grid={"schedule.tau2": [1, 2], "seed": [0, 1]}), out=str(tmp_path / "o"))
     sweep_report.report(s2, sw.plan(s2))
     assert "fallback: 0.9 × the best final mean" in (s2.out / "summary.md").read_text()
+
+
+@pytest.mark.parametrize("path", sorted(p for p in (Path(__file__).resolve().parents[2] / "launch" / "sweeps").glob("*.yaml")
+                                        if not p.name.endswith("-run.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_spec_resolves_and_validates_each_point(path: Path, tmp_path: Path) -> None:
+    """The specs that reproduce BENCHMARKS.md's studies (and the smoke sweep) load, and every point
+    is a valid run config on a shipped topology."""
+    s = sw.load_sweep(str(path), out=str(tmp_path / "o"))
+    points = sw.plan(s)
+    assert len(points) >= 2 and len({r.fingerprint for r in points}) == len(points)  # no two points the same run
+    assert all(r.cfg is not None and r.placement.world_size >= 2 for r in points)
