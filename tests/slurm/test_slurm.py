@@ -39,12 +39,18 @@ def _slurm_problem() -> str | None:
     return None
 
 
+def in_ci() -> bool:
+    """CI set to a true value (true, 1, yes): Slurm tests must run there, not skip. CI=false or
+    CI=0 is a developer's machine."""
+    return os.environ.get("CI", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
 @pytest.fixture(scope="module", autouse=True)
 def slurm() -> None:
     why = _slurm_problem()
     if why is None:
         return
-    if os.environ.get("CI"):
+    if in_ci():
         pytest.fail(f"CI is set but Slurm is not up ({why}); .ci/run starts it with `bash .ci/slurm.sh up`", pytrace=False)
     pytest.skip(f"Slurm is not up ({why}); `bash .ci/slurm.sh up` (as root) starts a test cluster here")
 
@@ -104,7 +110,7 @@ def _partitions() -> set[str]:
 
 def test_heterogeneous_job_puts_edges_on_gpu_nodes_and_devices_on_cpu_nodes(tmp_path: Path) -> None:
     if not {"gpu", "cpu"} <= _partitions():
-        if os.environ.get("CI"):
+        if in_ci():
             pytest.fail("the CI cluster lacks the gpu and cpu partitions of .ci/slurm.sh")
         pytest.skip("this Slurm has no 'gpu' and 'cpu' partitions")
     log, out = tmp_path / "het.out", tmp_path / "run"

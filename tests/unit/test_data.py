@@ -297,7 +297,7 @@ def test_jsonl_too_small_to_hold_out(tmp_path):
 # ---- disk (datasets.save_to_disk) ------------------------------------------------------------
 
 def test_disk_dataset_round_trip(tmp_path):
-    datasets = pytest.importorskip("datasets")
+    import datasets  # in the test extra: a missing install fails, not skips
     ds = datasets.Dataset.from_dict({"text": [f"t{i}" for i in range(20)],
                                      "label": ["b", "a"] * 10, "client": ["u", "v"] * 10})
     ds.save_to_disk(str(tmp_path / "ds"))
@@ -309,7 +309,7 @@ def test_disk_dataset_round_trip(tmp_path):
 
 
 def test_disk_dataset_dict_with_class_labels_and_test_split(tmp_path):
-    datasets = pytest.importorskip("datasets")
+    import datasets  # in the test extra: a missing install fails, not skips
     features = datasets.Features({"sentence": datasets.Value("string"),
                                   "label": datasets.ClassLabel(names=["neg", "pos"])})
     dd = datasets.DatasetDict({
@@ -324,14 +324,14 @@ def test_disk_dataset_dict_with_class_labels_and_test_split(tmp_path):
 
 
 def test_disk_unlabelled_is_causal_lm(tmp_path):
-    datasets = pytest.importorskip("datasets")
+    import datasets  # in the test extra: a missing install fails, not skips
     datasets.Dataset.from_dict({"text": ["x"] * 10}).save_to_disk(str(tmp_path / "lm"))
     task = load_data(DataConfig(source="disk", path=str(tmp_path / "lm")))
     assert task.kind == "causal_lm" and (len(task.train), len(task.eval)) == (9, 1)
 
 
 def test_disk_errors(tmp_path):
-    datasets = pytest.importorskip("datasets")
+    import datasets  # in the test extra: a missing install fails, not skips
     _raises_one_line("no such directory", load_data,
                      DataConfig(source="disk", path=str(tmp_path / "missing")))
     (tmp_path / "junk").mkdir()
