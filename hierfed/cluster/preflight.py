@@ -35,9 +35,25 @@ def check_supported(placement, cfg) -> None:
             raise HierfedError(f"{src}: device {d.name} has split_layers, but a flat topology has no edge to hold the other blocks")
         if len(d.clients) > 1:
             raise HierfedError(f"{src}: device {d.name} has split_layers and {len(d.clients)} virtual clients; a split device is one client")
+    check_aggregation(placement, cfg)
     check_heterogeneity(placement, cfg)
     check_edges(placement, cfg)
     check_privacy(placement, cfg)
+
+
+def check_aggregation(placement, cfg) -> None:
+    """Rules a tier of this run cannot apply yet. The robust rules (median, trimmed mean, Krum,
+    Multi-Krum, norm clipping) must see every child's update; their math and oracles exist
+    (hierfed.strategy.robust), but the role loops carry only the SUM-reduced path so far: refused
+    here in one line rather than failing after the first round."""
+    from hierfed.strategy import STRATEGIES
+
+    tiers = ["cloud"] if placement.flat else ["edge", "cloud"]
+    for tier in tiers:
+        name = getattr(cfg.aggregation, tier).name
+        if not STRATEGIES[name].reducible:
+            raise HierfedError(f"aggregation.{tier}.name={name}: robust rules need every child's update (the gathered "
+                               "path), which this version's MPI rounds do not carry yet; use fedavg, fedavgm, fedadam, fedyogi or fedadagrad")
 
 
 def check_resolved_split(placement, cfg, ks: dict[int, int | None]) -> None:

@@ -54,3 +54,18 @@ def test_bad_aggregator_fields_are_one_line_errors(override: str, message: str) 
     with pytest.raises(HierfedError) as info:
         load_config(None, [override])
     assert str(info.value) == f"run config: {message}"
+
+
+@pytest.mark.parametrize("tier, topology", [("edge", "default"), ("cloud", "default"), ("cloud", "flat")])
+@pytest.mark.parametrize("name", sorted(n for n, cls in STRATEGIES.items() if not cls.reducible))
+def test_rules_the_mpi_rounds_cannot_carry_are_refused_before_launch(name, tier, topology):
+    """A gathered rule at a tier would fail after the first round (its aggregate refuses a SUM):
+    pre-flight refuses it in one line naming the field."""
+    from hierfed.cluster.preflight import check_supported
+    from hierfed.topology import load_topology
+
+    sets = [f"aggregation.{tier}.name={name}"] + ([f"aggregation.{tier}.clip_norm=1.0"] if name == "normclip" else [])
+    with pytest.raises(HierfedError, match=f"aggregation.{tier}.name={name}: robust rules") as e:
+        check_supported(load_topology(topology).placement(), load_config(None, sets))
+    assert "\n" not in str(e.value)
+    check_supported(load_topology(topology).placement(), load_config(None, [f"aggregation.{tier}.name=fedadam"]))
