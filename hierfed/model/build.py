@@ -123,6 +123,30 @@ def _load_first_blocks(auto, path: str, extra: dict, k: int) -> torch.nn.Module:
     return model
 
 
+def _to_dtype_of(module: torch.nn.Module, dtype: torch.dtype):
+    """A forward pre-hook: floating inputs cast to `dtype` (a float32 head after a 16-bit body)."""
+    def hook(_module, args, kwargs):
+        cast = lambda v: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v  # noqa: E731
+        return tuple(cast(a) for a in args), {k: cast(v) for k, v in kwargs.items()}
+    return module.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def trainable_in_float32(model: torch.nn.Module) -> None:
+    """Every trainable parameter in float32 whatever the frozen base's dtype: adapters (peft keeps
+    most in float32 already, not necessarily all methods) and a trained head (modules_to_save, which
+    peft copies from the cast base). A module whose own weights are now all float32 gets its floating
+    inputs cast to float32 (a float32 head after a 16-bit body); peft's tuner layers cast theirs."""
+    for module in model.modules():
+        own = list(module.parameters(recurse=False))
+        if not any(p.requires_grad for p in own):
+            continue
+        for p in own:
+            if p.requires_grad and p.dtype != torch.float32:
+                p.data = p.data.float()
+        if all(p.dtype == torch.float32 for p in own):
+            _to_dtype_of(module, torch.float32)
+
+
 def peft_config(cfg: PeftConfig, kind: str):
     task = TaskType.SEQ_CLS if kind == "classification" else TaskType.CAUSAL_LM
     common: dict[str, Any] = dict(task_type=task, target_modules=cfg.target_modules)
@@ -152,8 +176,9 @@ def build_model(
     tok = load_tokenizer(model_cfg)
     torch.manual_seed(seed)
     base = _base_model(model_cfg, kind, num_labels, tok, blocks if model_cfg.source in ("minilm", "path") else None)
-    if model_cfg.dtype != "float32":  # frozen weights in 16 bits; peft keeps adapters in float32
-        base = base.to(getattr(torch, model_cfg.dtype))
+    # Always applied: recent transformers load a checkpoint in its saved dtype ("auto"), so a bf16
+    # checkpoint would stay bf16 under model.dtype: float32 if the cast were skipped for float32.
+    base = base.to(getattr(torch, model_cfg.dtype))
     base_params = sum(p.numel() for p in base.parameters())
     model = base
     if peft_cfg.method != "none":  # "none": full fine-tuning, every parameter trains and travels
@@ -161,6 +186,8 @@ def build_model(
             model = get_peft_model(base, peft_config(peft_cfg, kind))
         except (ValueError, TypeError) as e:
             raise HierfedError(f"peft: cannot apply {peft_cfg.method} to {model_cfg.source}: {str(e).splitlines()[0]}") from None
+        if model_cfg.dtype != "float32":
+            trainable_in_float32(model)
     if blocks is not None:
         from hierfed.model.cut import prune_for_device
 
