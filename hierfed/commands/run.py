@@ -62,11 +62,15 @@ def overrides(args: argparse.Namespace) -> list[str]:
 def prepare(args: argparse.Namespace):
     """Everything every rank checks identically before any message is sent: config, topology, data."""
     from hierfed.cluster.preflight import check_deadline, check_edge_clients, check_resolved_split, check_supported
-    from hierfed.config import dump_config, load_config
+    from hierfed.config import dump_config, load_config, resumed_config
     from hierfed.data import load_data
     from hierfed.topology import load_topology
 
     cfg = load_config(args.config, overrides(args))
+    if args.resume:  # continue the saved run: its config.yaml, with only harmless changes (hierfed.config.RESUME_MAY_CHANGE)
+        if not cfg.out:
+            raise HierfedError("--resume needs --out DIR: the run to continue")
+        cfg = resumed_config(Path(cfg.out) / "config.yaml", args.config, overrides(args))
     placement = load_topology(cfg.topology).placement()
     check_supported(placement, cfg)
     if cfg.model.source == "path" and not Path(cfg.model.path).is_dir():
@@ -84,8 +88,6 @@ def prepare(args: argparse.Namespace):
 
         # memory budgets and k, checked once; then what the resolved k leave each edge to do
         check_resolved_split(placement, cfg, split_plan(placement, cfg, task.kind, task.num_labels))
-    if args.resume and not cfg.out:
-        raise HierfedError("--resume needs --out DIR: the run to continue")
     text = dump_config(cfg)  # as asked: a privacy budget may cut the rounds below
     from hierfed.privacy import budget
 
