@@ -31,7 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tau2", type=int, help="edge rounds per cloud round (schedule.tau2)")
     p.add_argument("--seed", type=int, help="run seed")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override any run-config field, e.g. --set train.lr=1e-3")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--resume", nargs="?", const="yes", choices=("yes", "auto"), default=None,
+                   help="continue the run in --out from its last checkpoint (its saved config.yaml); "
+                        "'--resume auto': resume when --out has a checkpoint, else start fresh (Slurm requeue)")
     p.add_argument("--no-launch", action="store_true", help="do not start mpiexec when not under MPI (runs as a single rank)")
 
 
@@ -70,6 +72,11 @@ def prepare(args: argparse.Namespace):
     if args.resume:  # continue the saved run: its config.yaml, with only harmless changes (hierfed.config.RESUME_MAY_CHANGE)
         if not cfg.out:
             raise HierfedError("--resume needs --out DIR: the run to continue")
+        if args.resume == "auto":
+            # Decided here, identically on every rank: a checkpoint appears only after a round
+            # that needs every rank, so no rank can see one that another did not.
+            args.resume = "yes" if (Path(cfg.out) / "checkpoints" / "latest").is_file() else None
+    if args.resume:
         cfg = resumed_config(Path(cfg.out) / "config.yaml", args.config, overrides(args))
     placement = load_topology(cfg.topology).placement()
     check_supported(placement, cfg)

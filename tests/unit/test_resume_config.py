@@ -51,3 +51,17 @@ def test_resume_with_the_original_config_file_again_is_fine_and_a_different_one_
 def test_resume_without_a_saved_run_says_so(tmp_path):
     with pytest.raises(HierfedError, match="holds no run to continue"):
         prepare(parse_run_args(["--out", str(tmp_path / "nothing"), "--resume", "--no-launch"]))
+
+
+def test_resume_auto_starts_fresh_without_a_checkpoint_and_resumes_with_one(saved_run):
+    """slurm/job.sh runs `--resume auto` so that a requeued job continues and a first one starts."""
+    args = parse_run_args(["--out", str(saved_run), "--resume", "auto", "--no-launch", "--seed", "3"])
+    cfg, _, _ = prepare(args)
+    assert args.resume is None and cfg.seed == 3  # no checkpoint: a fresh run with these flags
+    (saved_run / "checkpoints").mkdir()
+    (saved_run / "checkpoints" / "latest").write_text("round-0002\n")
+    args = parse_run_args(["--out", str(saved_run), "--resume", "auto", "--no-launch"])
+    cfg, _, _ = prepare(args)
+    assert args.resume == "yes" and cfg.seed == 7  # the saved run's settings
+    with pytest.raises(HierfedError, match="--resume: seed is 3"):
+        prepare(parse_run_args(["--out", str(saved_run), "--resume", "auto", "--no-launch", "--seed", "3"]))
