@@ -178,3 +178,116 @@ def test_a_rank_failing_its_preflight_ends_every_rank(tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.startswith("hierfed: error")]
     assert lines == ["hierfed: error: rank 3: model.path: /nonexistent-on-rank-3 is not a directory"], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+def _rank_pid(root_pid: int, rank: int) -> int | None:
+    """The PID of MPI rank `rank` among `root_pid`'s descendants (from PMI_RANK in its environment)."""
+    import os
+
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            env = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        if f"PMI_RANK={rank}".encode() in env and f"HIERFED_TEST_JOB={root_pid}".encode() in env and " python" in stat.replace("(", " "):
+            return int(entry)
+    return None
+
+
+def test_a_rank_killed_with_sigkill_ends_the_job_naming_it(tmp_path):
+    """A device rank SIGKILLed mid-run (no exception, no handler): the launcher ends every other rank
+    and says which rank died; nothing is left waiting. (The issue asks for 10 s; measured here ~1 s,
+    and bounded generously because the host is loaded.)"""
+    import os
+    import signal
+    import subprocess
+
+    from conftest import ROOT
+    from hierfed.cluster.mpi import mpiexec_command
+
+    cfg = _tiny_config(tmp_path, schedule={"rounds": 50, "tau1": 2, "tau2": 1})
+    out = tmp_path / "killed"
+    env = job_env()
+    env["HIERFED_TEST_JOB"] = str(os.getpid())
+    job = subprocess.Popen(mpiexec_command(7, ["run", "--config", cfg, "--out", str(out)]), cwd=ROOT, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "metrics.jsonl").exists() or '"round": 1' not in (out / "metrics.jsonl").read_text():
+            assert job.poll() is None and time.monotonic() < deadline, "the job ended or stalled before round 1"
+            time.sleep(0.5)
+        victim = _rank_pid(os.getpid(), 4)
+        assert victim is not None, "rank 4's process not found"
+        os.kill(victim, signal.SIGKILL)
+        killed = time.monotonic()
+        output, _ = job.communicate(timeout=120)
+        ended = time.monotonic() - killed
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    assert job.returncode != 0
+    assert "RANK 4" in output and "KILLED BY SIGNAL: 9" in output, output[-2000:]
+    assert ended < 60, f"the job took {ended:.1f} s to end after rank 4 was killed"
+
+
+def test_two_tiers_with_tau2_2_sampling_and_unequal_shards_match_a_numpy_hierfedavg(tmp_path):
+    """A reference for τ2 > 1 that shares no aggregation code with hierfed: the `uneven` topology
+    (edges of 3 and 1 devices), Dirichlet shards of unequal size, 3 of 4 clients sampled per cloud
+    round, 2 cloud rounds of τ2 = 2 edge rounds of τ1 = 2 steps. Each client's local training is
+    replayed here with the job's seeds; the two tiers of weighted averaging are written out below
+    in numpy (edge: Σ n_c Δ_c / Σ n_c per edge round; cloud: the edges' whole changes weighted by
+    the samples behind them, Σ_s Σ_c n_c)."""
+    import torch
+
+    from hierfed.config import load_config
+    from hierfed.data import load_data, partition
+    from hierfed.model import FlatView, build_model
+    from hierfed.roles.protocol import round_clients
+    from hierfed.seeding import derive_seed
+    from hierfed.topology import load_topology
+    from hierfed.training import LocalTrainer, tokenize
+
+    cfg_path = _tiny_config(tmp_path, schedule={"rounds": 2, "tau1": 2, "tau2": 2, "client_fraction": 0.75},
+                            data={"train_samples": 400, "eval_samples": 64, "partition": "dirichlet", "alpha": 1.0})
+    out = tmp_path / "run"
+    check_ok(mpirun(7, "run", "uneven", "--config", cfg_path, "--out", str(out)))
+
+    torch.set_num_threads(1)
+    cfg = load_config(cfg_path)
+    placement = load_topology("uneven").placement()
+    task = load_data(cfg.data)
+    built = build_model(cfg.model, cfg.peft, task.kind, task.num_labels, cfg.seed, "cpu")
+    flat, trainer = FlatView(built.model), LocalTrainer(built.model, cfg.train)
+    shards = partition(task.train, placement.num_clients, cfg.data.partition, alpha=cfg.data.alpha, seed=cfg.data.seed)
+    assert len({len(s) for s in shards}) > 1  # unequal shards
+    data = [tokenize(built.tokenizer, [task.train[i] for i in s], task.kind, cfg.model.max_length) for s in shards]
+    g = initial = flat.get().astype(np.float64)
+    for t in (1, 2):
+        sampled = round_clients(cfg, placement.num_clients, t)
+        assert len(sampled) == 3
+        g32 = g.astype(np.float32)  # what the cloud broadcasts
+        change, samples = np.zeros_like(g), 0.0
+        for edge in placement.edges:
+            mine = sorted(edge.all_clients & sampled)
+            if not mine:
+                continue
+            local, behind = g32.astype(np.float64), 0.0
+            for s in (1, 2):
+                start = local.astype(np.float32)
+                total, weight = np.zeros_like(g), 0.0
+                for c in mine:
+                    flat.set(start)
+                    trainer.train(data[c], cfg.schedule.tau1, derive_seed(cfg.seed, t, s, c))
+                    total += len(shards[c]) * (flat.get() - start).astype(np.float64)
+                    weight += len(shards[c])
+                local = local + total / weight
+                behind += weight
+            change += behind * (local - g32)
+            samples += behind
+        g = g32 + change / samples
+    got = final_params(out)
+    assert np.abs(got - initial).max() > 1e-3  # it trained
+    np.testing.assert_allclose(got, g, rtol=0, atol=5e-6)
