@@ -62,15 +62,18 @@ def test_split_device_equals_whole_device(tmp_path, weights):
 
 
 def test_split_devices_learn_pipelined_and_resume_exactly(tmp_path):
-    """Two split devices on one edge (GPT-2: tied embeddings, dropout), a mixed edge beside it,
-    4 pipelined micro-batches, fp16 activations: loss falls; resume equals the uninterrupted run."""
-    cfg = _tiny_config(tmp_path, schedule={"rounds": 3, "tau1": 3, "tau2": 2},
+    """Two split devices on one edge (GPT-2: dropout, and an LM head tied to the embeddings, a frozen
+    matrix both sides hold), a mixed edge beside it, 4 pipelined micro-batches, fp16
+    activations: the causal-LM loss falls every round; resume equals the uninterrupted run. (The
+    tiny GPT-2 stays at chance on the 4-class `topics` task in this budget, so a falling
+    classification loss would be a coin toss; the LM loss starts at ln|V| and falls steadily.)"""
+    cfg = _tiny_config(tmp_path, data={"source": "corpus"}, schedule={"rounds": 3, "tau1": 3, "tau2": 2},
                        split={"micro_batches": 4, "activation_codec": "fp16"})
     topo = topology(tmp_path, "mixed", [{"ranks": 2, "split_layers": 1}], [{"ranks": 1, "split_layers": 1}, {"ranks": 1}])
     whole_run, parts = tmp_path / "whole", tmp_path / "parts"
     check_ok(mpirun(7, "run", topo, "--config", cfg, "--out", str(whole_run)))
     cloud = [r for r in rows(whole_run) if r["tier"] == "cloud" and r["round"] > 0]
-    assert cloud[-1]["loss"] < cloud[0]["loss"]
+    assert all(later["loss"] < earlier["loss"] for earlier, later in zip(cloud, cloud[1:]))
     edge_rows = [r for r in rows(whole_run) if r["tier"] == "edge"]
     for r in edge_rows:  # the split link's phase times: complete, inside the edge round, busy = all but waiting
         sec = r["seconds"]
