@@ -11,7 +11,9 @@ ranks outnumber cores, and --allow-run-as-root when started as root (containers,
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -84,16 +86,62 @@ def rank_env() -> dict[str, str]:
     return env
 
 
-def launch(nprocs: int, argv: list[str]) -> int:
-    """Run hierfed under mpiexec and return its exit code (forwarding Ctrl-C to the job)."""
+def launch(nprocs: int, argv: list[str], ranks_file: Path | None = None) -> int:
+    """Run hierfed under mpiexec and return its exit code (forwarding Ctrl-C to the job).
+
+    The job's output is relayed unchanged. When the job fails, the launcher's own report (MPICH
+    names only the PID of a process that died; Open MPI the rank) is matched against `ranks_file`,
+    the rank → role, host, pid table that rank 0 writes at start, so one line names the rank that
+    died and its role."""
     cmd = mpiexec_command(nprocs, argv)
     print(f"hierfed: launching {nprocs} ranks: {' '.join(Path(c).name if i == 0 else c for i, c in enumerate(cmd))}", flush=True)
-    proc = subprocess.Popen(cmd, env=rank_env())
+    proc = subprocess.Popen(cmd, env=rank_env(), stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    tail = b""
     try:
-        return proc.wait()
+        while chunk := proc.stdout.read1(1 << 16):  # type: ignore[attr-defined]
+            sys.stdout.buffer.write(chunk)
+            sys.stdout.buffer.flush()
+            tail = (tail + chunk)[-(1 << 16):]
+        code = proc.wait()
     except KeyboardInterrupt:
         proc.terminate()
         return proc.wait()
+    if code != 0 and ranks_file is not None:
+        for line in dead_ranks(tail.decode(errors="replace"), _read_ranks(ranks_file)):
+            print(f"hierfed: error: {line}", file=sys.stderr, flush=True)
+    return code
+
+
+def _read_ranks(path: Path) -> list[dict]:
+    try:
+        return list(json.loads(path.read_text()))
+    except (OSError, ValueError):
+        return []
+
+
+_MPICH_DEATH = re.compile(r"PID (\d+) RUNNING AT (\S+)\s*\n=\s*EXIT CODE: (\d+)")
+_MPICH_EXIT_STRING = re.compile(r"EXIT STRING: (.+?)\s*$", re.M)
+_OPENMPI_DEATH = re.compile(r"process rank (\d+) with PID (\d+) on node (\S+) exited on signal (\d+)")
+
+
+def dead_ranks(output: str, ranks: list[dict]) -> list[str]:
+    """Lines naming each rank that the launcher's report says died, e.g. 'rank 4 (edge1/d0, pid
+    22092 on node vm) ended: Killed (signal 9)'. `ranks` is the table rank 0 writes at start
+    ([{"rank", "role", "host", "pid"}]); a death it cannot place is reported by pid alone."""
+    by_pid = {(int(r["pid"]), str(r["host"])): r for r in ranks}
+    by_rank = {int(r["rank"]): r for r in ranks}
+    lines = []
+    exit_string = _MPICH_EXIT_STRING.search(output)
+    for pid, host, code in _MPICH_DEATH.findall(output):
+        how = exit_string.group(1) if exit_string else f"exit code {code}"
+        r = by_pid.get((int(pid), host))
+        who = f"rank {r['rank']} ({r['role']}, pid {pid} on node {host})" if r else f"the process with pid {pid} on node {host}"
+        lines.append(f"{who} ended: {how}; the launcher ended the other ranks")
+    for rank, pid, host, sig in _OPENMPI_DEATH.findall(output):
+        role = by_rank.get(int(rank), {}).get("role", "?")
+        lines.append(f"rank {rank} ({role}, pid {pid} on node {host}) ended: killed by signal {sig}; the launcher ended the other ranks")
+    return lines
 
 
 def entry(argv: list[str]) -> list[str]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -110,8 +111,8 @@ def _run(args: argparse.Namespace) -> int:
         argv = sys.argv[1:]
         if not cfg.out:
             out = f"runs/{placement.topology.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-            argv += ["--out", out]
-        return launch(placement.world_size, argv)
+            return launch(placement.world_size, argv + ["--out", out], Path(out) / "ranks.json")
+        return launch(placement.world_size, argv, Path(cfg.out) / "ranks.json")
 
     from mpi4py import MPI
 
@@ -131,8 +132,8 @@ def _run(args: argparse.Namespace) -> int:
         error = (f"{type(e).__name__}: {e}".splitlines()[0], 1)
     # Agree collectively before any communicator is built: a rank that failed alone (a path missing
     # on its node) would otherwise exit while every other rank waits forever in COMM_WORLD.Split.
-    errors = world.allgather(error)
-    failed = [(r, e) for r, e in enumerate(errors) if e is not None]
+    gathered = world.allgather((error, os.getpid(), socket.gethostname()))
+    failed = [(r, e) for r, (e, _, _) in enumerate(gathered) if e is not None]
     if failed:
         if len(failed) == world.Get_size() and len({e for _, e in failed}) == 1:
             report_once(failed[0][1][0])  # the same on every rank (bad input): one line from one rank
@@ -142,6 +143,10 @@ def _run(args: argparse.Namespace) -> int:
         return max(e[1] for _, e in failed)
     role = placement.role(MPI.COMM_WORLD.Get_rank())
     out = cfg.out or f"runs/{placement.topology.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if world.Get_rank() == 0:  # who is who: the launcher names a rank that dies by it (MPICH reports only a pid)
+        table = [{"rank": r, "role": placement.role(r).name, "host": host, "pid": pid} for r, (_, pid, host) in enumerate(gathered)]
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "ranks.json").write_text(json.dumps(table, indent=1) + "\n")
 
     def body() -> None:
         from hierfed.roles import run_role

@@ -198,21 +198,21 @@ def _rank_pid(root_pid: int, rank: int) -> int | None:
 
 
 def test_a_rank_killed_with_sigkill_ends_the_job_naming_it(tmp_path):
-    """A device rank SIGKILLed mid-run (no exception, no handler): the launcher ends every other rank
-    and says which rank died; nothing is left waiting. (The issue asks for 10 s; measured here ~1 s,
+    """A device rank SIGKILLed mid-run (no exception, no handler) under `hierfed run`'s own launch:
+    mpiexec ends every other rank, and hierfed names the rank that died and its role (MPICH's report
+    gives only a pid; rank 0 wrote the rank → role, host, pid table at start); nothing is left waiting. (The issue asks for 10 s; measured here ~1 s,
     and bounded generously because the host is loaded.)"""
     import os
     import signal
     import subprocess
 
-    from conftest import ROOT
-    from hierfed.cluster.mpi import mpiexec_command
+    from conftest import BIN, ROOT
 
     cfg = _tiny_config(tmp_path, schedule={"rounds": 50, "tau1": 2, "tau2": 1})
     out = tmp_path / "killed"
     env = job_env()
     env["HIERFED_TEST_JOB"] = str(os.getpid())
-    job = subprocess.Popen(mpiexec_command(7, ["run", "--config", cfg, "--out", str(out)]), cwd=ROOT, env=env,
+    job = subprocess.Popen([str(BIN / "hierfed"), "run", "--config", cfg, "--out", str(out)], cwd=ROOT, env=env,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 240
@@ -229,7 +229,8 @@ def test_a_rank_killed_with_sigkill_ends_the_job_naming_it(tmp_path):
         if job.poll() is None:
             os.killpg(job.pid, signal.SIGKILL)
     assert job.returncode != 0
-    assert "RANK 4" in output and "KILLED BY SIGNAL: 9" in output, output[-2000:]
+    roles = {r["rank"]: r["role"] for r in json.loads((out / "ranks.json").read_text())}
+    assert f"hierfed: error: rank 4 ({roles[4]}, pid {victim} on node" in output and "signal 9" in output, output[-2000:]
     assert ended < 60, f"the job took {ended:.1f} s to end after rank 4 was killed"
 
 
@@ -290,4 +291,7 @@ def test_two_tiers_with_tau2_2_sampling_and_unequal_shards_match_a_numpy_hierfed
         g = g32 + change / samples
     got = final_params(out)
     assert np.abs(got - initial).max() > 1e-3  # it trained
-    np.testing.assert_allclose(got, g, rtol=0, atol=5e-6)
+    # The job sums w·Δ in float32 (the wire format), the reference in float64: observed max difference
+    # 5e-6 on values up to 0.16 after two rounds. Weighting clients equally instead of by their
+    # unequal shard sizes moves the result by orders of magnitude more than this bound.
+    np.testing.assert_allclose(got, g, rtol=0, atol=2e-5)

@@ -88,3 +88,34 @@ def test_rank_env_defaults_threads(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MKL_NUM_THREADS", "4")
     env = launch.rank_env()
     assert env["OMP_NUM_THREADS"] == "1" and env["MKL_NUM_THREADS"] == "4"
+
+
+MPICH_DEATH = """
+===================================================================================
+=   BAD TERMINATION OF ONE OF YOUR APPLICATION PROCESSES
+=   PID 22092 RUNNING AT vm
+=   EXIT CODE: 9
+=   CLEANING UP REMAINING PROCESSES
+=   YOU CAN IGNORE THE BELOW CLEANUP MESSAGES
+===================================================================================
+YOUR APPLICATION TERMINATED WITH THE EXIT STRING: Killed (signal 9)
+"""
+OPENMPI_DEATH = "mpiexec noticed that process rank 4 with PID 22092 on node vm exited on signal 9 (Killed).\n"
+RANKS = [{"rank": 0, "role": "cloud", "host": "vm", "pid": 22000}, {"rank": 4, "role": "edge1/d0", "host": "vm", "pid": 22092}]
+
+
+def test_dead_ranks_named_from_mpich_pid_report() -> None:
+    """MPICH (Hydra) reports a pid and host; the rank table turns them into a rank and role."""
+    assert launch.dead_ranks(MPICH_DEATH, RANKS) == [
+        "rank 4 (edge1/d0, pid 22092 on node vm) ended: Killed (signal 9); the launcher ended the other ranks"]
+    other_host = [dict(r, host="n2") for r in RANKS]  # pids are per host: a pid on another node is not rank 4
+    assert launch.dead_ranks(MPICH_DEATH, other_host) == [
+        "the process with pid 22092 on node vm ended: Killed (signal 9); the launcher ended the other ranks"]
+    plain_exit = MPICH_DEATH.replace("EXIT CODE: 9", "EXIT CODE: 3").split("YOUR APPLICATION TERMINATED")[0]
+    assert launch.dead_ranks(plain_exit, RANKS) == ["rank 4 (edge1/d0, pid 22092 on node vm) ended: exit code 3; the launcher ended the other ranks"]
+
+
+def test_dead_ranks_named_from_openmpi_report_and_silence_otherwise() -> None:
+    assert launch.dead_ranks(OPENMPI_DEATH, RANKS) == [
+        "rank 4 (edge1/d0, pid 22092 on node vm) ended: killed by signal 9; the launcher ended the other ranks"]
+    assert launch.dead_ranks("hierfed: error: data.path: x is not a file\n", RANKS) == []
