@@ -198,9 +198,10 @@ def _rank_pid(root_pid: int, rank: int) -> int | None:
 
 
 def test_a_rank_killed_with_sigkill_ends_the_job_naming_it(tmp_path):
-    """A device rank SIGKILLed mid-run (no exception, no handler) under `hierfed run`'s own launch:
+    """Rank 4 (an edge) SIGKILLed mid-run (no exception, no handler) under `hierfed run`'s own launch:
     mpiexec ends every other rank, and hierfed names the rank that died and its role (MPICH's report
-    gives only a pid; rank 0 wrote the rank → role, host, pid table at start); nothing is left waiting. (The issue asks for 10 s; measured here ~1 s,
+    names the pid of whichever process it reaped first, often one it killed itself; hierfed's
+    launcher watched the ranks listed in out/ranks.json); nothing is left waiting. (The issue asks for 10 s; measured here ~1 s,
     and bounded generously because the host is loaded.)"""
     import os
     import signal
@@ -230,7 +231,7 @@ def test_a_rank_killed_with_sigkill_ends_the_job_naming_it(tmp_path):
             os.killpg(job.pid, signal.SIGKILL)
     assert job.returncode != 0
     roles = {r["rank"]: r["role"] for r in json.loads((out / "ranks.json").read_text())}
-    assert f"hierfed: error: rank 4 ({roles[4]}, pid {victim} on node" in output and "signal 9" in output, output[-2000:]
+    assert f"hierfed: error: rank 4 ({roles[4]}, pid {victim} on node" in output and "first rank to end" in output, output[-2000:]
     assert ended < 60, f"the job took {ended:.1f} s to end after rank 4 was killed"
 
 

@@ -90,32 +90,31 @@ def test_rank_env_defaults_threads(monkeypatch: pytest.MonkeyPatch) -> None:
     assert env["OMP_NUM_THREADS"] == "1" and env["MKL_NUM_THREADS"] == "4"
 
 
-MPICH_DEATH = """
-===================================================================================
-=   BAD TERMINATION OF ONE OF YOUR APPLICATION PROCESSES
-=   PID 22092 RUNNING AT vm
-=   EXIT CODE: 9
-=   CLEANING UP REMAINING PROCESSES
-=   YOU CAN IGNORE THE BELOW CLEANUP MESSAGES
-===================================================================================
-YOUR APPLICATION TERMINATED WITH THE EXIT STRING: Killed (signal 9)
-"""
-OPENMPI_DEATH = "mpiexec noticed that process rank 4 with PID 22092 on node vm exited on signal 9 (Killed).\n"
-RANKS = [{"rank": 0, "role": "cloud", "host": "vm", "pid": 22000}, {"rank": 4, "role": "edge1/d0", "host": "vm", "pid": 22092}]
 
+def test_the_first_rank_to_end_is_named_even_when_the_rest_end_right_after(tmp_path: Path) -> None:
+    """Three stand-in ranks (sleeping processes of this host, listed like rank 0's table): the one
+    killed first is named although the others are killed 50 ms later (mpiexec takes a few ms)."""
+    import json
+    import signal
+    import socket
+    import subprocess
+    import time
 
-def test_dead_ranks_named_from_mpich_pid_report() -> None:
-    """MPICH (Hydra) reports a pid and host; the rank table turns them into a rank and role."""
-    assert launch.dead_ranks(MPICH_DEATH, RANKS) == [
-        "rank 4 (edge1/d0, pid 22092 on node vm) ended: Killed (signal 9); the launcher ended the other ranks"]
-    other_host = [dict(r, host="n2") for r in RANKS]  # pids are per host: a pid on another node is not rank 4
-    assert launch.dead_ranks(MPICH_DEATH, other_host) == [
-        "the process with pid 22092 on node vm ended: Killed (signal 9); the launcher ended the other ranks"]
-    plain_exit = MPICH_DEATH.replace("EXIT CODE: 9", "EXIT CODE: 3").split("YOUR APPLICATION TERMINATED")[0]
-    assert launch.dead_ranks(plain_exit, RANKS) == ["rank 4 (edge1/d0, pid 22092 on node vm) ended: exit code 3; the launcher ended the other ranks"]
-
-
-def test_dead_ranks_named_from_openmpi_report_and_silence_otherwise() -> None:
-    assert launch.dead_ranks(OPENMPI_DEATH, RANKS) == [
-        "rank 4 (edge1/d0, pid 22092 on node vm) ended: killed by signal 9; the launcher ended the other ranks"]
-    assert launch.dead_ranks("hierfed: error: data.path: x is not a file\n", RANKS) == []
+    procs = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) for _ in range(3)]
+    job = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        table = tmp_path / "ranks.json"
+        watch = launch._FirstToEnd(table, job)
+        table.write_text(json.dumps([{"rank": r, "role": f"role{r}", "host": socket.gethostname(), "pid": p.pid} for r, p in enumerate(procs)]))
+        time.sleep(1.0)  # the watcher has read the table and waits on the pidfds
+        procs[2].send_signal(signal.SIGKILL)
+        time.sleep(0.05)  # mpiexec needs a few ms to notice and kill the rest (several process hops)
+        for p in procs[:2]:
+            p.send_signal(signal.SIGKILL)
+        job.kill()
+        first = watch.result()
+        assert [(r["rank"], r["role"]) for r in first] == [(2, "role2")]
+    finally:
+        for p in [*procs, job]:
+            p.kill()
+            p.wait()
