@@ -366,5 +366,34 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise HierfedError(first_error(e, source)) from None
 
 
+# What `hierfed run --resume` may change against the run's saved config.yaml: settings that do not
+# change what the ranks compute or exchange. Any other difference (seed, topology, data, model,
+# optimiser, codecs, ...) would continue a different run, or hang it (a codec changing how many
+# messages a link posts), so it is refused. A key ending in "." covers its whole section.
+RESUME_MAY_CHANGE = ("schedule.rounds", "runtime.", "checkpoint.keep", "checkpoint.every", "out")
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        return {k: v for key, value in data.items() for k, v in _flatten(value, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: data}
+
+
+def resumed_config(saved: Path, config: str | Path | None, overrides: list[str]) -> RunConfig:
+    """The config of a resumed run: the saved one (or `config`, when given again) with `overrides`,
+    refused in one line naming the first field that differs from the saved run outside
+    RESUME_MAY_CHANGE."""
+    if not saved.is_file():
+        raise HierfedError(f"--resume: {saved} does not exist: {saved.parent} holds no run to continue")
+    before = load_config(saved)
+    cfg = load_config(saved if config is None else config, overrides)
+    old, new = _flatten(before.model_dump(mode="json")), _flatten(cfg.model_dump(mode="json"))
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) != new.get(key) and not any(key == a or (a.endswith(".") and key.startswith(a)) for a in RESUME_MAY_CHANGE):
+            raise HierfedError(f"--resume: {key} is {new.get(key)!r} but the run in {saved.parent} used {old.get(key)!r}; a resumed run "
+                               "keeps its settings (only schedule.rounds, runtime.*, checkpoint.keep/every may change)")
+    return cfg
+
+
 def dump_config(cfg: RunConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -10,11 +10,12 @@
 #SBATCH --ntasks=7                  # = `hierfed topology ranks $TOPOLOGY`; checked before anything runs
 #SBATCH --time=02:00:00
 #SBATCH --output=slurm-%x-%j.out
+#SBATCH --requeue                   # a job that lost a node is requeued and continues (--resume auto)
 # ---------------------------------------------------------------------------------- settings ---
 TOPOLOGY="${TOPOLOGY:-default}"     # a name in topologies/ or a path to a topology file
 CONFIG="${CONFIG:-}"                # a run config YAML; empty: the embedded defaults
 RUN_ARGS="${RUN_ARGS:-}"            # more `hierfed run` arguments, e.g. "--rounds 10 --set train.lr=1e-3"
-OUT="${OUT:-}"                      # results directory; empty: runs/<topology>-<job id>
+OUT="${OUT:-}"                      # results directory; empty: runs/<topology>-<job id> (kept across a requeue)
 PYTHON="${PYTHON:-.venv/bin/python}"  # the Python with hierfed installed (relative to the submit dir)
 LAUNCHER="${LAUNCHER:-srun}"        # srun (--mpi=pmi2), or mpiexec (Hydra inside the allocation)
 MAP="${MAP:-edge}"                  # edge: each edge with its devices on one node; block: fill nodes
@@ -40,4 +41,4 @@ fi
 
 echo "slurm/job.sh: job $SLURM_JOB_ID, $SLURM_NTASKS tasks on ${SLURM_JOB_NODELIST:-?}"
 exec "$PYTHON" -m hierfed launch --launcher "$LAUNCHER" --map "$MAP" -- "$TOPOLOGY" \
-    ${CONFIG:+--config "$CONFIG"} --out "${OUT:-runs/$(basename "$TOPOLOGY" .yaml)-$SLURM_JOB_ID}" $RUN_ARGS
+    ${CONFIG:+--config "$CONFIG"} --out "${OUT:-runs/$(basename "$TOPOLOGY" .yaml)-$SLURM_JOB_ID}" --resume auto $RUN_ARGS

@@ -11,10 +11,15 @@ ranks outnumber cores, and --allow-run-as-root when started as root (containers,
 
 from __future__ import annotations
 
+import json
 import os
+import select
 import shutil
+import socket
 import subprocess
 import sys
+import threading
+import time
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -84,16 +89,84 @@ def rank_env() -> dict[str, str]:
     return env
 
 
-def launch(nprocs: int, argv: list[str]) -> int:
-    """Run hierfed under mpiexec and return its exit code (forwarding Ctrl-C to the job)."""
+def launch(nprocs: int, argv: list[str], ranks_file: Path | None = None) -> int:
+    """Run hierfed under mpiexec and return its exit code (forwarding Ctrl-C to the job).
+
+    A rank that dies without a word (SIGKILL, the OOM killer) makes mpiexec end the others, but its
+    report cannot say which rank it was: MPICH names the pid of whichever process it reaped first,
+    often one it killed itself. So the launcher watches the ranks of this host (rank 0 writes the
+    rank → role, host, pid table `ranks_file` at start) and, when the job fails, names the rank that
+    ended first. Open MPI's own report names the rank; it is passed on as is."""
     cmd = mpiexec_command(nprocs, argv)
     print(f"hierfed: launching {nprocs} ranks: {' '.join(Path(c).name if i == 0 else c for i, c in enumerate(cmd))}", flush=True)
+    if ranks_file is not None:
+        ranks_file.unlink(missing_ok=True)  # a table left by an earlier run names other processes
     proc = subprocess.Popen(cmd, env=rank_env())
+    watch = _FirstToEnd(ranks_file, proc) if ranks_file is not None else None
     try:
-        return proc.wait()
+        code = proc.wait()
     except KeyboardInterrupt:
         proc.terminate()
         return proc.wait()
+    # hierfed's own failures exit 1 or 2 and have printed their line; any other code is a rank that
+    # died without one (mpiexec passes on its signal number, e.g. 9 for SIGKILL)
+    if code not in (0, 1, 2) and watch is not None and (first := watch.result()):
+        who = ", ".join(f"rank {r['rank']} ({r['role']}, pid {r['pid']} on node {r['host']})" for r in first)
+        what = "was the first rank to end" if len(first) == 1 else "were the first ranks to end (seen together)"
+        print(f"hierfed: error: {who} {what}; mpiexec then ended the others and exited with code {code}", file=sys.stderr, flush=True)
+    return code
+
+
+class _FirstToEnd:
+    """Which rank of this host ended first: a thread waits for the rank table, opens a pidfd per
+    local rank (Linux; the ranks are not our children, so this is how to be told of their end) and
+    blocks until the first one ends. The kernel wakes it at that exit, before mpiexec has noticed
+    and killed the rest (several process hops later); ranks seen ended in the same wake-up are all
+    named."""
+
+    def __init__(self, ranks_file: Path, job: subprocess.Popen) -> None:
+        self._file, self._job = ranks_file, job
+        self._first: list[dict] = []
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    def result(self) -> list[dict]:
+        self._thread.join(timeout=2)
+        return self._first
+
+    def _watch(self) -> None:
+        if not hasattr(os, "pidfd_open"):
+            return
+        ranks: list[dict] = []
+        while self._job.poll() is None and not ranks:
+            time.sleep(0.2)
+            ranks = _read_ranks(self._file)
+        host = socket.gethostname()
+        fds: dict[int, dict] = {}
+        for r in ranks:
+            if r.get("host") == host:
+                try:
+                    fds[os.pidfd_open(int(r["pid"]))] = r
+                except OSError:  # already gone: it ended before we looked
+                    self._first.append(r)
+        if self._first or not fds:
+            return
+        poller = select.poll()
+        for fd in fds:
+            poller.register(fd, select.POLLIN)
+        try:
+            ready = poller.poll()
+            self._first = sorted((fds[fd] for fd, _ in ready), key=lambda r: int(r["rank"]))
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+
+def _read_ranks(path: Path) -> list[dict]:
+    try:
+        return list(json.loads(path.read_text()))
+    except (OSError, ValueError):
+        return []
 
 
 def entry(argv: list[str]) -> list[str]:

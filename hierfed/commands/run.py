@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -31,7 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tau2", type=int, help="edge rounds per cloud round (schedule.tau2)")
     p.add_argument("--seed", type=int, help="run seed")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override any run-config field, e.g. --set train.lr=1e-3")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--resume", nargs="?", const="yes", choices=("yes", "auto"), default=None,
+                   help="continue the run in --out from its last checkpoint (its saved config.yaml); "
+                        "'--resume auto': resume when --out has a checkpoint, else start fresh (Slurm requeue)")
     p.add_argument("--no-launch", action="store_true", help="do not start mpiexec when not under MPI (runs as a single rank)")
 
 
@@ -62,11 +65,20 @@ def overrides(args: argparse.Namespace) -> list[str]:
 def prepare(args: argparse.Namespace):
     """Everything every rank checks identically before any message is sent: config, topology, data."""
     from hierfed.cluster.preflight import check_deadline, check_edge_clients, check_resolved_split, check_supported
-    from hierfed.config import dump_config, load_config
+    from hierfed.config import dump_config, load_config, resumed_config
     from hierfed.data import load_data
     from hierfed.topology import load_topology
 
     cfg = load_config(args.config, overrides(args))
+    if args.resume:  # continue the saved run: its config.yaml, with only harmless changes (hierfed.config.RESUME_MAY_CHANGE)
+        if not cfg.out:
+            raise HierfedError("--resume needs --out DIR: the run to continue")
+        if args.resume == "auto":
+            # Decided here, identically on every rank: a checkpoint appears only after a round
+            # that needs every rank, so no rank can see one that another did not.
+            args.resume = "yes" if (Path(cfg.out) / "checkpoints" / "latest").is_file() else None
+    if args.resume:
+        cfg = resumed_config(Path(cfg.out) / "config.yaml", args.config, overrides(args))
     placement = load_topology(cfg.topology).placement()
     check_supported(placement, cfg)
     if cfg.model.source == "path" and not Path(cfg.model.path).is_dir():
@@ -84,8 +96,6 @@ def prepare(args: argparse.Namespace):
 
         # memory budgets and k, checked once; then what the resolved k leave each edge to do
         check_resolved_split(placement, cfg, split_plan(placement, cfg, task.kind, task.num_labels))
-    if args.resume and not cfg.out:
-        raise HierfedError("--resume needs --out DIR: the run to continue")
     text = dump_config(cfg)  # as asked: a privacy budget may cut the rounds below
     from hierfed.privacy import budget
 
@@ -101,8 +111,8 @@ def _run(args: argparse.Namespace) -> int:
         argv = sys.argv[1:]
         if not cfg.out:
             out = f"runs/{placement.topology.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-            argv += ["--out", out]
-        return launch(placement.world_size, argv)
+            return launch(placement.world_size, argv + ["--out", out], Path(out) / "ranks.json")
+        return launch(placement.world_size, argv, Path(cfg.out) / "ranks.json")
 
     from mpi4py import MPI
 
@@ -122,8 +132,8 @@ def _run(args: argparse.Namespace) -> int:
         error = (f"{type(e).__name__}: {e}".splitlines()[0], 1)
     # Agree collectively before any communicator is built: a rank that failed alone (a path missing
     # on its node) would otherwise exit while every other rank waits forever in COMM_WORLD.Split.
-    errors = world.allgather(error)
-    failed = [(r, e) for r, e in enumerate(errors) if e is not None]
+    gathered = world.allgather((error, os.getpid(), socket.gethostname()))
+    failed = [(r, e) for r, (e, _, _) in enumerate(gathered) if e is not None]
     if failed:
         if len(failed) == world.Get_size() and len({e for _, e in failed}) == 1:
             report_once(failed[0][1][0])  # the same on every rank (bad input): one line from one rank
@@ -133,6 +143,10 @@ def _run(args: argparse.Namespace) -> int:
         return max(e[1] for _, e in failed)
     role = placement.role(MPI.COMM_WORLD.Get_rank())
     out = cfg.out or f"runs/{placement.topology.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if world.Get_rank() == 0:  # who is who: the launcher names a rank that dies by it (MPICH reports only a pid)
+        table = [{"rank": r, "role": placement.role(r).name, "host": host, "pid": pid} for r, (_, pid, host) in enumerate(gathered)]
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "ranks.json").write_text(json.dumps(table, indent=1) + "\n")
 
     def body() -> None:
         from hierfed.roles import run_role

@@ -21,8 +21,24 @@ __all__ = [
 ]
 
 
+# The last task built in this process, by its config: a rank's pre-flight (hierfed run's `prepare`)
+# and its role ask for the same task, which is then read, cleaned and held once, not twice. One
+# entry: a process runs one job. Callers treat a TaskData as read-only (partitions are index arrays).
+_last: tuple[str, TaskData] | None = None
+
+
 def load_data(cfg: DataConfig) -> TaskData:
-    """The train/eval examples named by `cfg` (deterministic given cfg.seed)."""
+    """The train/eval examples named by `cfg` (deterministic given cfg.seed); built once per process
+    for the same config."""
+    global _last
+    key = cfg.model_dump_json()
+    if _last is None or _last[0] != key:
+        _last = None  # drop the old task before building the new one
+        _last = (key, _build(cfg))
+    return _last[1]
+
+
+def _build(cfg: DataConfig) -> TaskData:
     if cfg.source == "topics":
         return topics(cfg)
     if cfg.source == "corpus":

@@ -1,14 +1,14 @@
-"""Compressed links end to end: accuracy against the uncompressed main job, bytes, exact resume."""
+"""Compressed links end to end: accuracy against the uncompressed main job, bytes. (Exact resume with
+every link compressed: tests/mpi/test_split_jobs.py, one job for all the state a resume carries.)"""
 
 from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 
 from conftest import mpirun
-from test_jobs import _tiny_config, check_ok, final_params, rows
+from test_jobs import check_ok, rows
 
 pytestmark = pytest.mark.mpi
 
@@ -47,15 +47,3 @@ def test_topk_int8_with_error_feedback_still_learns(tmp_path):
     assert cloud[-1]["loss"] < cloud[0]["loss"]
     assert s["final"]["eval_accuracy"] >= 0.7
     assert s["bytes"]["edge-cloud"]["up"] < 0.2 * s["bytes_uncompressed"]["edge-cloud"]["up"]
-
-
-def test_resume_with_compressed_links_is_exact(tmp_path):
-    """Error-feedback residuals and the downlinks' held copies are checkpointed: resume == uninterrupted."""
-    cfg = _tiny_config(tmp_path, schedule={"rounds": 3, "tau1": 2, "tau2": 2},
-                       compression={"device_up": "topk:0.2 > int8", "edge_up": "int8", "edge_down": "fp16", "cloud_down": "int4"})
-    whole, parts = tmp_path / "whole", tmp_path / "parts"
-    check_ok(mpirun(7, "run", "--config", cfg, "--out", str(whole)))
-    check_ok(mpirun(7, "run", "--config", cfg, "--out", str(parts), "--rounds", "2"))
-    check_ok(mpirun(7, "run", "--config", cfg, "--out", str(parts), "--resume"))
-    np.testing.assert_array_equal(final_params(parts), final_params(whole))
-    assert (parts / "checkpoints" / "ranks" / "round-0002" / "rank-00002.npz").exists()

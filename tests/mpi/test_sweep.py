@@ -61,12 +61,9 @@ def test_smoke_sweep_writes_results_and_a_rerun_skips(tmp_path: Path) -> None:
     again = hierfed("sweep", "launch/sweeps/smoke.yaml", "--out", str(out), timeout=120)
     check_ok(again)
     assert again.stdout.count("done, skipped") == 2 and "finished in" not in again.stdout
-    # the simulated clock models devices, not this host: the same point run again gives the same times
-    twice = tmp_path / "twice"
-    check_ok(hierfed("sweep", "launch/sweeps/smoke.yaml", "--out", str(twice), "--point", "0", timeout=300))
-    first, second = ([r["sim_clock_s"] for r in map(json.loads, (d / "points" / "topology-fanout-1x8" / "metrics.jsonl").open()) if r["tier"] == "cloud"]
-                     for d in (out, twice))
-    assert first == second and first[-1] > 0
+    # The simulated clock models devices, not this host: the cloud's live clock is the report's
+    # recomputation from the rows (above), and that ignores every measured second
+    # (tests/unit/test_launch_simclock.py), so the same point run again gives the same times.
     assert hierfed("sweep", "launch/sweeps/smoke.yaml", "--out", str(out), "--print", "pending").stdout.strip() == ""
     # a changed setting makes the points stale: they would run again
     listed = hierfed("sweep", "launch/sweeps/smoke.yaml", "--out", str(out), "--set", "seed=1", "--list").stdout

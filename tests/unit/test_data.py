@@ -351,3 +351,14 @@ def test_disk_without_datasets_installed(tmp_path, monkeypatch):
 def test_taskdata_num_labels():
     assert TaskData("causal_lm", (), (), None).num_labels is None
     assert TaskData("classification", (), (), ("a", "b")).num_labels == 2
+
+
+def test_a_rank_builds_its_task_once_for_the_same_config():
+    """Pre-flight and role ask for the same task: the second call returns the same object (held
+    once, not twice); another config builds anew."""
+    from hierfed.data import DataConfig, load_data
+
+    a = load_data(DataConfig(source="topics", train_samples=40, eval_samples=8))
+    assert load_data(DataConfig(source="topics", train_samples=40, eval_samples=8)) is a
+    b = load_data(DataConfig(source="topics", train_samples=41, eval_samples=8))
+    assert b is not a and len(b.train) == 41

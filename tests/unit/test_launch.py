@@ -88,3 +88,33 @@ def test_rank_env_defaults_threads(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MKL_NUM_THREADS", "4")
     env = launch.rank_env()
     assert env["OMP_NUM_THREADS"] == "1" and env["MKL_NUM_THREADS"] == "4"
+
+
+
+def test_the_first_rank_to_end_is_named_even_when_the_rest_end_right_after(tmp_path: Path) -> None:
+    """Three stand-in ranks (sleeping processes of this host, listed like rank 0's table): the one
+    killed first is named although the others are killed 50 ms later (mpiexec takes a few ms)."""
+    import json
+    import signal
+    import socket
+    import subprocess
+    import time
+
+    procs = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) for _ in range(3)]
+    job = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        table = tmp_path / "ranks.json"
+        watch = launch._FirstToEnd(table, job)
+        table.write_text(json.dumps([{"rank": r, "role": f"role{r}", "host": socket.gethostname(), "pid": p.pid} for r, p in enumerate(procs)]))
+        time.sleep(1.0)  # the watcher has read the table and waits on the pidfds
+        procs[2].send_signal(signal.SIGKILL)
+        time.sleep(0.05)  # mpiexec needs a few ms to notice and kill the rest (several process hops)
+        for p in procs[:2]:
+            p.send_signal(signal.SIGKILL)
+        job.kill()
+        first = watch.result()
+        assert [(r["rank"], r["role"]) for r in first] == [(2, "role2")]
+    finally:
+        for p in [*procs, job]:
+            p.kill()
+            p.wait()

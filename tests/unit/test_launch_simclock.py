@@ -112,3 +112,16 @@ def test_same_rows_same_times() -> None:
     rows = [cloud_row(1, 10, 10), edge_row(1, 1, "edge0", 100, [work(0, 1.5 * TF, 7), work(1, TF, 9)]),
             edge_row(1, 1, "edge1", 100, [work(2, TF, 3), work(3, 0.5 * TF, 5)])]
     assert round_times(rows, p, RATES, dim=123) == round_times(list(rows), p, RATES, dim=123)
+
+
+def test_the_model_clock_ignores_what_this_host_measured() -> None:
+    """The host's measured seconds (compute, aggregation) may be anything: a loaded 2-core host, a
+    GPU; the simulated times are the same, so a point run again gives the same clock."""
+    p = hier(2, 2)
+
+    def rows(scale: float) -> list[dict]:
+        return [cloud_row(1, 10, 10, agg=0.3 * scale),
+                edge_row(1, 1, "edge0", 100, [work(0, 1.5 * TF, 7, seconds=2.0 * scale), work(1, TF, 9, seconds=scale)], agg=0.1 * scale),
+                edge_row(1, 1, "edge1", 100, [work(2, TF, 3, seconds=5.0 * scale), work(3, 0.5 * TF, 5)], agg=scale)]
+
+    assert round_times(rows(1.0), p, RATES, dim=123) == round_times(rows(37.0), p, RATES, dim=123)
