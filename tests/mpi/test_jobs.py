@@ -157,6 +157,26 @@ def test_a_failing_rank_ends_the_job(tmp_path, victim):
     assert "Traceback" not in proc.stderr
 
 
+def test_a_crash_while_ranks_save_a_round_resumes_from_the_last_complete_checkpoint(tmp_path):
+    """Device edge0/d0 dies after sending its round-2 update but before saving its round-2
+    error-feedback residuals, while the cloud writes its own checkpoint of round 2: `latest` still
+    names round 1, which every rank saved, and --resume continues from there to the end. (Before:
+    `latest` named round 2 and the resume stopped on d0's missing file.)"""
+    cfg = _tiny_config(tmp_path, schedule={"rounds": 3, "tau1": 2, "tau2": 1}, compression={"device_up": "topk:0.2 > int8"})
+    out = tmp_path / "run"
+    env = job_env()
+    env["HIERFED_INJECT_FAILURE"] = "save:edge0/d0:2"
+    proc = mpirun(7, "run", "--config", cfg, "--out", str(out), env=env, timeout=180)
+    assert proc.returncode != 0 and "injected failure before saving round 2" in proc.stderr, proc.stderr[-2000:]
+    ckpts = out / "checkpoints"
+    assert (ckpts / "round-0002" / "state.npz").exists()  # the cloud had written round 2 ...
+    assert not (ckpts / "ranks" / "round-0002" / "rank-00002.npz").exists()  # ... d0 had not
+    assert (ckpts / "latest").read_text().strip() == "round-0001"
+    check_ok(mpirun(7, "run", "--config", cfg, "--out", str(out), "--resume"))
+    assert [r["round"] for r in rows(out) if r["tier"] == "cloud"] == [0, 1, 2, 3]
+    assert (ckpts / "latest").read_text().strip() == "round-0003"
+
+
 def test_a_rank_failing_its_preflight_ends_every_rank(tmp_path):
     """Under a plain mpiexec (no launcher of ours), one rank's pre-flight fails (a path missing on
     its node): the ranks agree on it before building communicators, so nobody waits in Split; the
