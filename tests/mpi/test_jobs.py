@@ -65,6 +65,9 @@ def test_default_job_learns_and_writes_results(default_run):
     assert set(peak) == {"cloud", "edge0", "edge1", "edge0/d0", "edge0/d1", "edge1/d0", "edge1/d1"}
     assert all(m["gpu"] is None and m["host"] > 0 for m in peak.values())
     assert min(peak[r]["host"] for r in ("cloud", "edge0/d0")) > 1e8
+    # a plain edge aggregates flat vectors: it never imports torch or builds a model (~80 MB here;
+    # ~470 MB when it did)
+    assert max(peak[r]["host"] for r in ("edge0", "edge1")) < 1.5e8
 
 
 LOHA = {"method": "loha"}  # the tiny default run trains LoHa: LoRA is the main job's, tested throughout
