@@ -70,16 +70,18 @@ def test_default_job_learns_and_writes_results(default_run):
     assert max(peak[r]["host"] for r in ("edge0", "edge1")) < 1.5e8
 
 
-LOHA = {"method": "loha"}  # the tiny default run trains LoHa: LoRA is the main job's, tested throughout
+# The tiny default run trains LoHa on a tiny Llama (LoRA is the main job's, tested throughout;
+# peft's LoHa has no GPT-2 Conv1D layer).
+LOHA = {"peft": {"method": "loha"}, "model": {"source": "llama", "size": "tiny", "max_length": 24}}
 
 
 @pytest.fixture(scope="module")
 def tiny_default(tmp_path_factory):
-    """The tiny GPT-2 config with LoHa adapters on the default topology (7 ranks), run once for the
+    """The tiny Llama config with LoHa adapters on the default topology (7 ranks), run once for the
     tests that read it."""
     tmp = tmp_path_factory.mktemp("tiny")
     out = tmp / "run"
-    check_ok(mpirun(7, "run", "default", "--config", _tiny_config(tmp, peft=LOHA), "--out", str(out)))
+    check_ok(mpirun(7, "run", "default", "--config", _tiny_config(tmp, **LOHA), "--out", str(out)))
     return out
 
 
@@ -93,7 +95,7 @@ def test_checkpoint_is_a_peft_adapter(tiny_default):
     from hierfed.model import FlatView, load_tokenizer
     from hierfed.model.build import _base_model
 
-    mcfg = ModelConfig(source="gpt2", size="tiny", max_length=24)
+    mcfg = ModelConfig(source="llama", size="tiny", max_length=24)
     tok = load_tokenizer(mcfg)
     torch.manual_seed(0)
     base = _base_model(mcfg, "classification", 4, tok)
@@ -117,7 +119,7 @@ def _tiny_config(tmp_path: Path, **sections) -> str:
 def test_hierarchy_with_tau2_1_equals_flat_fedavg(tiny_default, tmp_path):
     """Two-level averaging by sample counts is one-level FedAvg: same devices, same data, same result."""
     hier, flat = tiny_default, tmp_path / "flat"
-    check_ok(mpirun(5, "run", "flat", "--config", _tiny_config(tmp_path, peft=LOHA), "--out", str(flat)))
+    check_ok(mpirun(5, "run", "flat", "--config", _tiny_config(tmp_path, **LOHA), "--out", str(flat)))
     a, b = final_params(hier), final_params(flat)
     assert np.abs(a - b).max() <= 1e-6
     assert np.abs(a).max() > 0
