@@ -40,5 +40,12 @@ if [ "${SLURM_NTASKS:-0}" -lt "$need" ] || { [ "${SLURM_NTASKS:-0}" -gt "$need" 
 fi
 
 echo "slurm/job.sh: job $SLURM_JOB_ID, $SLURM_NTASKS tasks on ${SLURM_JOB_NODELIST:-?}"
+# A requeued job numbers its steps from 0 again, and MPICH names its shared-memory segment after the
+# step (job.step): a step killed on this node in the earlier run left that segment behind, and the
+# new step would attach to it and spin in MPI_Init forever. One throw-away step per restart gives
+# the run a step id no earlier run of this job used.
+if [ "$LAUNCHER" = srun ]; then
+    for _ in $(seq 1 "${SLURM_RESTART_COUNT:-0}"); do srun --ntasks=1 --nodes=1 true; done
+fi
 exec "$PYTHON" -m hierfed launch --launcher "$LAUNCHER" --map "$MAP" -- "$TOPOLOGY" \
     ${CONFIG:+--config "$CONFIG"} --out "${OUT:-runs/$(basename "$TOPOLOGY" .yaml)-$SLURM_JOB_ID}" --resume auto $RUN_ARGS

@@ -4,10 +4,17 @@ Tensors move as contiguous numpy buffers with mpi4py's upper-case (buffer) calls
 control messages are pickled. Every send is counted in the Ledger by the rank that sends it.
 Waiting ranks either block inside MPI or poll a non-blocking request with a short backoff sleep,
 which leaves the cores to computing ranks when ranks outnumber cores (see RuntimeConfig.wait).
+
+MPI's counts and displacements are C ints: one collective moves at most 2^31 - 1 elements, and a
+Gatherv's displacements must stay below that too. Buffers past the limit (a full fine-tuning of a
+model over ~2.1 billion parameters, a gather of large payloads) therefore move in chunks, each a
+collective of its own, posted together and matched in order on every rank; the result is the same
+bytes. `HIERFED_COMM_CHUNK` lowers the limit (tests force tiny chunks with it).
 """
 
 from __future__ import annotations
 
+import os
 import pickle
 import time
 from typing import Any
@@ -20,6 +27,21 @@ from hierfed.comm.ledger import Ledger
 _POLL_SPIN_S = 100e-6  # test in a tight loop this long first: short waits stay short
 _POLL_FIRST_S = 20e-6
 _POLL_MAX_S = 1e-3
+_INT_MAX = (1 << 31) - 1
+
+
+def chunk_limit() -> int:
+    """Elements per collective (bytes for byte buffers): MPI's int limit, or HIERFED_COMM_CHUNK."""
+    return max(1, min(_INT_MAX, int(os.environ.get("HIERFED_COMM_CHUNK", _INT_MAX))))
+
+
+def _chunks(buf: np.ndarray) -> list[np.ndarray]:
+    """Views of a contiguous buffer, each within the limit (the buffer itself when it fits)."""
+    flat = buf.reshape(-1)
+    limit = chunk_limit()
+    if flat.size <= limit:
+        return [buf]
+    return [flat[i : i + limit] for i in range(0, flat.size, limit)]
 
 
 def wait(request: MPI.Request, poll: bool) -> None:
@@ -87,7 +109,7 @@ class Channel:
         if self.is_parent:
             n = self.num_children if receivers is None else receivers
             self.ledger.record(self.link, "down", buf.nbytes * n, raw=None if raw is None else raw * n)
-        self._complete(self.comm.Ibcast(buf, root=0))
+        wait_all([self.comm.Ibcast(piece, root=0) for piece in _chunks(buf)], self.poll)
 
     def reduce_sum(self, buf: np.ndarray, senders: int = 1) -> None:
         """Children -> parent: the parent's `buf` becomes the element-wise sum of the children's.
@@ -97,10 +119,10 @@ class Channel:
         """
         if self.is_parent:
             buf[...] = 0
-            self._complete(self.comm.Ireduce(MPI.IN_PLACE, buf, op=MPI.SUM, root=0))
+            wait_all([self.comm.Ireduce(MPI.IN_PLACE, piece, op=MPI.SUM, root=0) for piece in _chunks(buf)], self.poll)
         else:
             self.ledger.record(self.link, "up", buf.nbytes * senders)
-            self._complete(self.comm.Ireduce(buf, None, op=MPI.SUM, root=0))
+            wait_all([self.comm.Ireduce(piece, None, op=MPI.SUM, root=0) for piece in _chunks(buf)], self.poll)
 
     def gather_bytes(self, payload: np.ndarray, raw: int = 0) -> list[np.ndarray] | None:
         """Children -> parent: variable-size uint8 payloads with one Gatherv (sizes gathered first).
@@ -108,18 +130,9 @@ class Channel:
         Counted at each child: the payload plus its 8-byte size; `raw` is its uncompressed size.
         Returns the children's payloads in child order at the parent, None at children.
         """
-        size = np.array([payload.size], dtype=np.int64)
-        if self.is_parent:
-            sizes = np.zeros(self.comm.Get_size(), dtype=np.int64)
-            self._complete(self.comm.Igather(size, sizes, root=0))
-            recv = np.empty(int(sizes.sum()), dtype=np.uint8)
-            displs = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-            self._complete(self.comm.Igatherv(payload[:0], [recv, sizes, displs, MPI.BYTE], root=0))
-            return [recv[d : d + n] for d, n in zip(displs[1:], sizes[1:])]
-        self.ledger.record(self.link, "up", payload.nbytes + size.nbytes, raw=raw)
-        self._complete(self.comm.Igather(size, None, root=0))
-        self._complete(self.comm.Igatherv([payload, MPI.BYTE], None, root=0))
-        return None
+        if not self.is_parent:
+            self.ledger.record(self.link, "up", payload.nbytes + 8, raw=raw)
+        return gather_varying(self.comm, payload, self.is_parent, self.poll)
 
     def bcast_obj(self, obj: Any = None) -> Any:
         """A small control message from the parent to every child (pickled)."""
@@ -133,13 +146,39 @@ class Channel:
 
         Returns the children's objects in child order at the parent, None at children.
         """
-        data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-        sizes = np.zeros(self.comm.Get_size(), dtype=np.int64) if self.is_parent else None
-        self._complete(self.comm.Igather(np.array([len(data)], dtype=np.int64), sizes, root=0))
-        if self.is_parent:
-            recv = bytearray(int(sizes.sum()))
-            displs = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-            self._complete(self.comm.Igatherv(data, [recv, sizes, displs, MPI.BYTE], root=0))
-            return [pickle.loads(recv[d : d + s]) for d, s in zip(displs[1:], sizes[1:])]
-        self._complete(self.comm.Igatherv(data, None, root=0))
-        return None
+        data = np.frombuffer(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL), dtype=np.uint8)
+        parts = gather_varying(self.comm, data, self.is_parent, self.poll)
+        return None if parts is None else [pickle.loads(p) for p in parts]
+
+
+def gather_varying(comm: MPI.Comm, payload: np.ndarray, root: bool, poll: bool) -> list[np.ndarray] | None:
+    """Variable-size uint8 payloads from the other ranks of `comm` to rank 0 (which sends none).
+
+    Every rank learns every size (one Allgather of an int64), so all agree whether the payloads fit
+    one Gatherv (total below the int limit: the usual case, received in place) or go in rounds of at
+    most limit / size bytes per rank, each round's total within the limit."""
+    sizes = np.zeros(comm.Get_size(), dtype=np.int64)
+    wait(comm.Iallgather(np.array([0 if root else payload.size], dtype=np.int64), sizes), poll)
+    limit = chunk_limit()
+    if int(sizes.sum()) <= limit:
+        if not root:
+            wait(comm.Igatherv([payload, MPI.BYTE], None, root=0), poll)
+            return None
+        recv = np.empty(int(sizes.sum()), dtype=np.uint8)
+        displs = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        wait(comm.Igatherv([payload[:0], MPI.BYTE], [recv, sizes, displs, MPI.BYTE], root=0), poll)
+        return [recv[d : d + n] for d, n in zip(displs[1:], sizes[1:])]
+    step = max(1, limit // comm.Get_size())
+    out = [np.empty(int(n), dtype=np.uint8) for n in sizes] if root else []
+    for start in range(0, int(sizes.max()), step):
+        counts = np.clip(sizes - start, 0, step)
+        if not root:
+            mine = payload[start : start + int(counts[comm.Get_rank()])]
+            wait(comm.Igatherv([mine, MPI.BYTE], None, root=0), poll)
+            continue
+        recv = np.empty(int(counts.sum()), dtype=np.uint8)
+        displs = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        wait(comm.Igatherv([payload[:0], MPI.BYTE], [recv, counts, displs, MPI.BYTE], root=0), poll)
+        for r in range(1, comm.Get_size()):
+            out[r][start : start + int(counts[r])] = recv[displs[r] : displs[r] + counts[r]]
+    return out[1:] if root else None

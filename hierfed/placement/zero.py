@@ -2,8 +2,8 @@
 the edge's ranks (`ranks: G` in the topology).
 
 Each edge group gets its own torch.distributed process group, made from its MPI communicator: the
-group's leader picks an address and a free port and broadcasts them, so several edges run side by
-side in one MPI job (gloo on CPUs, NCCL on GPUs). Device ranks and the cloud never join a group.
+group's leader opens a TCPStore on a port the kernel picks, at an address its members can reach,
+and broadcasts both, so several edges run side by side in one MPI job (gloo on CPUs, NCCL on GPUs). Device ranks and the cloud never join a group.
 
 Data parallelism over the micro-batches the edge receives: split device i sends to edge rank
 i mod G. ZeRO's collectives run inside forward/backward, so every rank of a group runs the same
@@ -51,28 +51,82 @@ def quiet_import():
 
 
 def init_group(comm: MPI.Comm, leader: bool, backend: str, device: torch.device) -> None:
-    """torch.distributed's default process group = this edge group (address/port from its leader).
-    On a GPU the group is bound to this rank's device, which follows the node-local MPI rank, not
-    the rank in the group (NCCL would otherwise guess GPU = group rank, wrong when several edges
-    share a node)."""
+    """torch.distributed's default process group = this edge group. The leader opens the group's
+    TCPStore on a port the kernel picks (port 0: nothing is bound, released and bound again, so no
+    other process can take it in between) at an address every member can reach (`rendezvous_address`)
+    and broadcasts both. On a GPU the group is bound to this rank's device, which follows the
+    node-local MPI rank, not the rank in the group (NCCL would otherwise guess GPU = group rank,
+    wrong when several edges share a node)."""
+    import datetime
+
     import torch.distributed as dist
 
-    host = socket.gethostname()
-    hosts = comm.allgather(host)
-    if leader:
-        addr = "127.0.0.1" if len(set(hosts)) == 1 else socket.gethostbyname(host)
-        with socket.socket() as s:
-            s.bind(("", 0))
-            port = s.getsockname()[1]
-        where = (addr, port)
-    where = comm.bcast(where if leader else None, root=0)
+    hosts = comm.allgather(socket.gethostname())
     rank, size = comm.Get_rank(), comm.Get_size()
+    timeout = datetime.timedelta(minutes=5)
+    store = None
+    if leader:
+        try:
+            addr = rendezvous_address(hosts)
+            store = dist.TCPStore(addr, 0, size, is_master=True, timeout=timeout, wait_for_workers=False)
+            where: tuple[str, int] | str = (addr, store.port)
+        except (HierfedError, RuntimeError, OSError) as e:
+            where = f"deepspeed: edge group rendezvous: {e}"
+    where = comm.bcast(where if leader else None, root=0)
+    if isinstance(where, str):  # the leader could not open the store: every member stops with its line
+        raise HierfedError(where)
+    addr, port = where
+    if store is None:
+        store = dist.TCPStore(addr, port, size, is_master=False, timeout=timeout)
     # LOCAL_RANK is the node-local MPI rank (DeepSpeed checks it against Open MPI's own variable).
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(size), LOCAL_RANK=str(local_rank()), MASTER_ADDR=where[0], MASTER_PORT=str(where[1]))
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(size), LOCAL_RANK=str(local_rank()), MASTER_ADDR=addr, MASTER_PORT=str(port))
     bound = device if device.type == "cuda" and backend == "nccl" else None
     if bound is not None:
         torch.cuda.set_device(bound)
-    dist.init_process_group(backend, init_method=f"tcp://{where[0]}:{where[1]}", rank=rank, world_size=size, device_id=bound)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=size, device_id=bound)
+
+
+def rendezvous_address(hosts: list[str]) -> str:
+    """An address of this node (the group's leader) that every member of its group can reach.
+
+    One node: the loopback. Several: `HIERFED_MASTER_ADDR` when set ("{host}" in it stands for this
+    node's name, e.g. "{host}-ib" for a cluster's InfiniBand names), else the source address the
+    kernel routes to another member with, else this node's name resolved, unless that is a loopback
+    address (Debian-style hosts map their own name to 127.0.1.1, which no other node can reach)."""
+    me = socket.gethostname()
+    override = os.environ.get("HIERFED_MASTER_ADDR")
+    if override:
+        return socket.gethostbyname(override.replace("{host}", me))
+    if len(set(hosts)) == 1:
+        return "127.0.0.1"
+    for peer in sorted(set(hosts) - {me}):
+        try:
+            src = _source_address(socket.gethostbyname(peer))
+        except OSError:
+            continue
+        if not _loopback(src):
+            return src
+    try:
+        own = socket.gethostbyname(me)
+    except OSError:
+        own = "127.0.0.1"
+    if not _loopback(own):
+        return own
+    raise HierfedError(f"no address of {me} that the other nodes of its edge group ({', '.join(sorted(set(hosts) - {me}))}) can reach: "
+                       f"its name resolves to {own}; set HIERFED_MASTER_ADDR to its address on the cluster network (or e.g. '{{host}}-ib')")
+
+
+def _source_address(peer_ip: str) -> str:
+    """The local address the kernel would send to `peer_ip` from (a UDP connect sends nothing)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((peer_ip, 9))
+        return s.getsockname()[0]
+
+
+def _loopback(ip: str) -> bool:
+    import ipaddress
+
+    return ipaddress.ip_address(ip).is_loopback
 
 
 def load_params(flat, vec: np.ndarray, zero3: bool) -> None:

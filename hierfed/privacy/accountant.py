@@ -9,21 +9,28 @@ mechanism with multiplier σ/√k; the round's sampling amplifies it:
   client_fraction = 1         Gaussian(σ/√k)                                       add/remove one client
 T rounds are that event self-composed T times. Edges hold disjoint clients (parallel composition), so
 noise at the edges costs what noise at the cloud costs for the same k.
+
+dp-accounting (and the scipy it pulls in) is imported by the functions that use it: every rank of
+every job imports this package, and the import costs seconds of CPU per rank; only runs with DP
+noise need it.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-
-import dp_accounting
-from dp_accounting import pld, rdp
+from typing import TYPE_CHECKING
 
 from hierfed.errors import HierfedError
+
+if TYPE_CHECKING:
+    import dp_accounting
 
 
 def round_event(sigma: float, k: int, sampling: str, fraction: float, num_clients: int) -> tuple[dp_accounting.DpEvent, str]:
     """(one cloud round's DpEvent, its neighbouring relation: "add_remove" or "replace_one")."""
+    import dp_accounting
+
     z = sigma / math.sqrt(k)
     if fraction >= 1.0:
         return dp_accounting.GaussianDpEvent(z), "add_remove"
@@ -34,6 +41,9 @@ def round_event(sigma: float, k: int, sampling: str, fraction: float, num_client
 
 
 def _accountant(kind: str, relation: str):
+    import dp_accounting
+    from dp_accounting import pld, rdp
+
     rel = dp_accounting.NeighboringRelation.REPLACE_ONE if relation == "replace_one" else dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
     if kind == "pld":
         if relation == "replace_one":

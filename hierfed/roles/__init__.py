@@ -13,4 +13,6 @@ def run_role(rt, cfg) -> None:
 
     # Imported lazily: an edge rank aggregates flat vectors and never imports torch or transformers.
     importlib.import_module(_LOOPS[rt.role.kind]).run(rt, cfg)
-    report_memory(rt)  # every rank's peak memory into summary.json
+    report_memory(rt)  # every rank's peak memory into summary.json; collective: every rank has finished its loop
+    if rt.when_all_ranks_done is not None:
+        rt.when_all_ranks_done()

@@ -96,6 +96,7 @@ def run(rt, cfg) -> None:
             row.update(evaluator.evaluate(eval_data, task.kind, cfg.schedule.eval_batch_size, eval_groups, task.groups))
         if row["round"] > 0 and (last or row["round"] % cfg.checkpoint.every == 0):
             ckpts.save(State(row["round"], params, cloud_state, states), built.model, flat, meta)
+            unconfirmed.append(row["round"])
         row["seconds"]["eval"] = time.perf_counter() - t0
         row["elapsed_s"] = time.perf_counter() - began
         log.add_bytes(row, raw)  # before pricing: the round's own cloud-link bytes are on its critical path
@@ -103,6 +104,7 @@ def run(rt, cfg) -> None:
         row["sim_s"], row["sim_clock_s"] = sim.seconds, sim.clock
         log.write(row)
 
+    unconfirmed: list[int] = []  # checkpoints written here whose rank states may still be on their way to disk
     pending = None
     if start == 1:  # round 0: the untrained model, so the log shows where learning starts
         pending = ({"round": 0, "edge_round": None, "tier": "cloud", "loss": None, "seconds": {}}, rt.ledger.take_round(), params, {}, {})
@@ -115,6 +117,11 @@ def run(rt, cfg) -> None:
         params, _weight, telemetry, agg_s = aggregation_round(
             link, params, strategy, receivers, codec_rng(cfg.seed, t, 0, rt.role.rank, 1), while_children_work=(lambda job=job: finish(*job)) if job else None
         )
+        # Round t's contributions came from every rank after it had saved its state of every earlier
+        # round: the checkpoints before t are complete now (the one of t - 1 was written meanwhile).
+        if earlier := [r for r in unconfirmed if r < t]:
+            ckpts.confirm(max(earlier))
+            unconfirmed[:] = [r for r in unconfirmed if r >= t]
         row, raw = _round_row(t, telemetry, rt.placement.flat, agg_s, log, receivers)
         if accountant is not None:
             row["epsilon"] = accountant.epsilon(t)  # at privacy.delta, after this round
@@ -127,6 +134,9 @@ def run(rt, cfg) -> None:
         pending = (row, raw, params, states, cloud_state)
     if pending:
         finish(*pending)
+    if unconfirmed:  # the last round's: complete once every rank has reached the end-of-run gather
+        last_saved = max(unconfirmed)
+        rt.when_all_ranks_done = lambda: ckpts.confirm(last_saved)
 
     if task.kind == "causal_lm":  # a few greedy generations from the final model (flat holds its parameters)
         from hierfed.training.samples import write_samples

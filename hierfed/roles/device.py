@@ -9,6 +9,7 @@ trains them with its edge over the cut (hierfed.placement.link); its update cove
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -114,6 +115,9 @@ def run(rt, cfg) -> None:
             rt.up.gather_obj({"loss_sum": loss_sum, "weight": weight, "clients": len(work), "compute_s": compute_s, "phases": phases,
                               "bytes": sent, "work": work})
         if link.feedback is not None and (t % cfg.checkpoint.every == 0 or t == cfg.schedule.rounds):
+            if os.environ.get("HIERFED_INJECT_FAILURE") == f"save:{rt.role.name}:{t}":  # test hook: die late, before saving round t
+                time.sleep(8)  # meanwhile the cloud writes its own checkpoint of round t
+                raise RuntimeError(f"injected failure before saving round {t}")
             saved.save(t, link.state_dict())
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from hierfed.model.cost import step_shape
 from hierfed.sim.flops import step_flops
 
 
@@ -15,6 +14,8 @@ class StepCost:
     whole model (its meta skeleton): the blocks it does not hold run on its edge (`edge_flops`)."""
 
     def __init__(self, model, cfg, whole=None) -> None:
+        from hierfed.model.cost import step_shape  # torch: only ranks that hold a model get here
+
         self.part = step_shape(model)
         self.upper = None if whole is None else step_shape(whole) - self.part
         self.optimizer = cfg.train.optimizer

@@ -6,8 +6,12 @@ Layout under <out>/checkpoints/:
   round-0003/state.npz     exact flat global vector and strategy states (the resume source)
   round-0003/state.json    round, dim, fingerprint, seed
   latest                   the name of the newest complete checkpoint
-A checkpoint is written into a temporary directory and renamed into place, and `latest` is replaced
-atomically after it, so a crash at any moment leaves the previous checkpoint intact.
+A checkpoint is written into a temporary directory and renamed into place. It is complete only when
+every rank has saved its own state of that round too (error-feedback residuals, a split device's or
+a ZeRO edge's optimiser: RankState below), which the cloud learns from the next message each rank
+sends it (the next round's contributions, or the end-of-run gather): only then does `confirm` point
+`latest` at it, atomically. A crash at any moment therefore leaves `latest` naming a checkpoint that
+every rank can resume from, and `--resume` falls back to it.
 """
 
 from __future__ import annotations
@@ -43,7 +47,8 @@ class Checkpoints:
         self.keep = keep
 
     def save(self, state: State, peft_model, flat, meta: dict) -> Path:
-        """Write round `state.round`; `peft_model` is the cloud's model, loaded with the global params."""
+        """Write round `state.round`; `peft_model` is the cloud's model, loaded with the global params.
+        `latest` does not move until `confirm(round)`: the other ranks may still be saving theirs."""
         self.root.mkdir(parents=True, exist_ok=True)
         name = f"round-{state.round:04d}"
         final = self.root / name
@@ -62,13 +67,17 @@ class Checkpoints:
             shutil.rmtree(aside, ignore_errors=True)
             os.replace(final, aside)
         os.replace(tmp, final)
-        _write_text_atomic(self.root / "latest", name + "\n")
-        self._prune()
         return final
 
-    def _prune(self) -> None:
-        """Keep the newest `keep` checkpoints (by round number) and drop leftovers of crashed writes."""
-        done = sorted((p for p in self.root.glob("round-*") if p.is_dir()), key=lambda p: int(p.name.split("-")[1]))
+    def confirm(self, round_: int) -> None:
+        """Every rank has saved round `round_`: point `latest` at it, keep the newest `keep` complete
+        checkpoints (and any newer, not yet confirmed one), drop leftovers of crashed writes."""
+        name = f"round-{round_:04d}"
+        if not (self.root / name / "state.npz").exists():
+            raise HierfedError(f"checkpoint {self.root / name} was never written")
+        _write_text_atomic(self.root / "latest", name + "\n")
+        done = sorted((p for p in self.root.glob("round-*") if p.is_dir() and int(p.name.split("-")[1]) <= round_),
+                      key=lambda p: int(p.name.split("-")[1]))
         stale = [p for p in self.root.glob(".*-round-*") if p.is_dir()]
         for old in done[: -self.keep] + stale:
             shutil.rmtree(old, ignore_errors=True)

@@ -11,6 +11,7 @@ How each rank waits for messages (`runtime.wait`: block or poll) is decided here
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ class Runtime:
     poll: bool = True  # how this rank waits (runtime.wait resolved for its node)
     wait_reason: str = ""  # how ranks wait, every node's choice
     summary: dict[str, Any] = field(default_factory=dict)
+    when_all_ranks_done: Callable[[], None] | None = None  # run after the end-of-run gather (the cloud confirms its last checkpoint)
 
 
 def choose_wait(mode: str, ranks_per_node: int, cores_per_node: int, threads: int) -> tuple[bool, str]:

@@ -65,19 +65,28 @@ def test_default_job_learns_and_writes_results(default_run):
     assert set(peak) == {"cloud", "edge0", "edge1", "edge0/d0", "edge0/d1", "edge1/d0", "edge1/d1"}
     assert all(m["gpu"] is None and m["host"] > 0 for m in peak.values())
     assert min(peak[r]["host"] for r in ("cloud", "edge0/d0")) > 1e8
+    # a plain edge aggregates flat vectors: it never imports torch or builds a model (~80 MB here;
+    # ~470 MB when it did)
+    assert max(peak[r]["host"] for r in ("edge0", "edge1")) < 1.5e8
+
+
+# The tiny default run trains LoHa on a tiny Llama (LoRA is the main job's, tested throughout;
+# peft's LoHa has no GPT-2 Conv1D layer).
+LOHA = {"peft": {"method": "loha"}, "model": {"source": "llama", "size": "tiny", "max_length": 24}}
 
 
 @pytest.fixture(scope="module")
 def tiny_default(tmp_path_factory):
-    """The tiny GPT-2 config on the default topology (7 ranks), run once for the tests that read it."""
+    """The tiny Llama config with LoHa adapters on the default topology (7 ranks), run once for the
+    tests that read it."""
     tmp = tmp_path_factory.mktemp("tiny")
     out = tmp / "run"
-    check_ok(mpirun(7, "run", "default", "--config", _tiny_config(tmp), "--out", str(out)))
+    check_ok(mpirun(7, "run", "default", "--config", _tiny_config(tmp, **LOHA), "--out", str(out)))
     return out
 
 
 def test_checkpoint_is_a_peft_adapter(tiny_default):
-    """The cloud's checkpoint loads with PeftModel.from_pretrained and holds the global parameters."""
+    """The cloud's checkpoint (LoHa here) loads with PeftModel.from_pretrained and holds the global parameters."""
     out = tiny_default
     import torch
     from peft import PeftModel
@@ -86,7 +95,7 @@ def test_checkpoint_is_a_peft_adapter(tiny_default):
     from hierfed.model import FlatView, load_tokenizer
     from hierfed.model.build import _base_model
 
-    mcfg = ModelConfig(source="gpt2", size="tiny", max_length=24)
+    mcfg = ModelConfig(source="llama", size="tiny", max_length=24)
     tok = load_tokenizer(mcfg)
     torch.manual_seed(0)
     base = _base_model(mcfg, "classification", 4, tok)
@@ -110,16 +119,16 @@ def _tiny_config(tmp_path: Path, **sections) -> str:
 def test_hierarchy_with_tau2_1_equals_flat_fedavg(tiny_default, tmp_path):
     """Two-level averaging by sample counts is one-level FedAvg: same devices, same data, same result."""
     hier, flat = tiny_default, tmp_path / "flat"
-    check_ok(mpirun(5, "run", "flat", "--config", _tiny_config(tmp_path), "--out", str(flat)))
+    check_ok(mpirun(5, "run", "flat", "--config", _tiny_config(tmp_path, **LOHA), "--out", str(flat)))
     a, b = final_params(hier), final_params(flat)
     assert np.abs(a - b).max() <= 1e-6
     assert np.abs(a).max() > 0
 
 
 def test_uneven_topology_causal_lm(tmp_path):
-    """Uneven fan-outs (3 devices and 1) with a tiny Llama on the built-in corpus: eval loss falls.
-    With `eval_every: 2` the cloud evaluates rounds 0, 2 and the last (3), not round 1."""
-    cfg = _tiny_config(tmp_path, model={"source": "llama", "size": "tiny", "max_length": 24},
+    """Uneven fan-outs (3 devices and 1) with a tiny Llama and LoKr adapters on the built-in corpus:
+    eval loss falls. With `eval_every: 2` the cloud evaluates rounds 0, 2 and the last (3), not round 1."""
+    cfg = _tiny_config(tmp_path, model={"source": "llama", "size": "tiny", "max_length": 24}, peft={"method": "lokr"},
                        data={"source": "corpus", "train_samples": 400, "eval_samples": 64},
                        schedule={"rounds": 3, "tau1": 4, "tau2": 2, "eval_every": 2})
     out = tmp_path / "uneven"
@@ -155,6 +164,28 @@ def test_a_failing_rank_ends_the_job(tmp_path, victim):
     assert time.monotonic() - started < 90
     assert f"({victim}): RuntimeError: injected failure" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_crash_while_ranks_save_a_round_resumes_from_the_last_complete_checkpoint(tmp_path):
+    """Device edge0/d0 dies after sending its round-2 update but before saving its round-2
+    error-feedback residuals, while the cloud writes its own checkpoint of round 2: `latest` still
+    names round 1, which every rank saved, and --resume continues from there to the end. (Before:
+    `latest` named round 2 and the resume stopped on d0's missing file.)"""
+    cfg = _tiny_config(tmp_path, schedule={"rounds": 3, "tau1": 2, "tau2": 1}, compression={"device_up": "topk:0.2 > int8"},
+                       peft={"method": "ia3"})  # IA3 trains end to end here (LoRA: the main job; LoHa, LoKr: above)
+    out = tmp_path / "run"
+    env = job_env()
+    env["HIERFED_INJECT_FAILURE"] = "save:edge0/d0:2"
+    proc = mpirun(7, "run", "--config", cfg, "--out", str(out), env=env, timeout=180)
+    assert proc.returncode != 0 and "injected failure before saving round 2" in proc.stderr, proc.stderr[-2000:]
+    ckpts = out / "checkpoints"
+    assert (ckpts / "round-0002" / "state.npz").exists()  # the cloud had written round 2 ...
+    assert not (ckpts / "ranks" / "round-0002" / "rank-00002.npz").exists()  # ... d0 had not
+    assert (ckpts / "latest").read_text().strip() == "round-0001"
+    check_ok(mpirun(7, "run", "--config", cfg, "--out", str(out), "--resume"))
+    assert [r["round"] for r in rows(out) if r["tier"] == "cloud"] == [0, 1, 2, 3]
+    assert (ckpts / "latest").read_text().strip() == "round-0003"
+    assert np.abs(final_params(out) - np.load(ckpts / "round-0002" / "state.npz")["params"]).max() > 0  # IA3 trained in round 3
 
 
 def test_a_rank_failing_its_preflight_ends_every_rank(tmp_path):

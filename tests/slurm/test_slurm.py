@@ -71,20 +71,90 @@ def check_ok(proc, log: Path | None = None) -> None:
     assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-2000:]}\nstderr:\n{proc.stderr[-2000:]}{more}"
 
 
-def finished_run(out: Path, world_size: int) -> dict:
+def finished_run(out: Path, world_size: int, rounds: int = 2) -> dict:
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["world_size"] == world_size and summary["rounds"] == 2
+    assert summary["world_size"] == world_size and summary["rounds"] == rounds
     return summary
 
 
-def test_job_script_sizes_itself_and_runs(tmp_path: Path) -> None:
-    """`bash slurm/job.sh` submits itself with --ntasks from the topology; srun starts the ranks."""
+def _job_state(job: str) -> str:
+    text = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
+    m = re.search(r"JobState=(\w+)", text)
+    return m.group(1) if m else "UNKNOWN"
+
+
+def _wait_state(job: str, done: set[str], timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while (state := _job_state(job)) not in done:
+        assert time.monotonic() < deadline, f"job {job} still {state} after {timeout:.0f} s"
+        time.sleep(1)
+    return state
+
+
+def _final_params(out: Path):
+    import numpy as np
+
+    latest = (out / "checkpoints" / "latest").read_text().strip()
+    with np.load(out / "checkpoints" / latest / "state.npz") as z:
+        return z["params"]
+
+
+ROUNDS = "--rounds 4 --set schedule.tau1=10"  # the two jobs below: long enough that a rank can be killed mid-run
+
+
+@pytest.fixture(scope="module")
+def het_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path, Path]:
+    """The heterogeneous job (slurm/hetjob.sh), run once: its own test's subject, and the
+    uninterrupted run the requeued job must end equal to."""
+    tmp = tmp_path_factory.mktemp("het")
+    log, out = tmp / "het.out", tmp / "run"
+    if not {"gpu", "cpu"} <= _partitions():  # a Slurm without .ci/slurm.sh's partitions: a plain job is the reference
+        return run(["bash", "slurm/job.sh", "--wait", f"--output={log}"], TOPOLOGY="default", CONFIG=str(TINY), OUT=str(out), RUN_ARGS=ROUNDS), log, out
+    proc = run(["bash", "slurm/hetjob.sh", "--wait"], TOPOLOGY="default", CONFIG=str(TINY), OUT=str(out), RUN_ARGS=ROUNDS,
+               JOB_OPTS=f"--job-name=hierfed-het --output={log}")
+    return proc, log, out
+
+
+def test_job_script_sizes_itself_and_a_killed_requeued_job_equals_an_uninterrupted_one(tmp_path: Path, het_run) -> None:
+    """`bash slurm/job.sh` submits itself with --ntasks from the topology; srun starts the ranks. A
+    device rank SIGKILLed mid-run fails the job; `scontrol requeue` (what Slurm does itself when a
+    node is lost; the job asks for --requeue) runs it again under the same job id and OUT, and
+    `--resume auto` continues from the last complete checkpoint: the finished job equals the
+    uninterrupted heterogeneous job of the same topology and config, bit for bit. (On the same node:
+    the killed step's MPICH shared-memory segment is still there, which slurm/job.sh steps around.)"""
+    import signal
+
     log, out = tmp_path / "job.out", tmp_path / "run"
-    proc = run(["bash", "slurm/job.sh", "--wait", f"--output={log}"], TOPOLOGY="default", CONFIG=str(TINY), OUT=str(out))
-    check_ok(proc, log)
+    proc = run(["bash", "slurm/job.sh", "--parsable", f"--output={log}", "--open-mode=append"],
+               TOPOLOGY="default", CONFIG=str(TINY), OUT=str(out), RUN_ARGS=ROUNDS)
+    check_ok(proc)
+    job = proc.stdout.strip().split(";")[0]
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "checkpoints" / "latest").exists():  # a complete checkpoint to come back to (round 1's)
+            state = _job_state(job)
+            assert state in {"PENDING", "CONFIGURING", "RUNNING"} and time.monotonic() < deadline, (state, log.read_text() if log.exists() else "")
+            time.sleep(0.5)
+        victim = next(r for r in json.loads((out / "ranks.json").read_text()) if r["role"] == "edge1/d0")
+        os.kill(int(victim["pid"]), signal.SIGKILL)
+        assert _wait_state(job, {"FAILED", "COMPLETED", "CANCELLED", "NODE_FAIL"}, 120) == "FAILED"
+        assert (out / "checkpoints" / "latest").read_text().strip() != "round-0004"  # it did not finish
+        check_ok(run(["scontrol", "requeue", job], timeout=60))
+        check_ok(run(["scontrol", "update", f"jobid={job}", "StartTime=now"], timeout=60))  # Slurm holds a requeued job ~2 min
+        _wait_state(job, {"PENDING", "CONFIGURING", "RUNNING", "COMPLETED"}, 60)  # requeued: no longer the old FAILED
+        assert _wait_state(job, {"FAILED", "COMPLETED", "CANCELLED"}, 300) == "COMPLETED", log.read_text()[-3000:]
+    finally:
+        subprocess.run(["scancel", job], capture_output=True)
     text = log.read_text()
-    assert "7 tasks" in text and "launching 7 ranks with srun" in text
-    finished_run(out, 7)
+    assert text.count("7 tasks") >= 2 and text.count("launching 7 ranks with srun") == 2, text[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 7 and summary["rounds"] == 4
+    assert [json.loads(line)["round"] for line in (out / "metrics.jsonl").read_text().splitlines() if json.loads(line)["tier"] == "cloud"] == [0, 1, 2, 3, 4]
+    het_proc, het_log, het_out = het_run
+    check_ok(het_proc, het_log)
+    import numpy as np
+
+    np.testing.assert_array_equal(_final_params(out), _final_params(het_out))
 
 
 def test_mismatched_allocation_fails_fast_with_a_clear_message(tmp_path: Path) -> None:
@@ -108,14 +178,12 @@ def _partitions() -> set[str]:
     return {p.rstrip("*") for p in subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True).stdout.split()}
 
 
-def test_heterogeneous_job_puts_edges_on_gpu_nodes_and_devices_on_cpu_nodes(tmp_path: Path) -> None:
+def test_heterogeneous_job_puts_edges_on_gpu_nodes_and_devices_on_cpu_nodes(request: pytest.FixtureRequest) -> None:
     if not {"gpu", "cpu"} <= _partitions():
         if in_ci():
             pytest.fail("the CI cluster lacks the gpu and cpu partitions of .ci/slurm.sh")
         pytest.skip("this Slurm has no 'gpu' and 'cpu' partitions")
-    log, out = tmp_path / "het.out", tmp_path / "run"
-    proc = run(["bash", "slurm/hetjob.sh", "--wait"], TOPOLOGY="default", CONFIG=str(TINY), OUT=str(out),
-               JOB_OPTS=f"--job-name=hierfed-het --output={log}")
+    proc, log, out = request.getfixturevalue("het_run")
     check_ok(proc, log)
     text = log.read_text()
     comps = dict(re.findall(r"component (\d+): (\d+ tasks on \S+)", text))
@@ -126,7 +194,7 @@ def test_heterogeneous_job_puts_edges_on_gpu_nodes_and_devices_on_cpu_nodes(tmp_
     for i in (2, 4):  # devices on CPU nodes
         assert comps[str(i)].split()[-1] not in gpu_nodes, comps
     assert "--het-group=0-4" in text
-    finished_run(out, 7)
+    finished_run(out, 7, rounds=4)
 
 
 def test_sweep_array_runs_each_point_as_a_task_then_reports(tmp_path: Path) -> None:

@@ -37,7 +37,9 @@ def save_two(tmp_path, tiny, keep: int = 1) -> tuple[Checkpoints, State]:
     meta = {"fingerprint": flat.fingerprint(), "seed": 0}
     ckpts.save(state(flat, 1), model, flat, meta)
     newest = state(flat, 2)
-    path = ckpts.save(newest, model, flat, meta)
+    path = ckpts.save(newest, model, flat, meta)  # as the cloud does: round 2 is written before round 1 is confirmed
+    ckpts.confirm(1)
+    ckpts.confirm(2)
     assert path == ckpts.root / "round-0002"
     return ckpts, newest
 
@@ -48,6 +50,25 @@ def test_keep_one_leaves_only_the_newest(tmp_path, tiny) -> None:
     assert (ckpts.root / "latest").read_text().strip() == "round-0002"
     assert ckpts.latest() == ckpts.root / "round-0002"
     assert (ckpts.root / "round-0002" / "adapter_model.safetensors").is_file()
+
+
+def test_latest_moves_only_when_every_rank_has_saved_the_round(tmp_path, tiny) -> None:
+    """A checkpoint the cloud wrote while the other ranks may still be saving theirs is not
+    `latest` yet; once confirmed it is, and pruning (keep=1) spares the newer unconfirmed one."""
+    model, flat = tiny
+    ckpts = Checkpoints(tmp_path / "checkpoints", keep=1)
+    meta = {"fingerprint": flat.fingerprint(), "seed": 0}
+    ckpts.save(state(flat, 1), model, flat, meta)
+    assert ckpts.latest() is None  # a crash now: nothing to resume from rather than a half-saved round
+    ckpts.confirm(1)
+    ckpts.save(state(flat, 2), model, flat, meta)
+    assert ckpts.latest() == ckpts.root / "round-0001"  # a crash now resumes from round 1, which every rank has
+    assert ckpts.load_latest(flat.dim, flat.fingerprint()).round == 1
+    ckpts.save(state(flat, 3), model, flat, meta)
+    ckpts.confirm(2)
+    assert sorted(p.name for p in ckpts.root.glob("round-*")) == ["round-0002", "round-0003"]
+    with pytest.raises(HierfedError, match="never written"):
+        ckpts.confirm(4)
 
 
 def test_keep_two_keeps_both(tmp_path, tiny) -> None:
