@@ -94,7 +94,7 @@ def launch(nprocs: int, argv: list[str], ranks_file: Path | None = None) -> int:
 
     A rank that dies without a word (SIGKILL, the OOM killer) makes mpiexec end the others, but its
     report cannot say which rank it was: MPICH names the pid of whichever process it reaped first,
-    often one it killed itself. So the launcher watches the ranks of this host (rank 0 writes the
+    often one it killed itself. So the launcher watches the ranks of this host (the cloud writes the
     rank → role, host, pid table `ranks_file` at start) and, when the job fails, names the rank that
     ended first. Open MPI's own report names the rank; it is passed on as is."""
     cmd = mpiexec_command(nprocs, argv)

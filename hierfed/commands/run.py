@@ -103,6 +103,10 @@ def prepare(args: argparse.Namespace):
     return cfg, placement, text
 
 
+def _default_out(placement) -> str:
+    return f"runs/{placement.topology.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
 def _run(args: argparse.Namespace) -> int:
     from hierfed.cluster.mpi import launch, under_mpi
 
@@ -110,7 +114,7 @@ def _run(args: argparse.Namespace) -> int:
         cfg, placement, _ = prepare(args)  # bad input fails here, before any rank starts
         argv = sys.argv[1:]
         if not cfg.out:
-            out = f"runs/{placement.topology.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+            out = _default_out(placement)
             return launch(placement.world_size, argv + ["--out", out], Path(out) / "ranks.json")
         return launch(placement.world_size, argv, Path(cfg.out) / "ranks.json")
 
@@ -142,8 +146,8 @@ def _run(args: argparse.Namespace) -> int:
             print(f"hierfed: error: rank {failed[0][0]}{others}: {failed[0][1][0]}", file=sys.stderr, flush=True)
         return max(e[1] for _, e in failed)
     role = placement.role(MPI.COMM_WORLD.Get_rank())
-    out = cfg.out or f"runs/{placement.topology.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if world.Get_rank() == 0:  # who is who: the launcher names a rank that dies by it (MPICH reports only a pid)
+    out = cfg.out or _default_out(placement)
+    if role.kind == "cloud":  # who is who: the launcher names a rank that dies by it (MPICH reports only a pid)
         table = [{"rank": r, "role": placement.role(r).name, "host": host, "pid": pid} for r, (_, pid, host) in enumerate(gathered)]
         Path(out).mkdir(parents=True, exist_ok=True)
         (Path(out) / "ranks.json").write_text(json.dumps(table, indent=1) + "\n")

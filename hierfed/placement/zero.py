@@ -3,7 +3,8 @@ the edge's ranks (`ranks: G` in the topology).
 
 Each edge group gets its own torch.distributed process group, made from its MPI communicator: the
 group's leader opens a TCPStore on a port the kernel picks, at an address its members can reach,
-and broadcasts both, so several edges run side by side in one MPI job (gloo on CPUs, NCCL on GPUs). Device ranks and the cloud never join a group.
+and broadcasts both, so several edges run side by side in one MPI job (gloo on CPUs, NCCL on
+GPUs). Device ranks and the cloud never join a group.
 
 Data parallelism over the micro-batches the edge receives: split device i sends to edge rank
 i mod G. ZeRO's collectives run inside forward/backward, so every rank of a group runs the same

@@ -14,16 +14,11 @@ import pytest
 import yaml
 
 from conftest import mpirun
+from test_jobs import TINY
 
 pytestmark = pytest.mark.mpi
 
-BASE = {
-    "model": {"source": "gpt2", "size": "tiny", "max_length": 24},
-    "data": {"train_samples": 400, "eval_samples": 64},
-    "train": {"lr": 0.01, "batch_size": 8},
-    "schedule": {"rounds": 1, "tau1": 4, "tau2": 1},
-    "runtime": {"progress": False},
-}
+BASE = {**TINY, "schedule": {"rounds": 1, "tau1": 4, "tau2": 1}}  # the tiny job of test_jobs, one round of 4 steps
 # a laptop rank with 2 clients; a phone rank with 3 clients, ten times slower, unreliable
 TOPOLOGY = {
     "links": {"device_edge": {"bandwidth_mbps": 100, "latency_ms": 10}},
