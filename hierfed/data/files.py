@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -209,7 +209,7 @@ def build_task(train: list[_Record], eval_: list[_Record] | None, cfg: DataConfi
         ids, label_names = _label_ids(everything, origin, names)
     if eval_ is None:
         train, eval_ = holdout(train, cfg.eval_fraction, cfg.seed, origin)
-    kind = "causal_lm" if ids is None else "classification"
+    kind: Literal["classification", "causal_lm"] = "causal_lm" if ids is None else "classification"
     return TaskData(kind, _examples(train, ids), _examples(eval_, ids), label_names)
 
 
