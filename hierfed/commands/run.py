@@ -83,8 +83,10 @@ def prepare(args: argparse.Namespace):
         cfg = resumed_config(Path(cfg.out) / "config.yaml", args.config, overrides(args))
     placement = load_topology(cfg.topology).placement()
     check_supported(placement, cfg)
-    if cfg.model.source == "path" and not Path(cfg.model.path).is_dir():
-        raise HierfedError(f"model.path: {cfg.model.path} is not a directory")
+    if cfg.model.source == "path":
+        assert cfg.model.path is not None  # ModelConfig requires it with source=path
+        if not Path(cfg.model.path).is_dir():
+            raise HierfedError(f"model.path: {cfg.model.path} is not a directory")
     task = load_data(cfg.data)  # bad data paths and formats fail here, once, not on every rank mid-run
     if task.train[0].messages is not None:  # instruction data: the tokenizer's chat template must split prompt/response
         from hierfed.model import load_tokenizer

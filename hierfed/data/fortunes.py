@@ -99,7 +99,11 @@ def _split(groups: dict[str, list[tuple[str, str | None]]], labels: dict[str, in
         n_eval = min(cap, max(1, round(len(items) * cfg.eval_fraction)))
         ev = set(perm[:n_eval].tolist())
         for i, (text, cat) in enumerate(items):
-            ex = Example(text, None if labels is None else labels[cat], name, name)
+            label = None
+            if labels is not None:
+                assert cat is not None  # the category task: every record has its category
+                label = labels[cat]
+            ex = Example(text, label, name, name)
             (held if i in ev else train).append(ex)
     kind: Literal["classification", "causal_lm"] = "causal_lm" if labels is None else "classification"
     names = None if labels is None else tuple(sorted(labels, key=labels.__getitem__))

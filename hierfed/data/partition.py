@@ -37,6 +37,7 @@ def partition(examples: Sequence[Example], num_clients: int, scheme: str, *,
             f"partition: {n} examples cannot give each of {num_clients} clients at least one"
         )
     rng = np.random.default_rng(seed)
+    parts: Sequence[Sequence[int] | np.ndarray]
     if scheme == "iid":
         parts = np.array_split(rng.permutation(n), num_clients)  # sizes differ by at most one
     elif scheme == "dirichlet":

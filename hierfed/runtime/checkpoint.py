@@ -57,7 +57,7 @@ class Checkpoints:
         peft_model.save_pretrained(str(tmp))
         arrays = {"params": state.params}
         arrays.update({f"cloud/{k}": v for k, v in state.cloud_state.items()})
-        np.savez(tmp / "state.npz", **arrays)
+        np.savez(tmp / "state.npz", **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as allow_pickle's bool
         (tmp / "state.json").write_text(json.dumps({"round": state.round, "dim": int(state.params.size), **meta}, indent=2))
         if final.exists():  # re-saving a round: move the old one aside, so `latest` never names a gap
             aside = self.root / f".old-{name}"
@@ -120,7 +120,7 @@ class RankState:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
         with open(tmp, "wb") as f:
-            np.savez(f, **state)
+            np.savez(f, **state)  # type: ignore[arg-type]  # numpy's stub types **kwds as allow_pickle's bool
         os.replace(tmp, path)
         mine = sorted(self.root.glob(f"round-*/rank-{self.rank:05d}.npz"), key=lambda p: int(p.parent.name.split("-")[1]))
         for old in mine[: -self.keep]:
