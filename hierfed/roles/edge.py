@@ -18,6 +18,7 @@ from hierfed.roles.hetero import ClientSchedule
 from hierfed.roles.protocol import aggregation_round, child_link, codec_rng, parent_link, prefixed, round_clients, unprefixed
 from hierfed.runtime.checkpoint import RankState
 from hierfed.strategy import build_strategy
+from hierfed.strategy.client import build_client
 
 
 def run(rt, cfg) -> None:
@@ -28,9 +29,15 @@ def run(rt, cfg) -> None:
     rt.down.bcast_obj(plan)
     if rt.edge_group.Get_size() > 1:
         bcast_object(rt.edge_group, plan, True, rt.poll)
-    strategy.load_state_dict(plan.edge_states.get(rt.role.edge, {}))
-    up = child_link(rt.up, cfg, False, "cloud", plan.dim, plan.start_round > 1)
-    down = wrap_parent(parent_link(rt.down, cfg, False, "edge", plan.dim), cfg, rt.placement, rt.role.edge, plan.start_round)  # SecAgg
+    algo = build_client(cfg)
+    tier = algo.tier(plan.dim, True)  # the edge's side of the client algorithm (SCAFFOLD: its control variate)
+    edge_state = plan.edge_states.get(rt.role.edge, {})
+    strategy.load_state_dict({k: v for k, v in edge_state.items() if not k.startswith("client/")})
+    tier.load_state_dict(unprefixed("client", edge_state))
+    up = child_link(rt.up, cfg, False, "cloud", plan.dim, plan.start_round > 1, algo.up_size(plan.dim, False))
+    down = wrap_parent(parent_link(rt.down, cfg, False, "edge", plan.dim, algo.up_size(plan.dim, True)), cfg, rt.placement,
+                       rt.role.edge, plan.start_round)  # SecAgg
+    from_cloud = np.empty(algo.down_size(plan.dim), dtype=np.float32)  # SCAFFOLD: the cloud's control variate
     # Sender state: the uplink's error-feedback residual and what the devices hold (codec downlink).
     saved = RankState(Path(plan.out), rt.role.rank, cfg.checkpoint.keep)
     has_state = up.feedback is not None or not down.down.is_identity
@@ -46,9 +53,13 @@ def run(rt, cfg) -> None:
     params = np.empty(plan.dim, dtype=np.float32)
     local = np.empty(plan.dim, dtype=np.float64)  # the edge's master copy; aggregation_round updates it in place
     for t in range(plan.start_round, cfg.schedule.rounds + 1):
+        if from_cloud.size:
+            rt.up.bcast(from_cloud)
+            tier.set_down(from_cloud)
         up.receive(params)
         np.copyto(local, params)
         sampled = my_clients.intersection(round_clients(cfg, rt.placement.num_clients, t))
+        tier.fraction = len(sampled) / len(my_clients)
         weight_sum, rows = 0.0, []
         for s in range(1, cfg.schedule.tau2 + 1):
             started = time.perf_counter()
@@ -56,7 +67,8 @@ def run(rt, cfg) -> None:
             # the edge's own client gets no message, nor do clients that are unreachable (hierfed.sim.behaviour)
             receivers = len(sampled - set(me.clients)) - schedule.unreachable(t, s, sampled)
             if trainer is None:
-                local, weight, telemetry, agg_s = aggregation_round(down, local, strategy, receivers=receivers, rng=rng)
+                local, weight, telemetry, agg_s = aggregation_round(down, local, strategy, receivers=receivers, rng=rng, tier=tier,
+                                                                    send_down=s == 1)
             else:  # the edge trains while its devices do, and adds its own update to theirs
                 start = local.astype(np.float32)
                 local, weight, telemetry, agg_s = aggregation_round(
@@ -82,12 +94,17 @@ def run(rt, cfg) -> None:
         # Up to the cloud: the edge's whole change this cloud round, weighted by the samples behind it.
         if weight_sum > 0:
             delta = np.subtract(local, params, out=local)  # the master copy is spent until the next round
-            up.add(rt.role.edge, weight_sum, delta, codec_rng(cfg.seed, t, 0, rt.role.rank, 2))
+            extras = tier.up_extras(weight_sum) if algo.up_size(plan.dim, False) else None
+            if extras is None:
+                up.add(rt.role.edge, weight_sum, delta, codec_rng(cfg.seed, t, 0, rt.role.rank, 2))
+            else:
+                up.add(rt.role.edge, weight_sum, delta, codec_rng(cfg.seed, t, 0, rt.role.rank, 2), extras)
         up.send()
         checkpoint = t % cfg.checkpoint.every == 0 or t == cfg.schedule.rounds
         # The edge strategy's state (FedAvgM's velocity: model-sized) goes into the cloud's
         # checkpoint of this round, so it travels only when there is one.
-        rt.up.gather_obj({"rows": rows, "bytes": rt.ledger.take_round(), "strategy_state": strategy.state_dict() if checkpoint else {}})
+        state = {**strategy.state_dict(), **prefixed("client", tier.state_dict())} if checkpoint else {}
+        rt.up.gather_obj({"rows": rows, "bytes": rt.ledger.take_round(), "strategy_state": state})
         if checkpoint:
             own = trainer.save(t) if trainer else None  # None: nothing of the trainer's to keep
             if has_state or own is not None:
