@@ -87,7 +87,7 @@ def check_client(placement, cfg) -> None:
     for key in ("device_up",) if placement.flat else ("device_up", "edge_up"):
         if not parse_codec(getattr(c, key)).is_identity:
             raise HierfedError(f"{what} sends extra values in the SUM-reduced contribution; compression.{key}={getattr(c, key)} "
-                               "sends encoded updates instead (use none)")
+                               "sends encoded updates instead (use identity)")
     if cfg.privacy.dp or cfg.privacy.secagg:
         raise HierfedError(f"{what} sends extra values beside the model delta, which privacy (clipping, noise, secure aggregation) "
                            "does not cover; turn privacy off or use client.algorithm none or fedprox")
