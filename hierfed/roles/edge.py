@@ -59,7 +59,7 @@ def run(rt, cfg) -> None:
         up.receive(params)
         np.copyto(local, params)
         sampled = my_clients.intersection(round_clients(cfg, rt.placement.num_clients, t))
-        tier.fraction = len(sampled) / len(my_clients)
+        tier.fraction = len(sampled) / max(1, len(my_clients))
         weight_sum, rows = 0.0, []
         for s in range(1, cfg.schedule.tau2 + 1):
             started = time.perf_counter()
