@@ -150,6 +150,16 @@ class AggregatorConfig(_Section):
         return self
 
 
+class ClientConfig(_Section):
+    """The client side of the algorithm, chosen once for the run (hierfed.strategy.client,
+    docs/aggregation.md): none (plain local training: FedAvg's client), fedprox (proximal term
+    mu/2 ||w - w_start||^2), scaffold (control variates, option II; local SGD without momentum),
+    fednova (normalised averaging by each client's local steps)."""
+
+    algorithm: Literal["none", "fedprox", "scaffold", "fednova"] = "none"
+    mu: float = Field(0.01, ge=0, allow_inf_nan=False)  # fedprox: the proximal weight
+
+
 class AggregationConfig(_Section):
     edge: AggregatorConfig = AggregatorConfig()
     cloud: AggregatorConfig = AggregatorConfig()
@@ -298,6 +308,7 @@ class RunConfig(_Section):
     train: TrainConfig = TrainConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     aggregation: AggregationConfig = AggregationConfig()
+    client: ClientConfig = ClientConfig()
     compression: CompressionConfig = CompressionConfig()
     split: SplitConfig = SplitConfig()
     deepspeed: DeepSpeedSection = DeepSpeedSection()
@@ -312,6 +323,12 @@ class RunConfig(_Section):
         if s.timed and self.sim.compute != "model":
             raise ValueError(f"schedule.{'edge_mode=fedbuff' if s.edge_mode == 'fedbuff' else 'straggler=' + s.straggler} "
                              "decides from the model clock: it needs sim.compute: model")
+        a = self.client.algorithm
+        if s.normalise == "fednova" and a not in ("none", "fednova"):
+            raise ValueError(f"schedule.normalise=fednova is FedNova's client side; it cannot be combined with client.algorithm={a}")
+        if a == "scaffold" and (self.train.optimizer != "sgd" or self.train.momentum > 0):
+            raise ValueError("client.algorithm=scaffold needs train.optimizer: sgd with momentum 0 (option II's control "
+                             "variate reads the local steps as lr x gradient)")
         return self
 
 

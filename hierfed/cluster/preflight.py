@@ -36,6 +36,7 @@ def check_supported(placement, cfg) -> None:
         if len(d.clients) > 1:
             raise HierfedError(f"{src}: device {d.name} has split_layers and {len(d.clients)} virtual clients; a split device is one client")
     check_aggregation(placement, cfg)
+    check_client(placement, cfg)
     check_heterogeneity(placement, cfg)
     check_edges(placement, cfg)
     check_privacy(placement, cfg)
@@ -54,6 +55,45 @@ def check_aggregation(placement, cfg) -> None:
         if not STRATEGIES[name].reducible:
             raise HierfedError(f"aggregation.{tier}.name={name}: robust rules need every child's update (the gathered "
                                "path), which this version's MPI rounds do not carry yet; use fedavg, fedavgm, fedadam, fedyogi or fedadagrad")
+
+
+def check_client(placement, cfg) -> None:
+    """What the run's client algorithm (client.algorithm; schedule.normalise: fednova) cannot run
+    with, in one line (docs/aggregation.md, "Client algorithms"). The client side runs on device
+    ranks only; algorithms whose extras travel in the SUM-reduced buffer (scaffold, fednova) need
+    the uncompressed, reducible, unmasked uplink that carries that buffer."""
+    from hierfed.comm.codecs import parse_codec
+    from hierfed.strategy import STRATEGIES
+    from hierfed.strategy.client import build_client
+
+    algo = build_client(cfg)
+    if algo.name == "none":
+        return
+    what = f"client.algorithm={algo.name}" if cfg.client.algorithm != "none" else "schedule.normalise=fednova"
+    src = placement.topology.source
+    for e in placement.edges:
+        if e.split_devices or e.clients:
+            kind = "split devices" if e.split_devices else "train_locally: true"
+            raise HierfedError(f"{src}: edge '{e.name}' has {kind}; {what} runs on device ranks only in this version")
+    if algo.up_size(1, True) == 0:
+        return  # FedProx: a local term only, nothing else travels
+    tiers = ["cloud"] if placement.flat else ["edge", "cloud"]
+    for tier in tiers:
+        name = getattr(cfg.aggregation, tier).name
+        if not STRATEGIES[name].reducible:
+            raise HierfedError(f"{what} sends extra values in the SUM-reduced contribution; aggregation.{tier}.name={name} "
+                               "aggregates gathered updates, which do not carry them")
+    c = cfg.compression
+    for key in ("device_up",) if placement.flat else ("device_up", "edge_up"):
+        if not parse_codec(getattr(c, key)).is_identity:
+            raise HierfedError(f"{what} sends extra values in the SUM-reduced contribution; compression.{key}={getattr(c, key)} "
+                               "sends encoded updates instead (use identity)")
+    if cfg.privacy.dp or cfg.privacy.secagg:
+        raise HierfedError(f"{what} sends extra values beside the model delta, which privacy (clipping, noise, secure aggregation) "
+                           "does not cover; turn privacy off or use client.algorithm none or fedprox")
+    if algo.name == "scaffold" and cfg.schedule.edge_mode == "fedbuff":
+        raise HierfedError("client.algorithm=scaffold with schedule.edge_mode=fedbuff: stale updates would apply control "
+                           "variates of an older model; use edge_mode: sync")
 
 
 def check_resolved_split(placement, cfg, ks: dict[int, int | None]) -> None:

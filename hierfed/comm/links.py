@@ -70,12 +70,13 @@ class _Scratch:
 class Parent:
     """The parent end of a tier: sends parameters down, receives summed updates."""
 
-    def __init__(self, channel: Channel, down: Codec, up: Codec, dim: int) -> None:
+    def __init__(self, channel: Channel, down: Codec, up: Codec, dim: int, extra: int = 0) -> None:
         self.channel, self.down, self.up, self.dim = channel, down, up, dim
         self.held: np.ndarray | None = None  # float32 parameters the children hold (codec downlink)
         self.decode_s = 0.0  # time spent decoding the last round's updates (part of aggregation)
         self._resync = False
-        self._buf32 = np.empty(dim + 1, dtype=np.float32)  # one buffer for sends and reduced sums
+        # one buffer for sends and reduced sums; `extra` values of a client algorithm follow [w*delta, w]
+        self._buf32 = np.empty(dim + 1 + extra, dtype=np.float32)
         self._scratch = _Scratch(dim)  # codec paths: the downlink difference, the decoded sums
 
     def state_dict(self) -> dict[str, np.ndarray]:
@@ -102,7 +103,8 @@ class Parent:
         self.held += self.down.decode(payload, self.dim)
 
     def receive(self) -> np.ndarray:
-        """[sum w*delta, sum w] over every update sent by the children this round."""
+        """[sum w*delta, sum w] over every update sent by the children this round (followed by the
+        summed extra values of a client algorithm, uncompressed uplinks only)."""
         if self.up.is_identity:
             self.channel.reduce_sum(self._buf32)  # valid until the next send/receive
             return self._buf32
@@ -121,13 +123,14 @@ class Parent:
 class Child:
     """The child end of a tier: receives parameters, sends its senders' weighted updates."""
 
-    def __init__(self, channel: Channel, down: Codec, up: Codec, dim: int, error_feedback: bool, resumed: bool = False) -> None:
-        self.channel, self.down, self.up, self.dim = channel, down, up, dim
+    def __init__(self, channel: Channel, down: Codec, up: Codec, dim: int, error_feedback: bool, resumed: bool = False,
+                 extra: int = 0) -> None:
+        self.channel, self.down, self.up, self.dim, self.extra = channel, down, up, dim, extra
         self.held: np.ndarray | None = None
         self._resync = resumed and not down.is_identity  # a resumed parent first resends its held copy
         lossy = not (up.is_identity or up.spec in ("fp32",))
         self.feedback: dict[int, ErrorFeedback] | None = {} if (error_feedback and lossy) else None
-        self._acc = np.zeros(dim + 1, dtype=np.float32)
+        self._acc = np.zeros(dim + 1 + extra, dtype=np.float32)  # [w*delta, w, extras] (uncompressed)
         self._scratch = _Scratch(dim)  # weight * delta, for the uncompressed sum
         self._parts: list[tuple[float, np.ndarray]] = []
         self._senders = 0
@@ -147,12 +150,19 @@ class Child:
         self.held += self.down.decode(payload, self.dim)
         out[:] = self.held
 
-    def add(self, sender: int, weight: float, delta: np.ndarray, rng: np.random.Generator | None = None) -> None:
-        """Queue one sender's update (a client's, or an edge's) for this round's send."""
+    def add(self, sender: int, weight: float, delta: np.ndarray, rng: np.random.Generator | None = None,
+            extras: np.ndarray | None = None) -> None:
+        """Queue one sender's update (a client's, or an edge's) for this round's send. `extras`: a
+        client algorithm's extra values (hierfed.strategy.client), summed as they are."""
         self._senders += 1
         if self.up.is_identity:
-            Strategy.accumulate(self._acc, delta, weight, self._scratch.get(Strategy.scratch_dtype(delta, weight)))
+            acc = self._acc if not self.extra else self._acc[: self.dim + 1]
+            Strategy.accumulate(acc, delta, weight, self._scratch.get(Strategy.scratch_dtype(delta, weight)))
+            if extras is not None:
+                self._acc[self.dim + 1 :] += extras
             return
+        if extras is not None:
+            raise ValueError("extra values travel on uncompressed uplinks only (hierfed.cluster.preflight.check_client)")
         if self.feedback is not None:
             ef = self.feedback.setdefault(sender, ErrorFeedback(self.up, self.dim))
             payload = ef.encode(delta, rng)
@@ -163,7 +173,7 @@ class Child:
     def send(self) -> float:
         """Send the queued updates to the parent; returns their total weight."""
         if self.up.is_identity:
-            weight = float(self._acc[-1])
+            weight = float(self._acc[self.dim])
             self.channel.reduce_sum(self._acc, senders=self._senders)
             self._acc[:] = 0
         else:

@@ -21,6 +21,7 @@ from hierfed.runtime.checkpoint import Checkpoints, State
 from hierfed.runtime.results import RunLog
 from hierfed.sim.clock import Rates, round_times
 from hierfed.strategy import build_strategy
+from hierfed.strategy.client import build_client
 from hierfed.training import LocalTrainer, configure_threads, tokenize, torch_device
 
 
@@ -66,6 +67,8 @@ def run(rt, cfg) -> None:
     eval_data = tokenize(built.tokenizer, task.eval, task.kind, cfg.model.max_length)
     eval_groups = np.array([task.groups.index(e.group) for e in task.eval]) if task.groups else None  # per-group eval
     strategy = wrap_strategy(build_strategy(cfg.aggregation.cloud), cfg, "cloud", rt.placement.flat, rt.role.rank)  # DP noise at the cloud
+    algo = build_client(cfg)
+    tier = algo.tier(flat.dim, rt.placement.flat)  # the cloud's side of the client algorithm (SCAFFOLD: its control variate)
     _, accountant = budget(cfg, rt.placement)  # None without DP noise
     ckpts = Checkpoints(out / "checkpoints", cfg.checkpoint.keep)
     meta = {"fingerprint": flat.fingerprint(), "seed": cfg.seed, "topology": rt.placement.topology.name}
@@ -73,6 +76,7 @@ def run(rt, cfg) -> None:
     if rt.resume:
         state = ckpts.load_latest(flat.dim, flat.fingerprint())
         strategy.load_state_dict(unprefixed("strategy", state.cloud_state))
+        tier.load_state_dict(unprefixed("client", state.cloud_state))
         start, params = state.round + 1, state.params
     else:
         start, params = 1, flat.get().astype(np.float64)  # float64 master copy
@@ -81,7 +85,7 @@ def run(rt, cfg) -> None:
     step_flops = client_step_flops(cfg, task, built.model, built.tokenizer, rt.placement.num_clients)  # None unless the model clock decides (roles/hetero.py)
     rt.down.bcast_obj(Plan(start, flat.dim, flat.fingerprint(), flat.base_hashes(), str(out), step_flops))
     schedule = ClientSchedule(cfg, rt.placement, step_flops, None, flat.dim) if rt.placement.flat else None
-    link = parent_link(rt.down, cfg, rt.placement.flat, "cloud", flat.dim)
+    link = parent_link(rt.down, cfg, rt.placement.flat, "cloud", flat.dim, algo.up_size(flat.dim, rt.placement.flat))
     if rt.resume:
         link.load_state_dict(unprefixed("link", state.cloud_state))
     began = time.perf_counter()
@@ -113,9 +117,11 @@ def run(rt, cfg) -> None:
         job = pending
         # Flat: the broadcast stands for one copy per sampled client; hierarchical: one per edge.
         receivers = len(round_clients(cfg, rt.placement.num_clients, t)) if rt.placement.flat else None
+        tier.fraction = _fraction(cfg, rt.placement, t)
         # Updates params in place: by then finish(*job) has evaluated and saved the last round's model.
         params, _weight, telemetry, agg_s = aggregation_round(
-            link, params, strategy, receivers, codec_rng(cfg.seed, t, 0, rt.role.rank, 1), while_children_work=(lambda job=job: finish(*job)) if job else None
+            link, params, strategy, receivers, codec_rng(cfg.seed, t, 0, rt.role.rank, 1), while_children_work=(lambda job=job: finish(*job)) if job else None,
+            tier=tier,
         )
         # Round t's contributions came from every rank after it had saved its state of every earlier
         # round: the checkpoints before t are complete now (the one of t - 1 was written meanwhile).
@@ -129,7 +135,8 @@ def run(rt, cfg) -> None:
             row.update(schedule.row(t, 1, round_clients(cfg, rt.placement.num_clients, t)))
         raw = merge([raw, rt.ledger.take_round()])  # the cloud's own sends this round
         row["seconds"]["round"] = time.perf_counter() - started
-        cloud_state = {**prefixed("strategy", strategy.state_dict()), **prefixed("link", link.state_dict())}  # as of round t
+        cloud_state = {**prefixed("strategy", strategy.state_dict()), **prefixed("link", link.state_dict()),
+                       **prefixed("client", tier.state_dict())}  # as of round t
         pending = (row, raw, params, cloud_state)
     if pending:
         finish(*pending)
@@ -157,6 +164,15 @@ def run(rt, cfg) -> None:
         "out": str(out),
         **({"privacy": _privacy_summary(cfg, accountant, rt.config_text)} if cfg.privacy.dp else {}),
     })
+
+
+def _fraction(cfg, placement, t: int) -> float:
+    """The cloud's children that take part in round t: sampled clients of all (flat), or edges with
+    a sampled client of all edges (SCAFFOLD's control variate moves by this share of the mean)."""
+    chosen = round_clients(cfg, placement.num_clients, t)
+    if placement.flat:
+        return len(chosen) / placement.num_clients
+    return sum(bool(e.all_clients & chosen) for e in placement.edges) / len(placement.edges)
 
 
 def _privacy_summary(cfg, accountant, asked: str) -> dict:

@@ -19,9 +19,10 @@ from hierfed.data import load_data, partition, take
 from hierfed.model import FlatView, build_model
 from hierfed.privacy import wrap_child
 from hierfed.roles.hetero import ClientSchedule
-from hierfed.roles.protocol import check_plan, child_link, codec_rng, local_steps, round_clients
+from hierfed.roles.protocol import check_plan, child_link, codec_rng, local_steps, prefixed, round_clients, unprefixed
 from hierfed.roles.work import StepCost, share_of_uplink
 from hierfed.runtime.checkpoint import RankState
+from hierfed.strategy.client import build_client
 from hierfed.training import LocalTrainer, configure_threads, tokenize, torch_device
 
 
@@ -59,12 +60,18 @@ def run(rt, cfg) -> None:
     check_plan(plan, layout.dim, layout.fingerprint(), FlatView(built.model).base_hashes(), rt.role.name, part=k is not None)
     if k is not None:
         trainer.handshake(data[spec.clients[0]], task.kind == "causal_lm")
-    link = child_link(rt.up, cfg, rt.placement.flat, "cloud" if rt.placement.flat else "edge", plan.dim, plan.start_round > 1)
+    algo = build_client(cfg)  # the client side of the run's algorithm (FedProx, SCAFFOLD, FedNova; none: FedAvg's)
+    link = child_link(rt.up, cfg, rt.placement.flat, "cloud" if rt.placement.flat else "edge", plan.dim, plan.start_round > 1,
+                      algo.up_size(plan.dim, True))
     # privacy: clip each client's update (and add its share of distributed noise); secure aggregation masks it
     link = wrap_child(link, cfg, rt.placement, spec.edge, plan.start_round, lambda t: _agg_size(rt.placement, spec, cfg, t))
     saved = RankState(Path(plan.out), rt.role.rank, cfg.checkpoint.keep)
-    if plan.start_round > 1 and link.feedback is not None:
-        link.load_state_dict(saved.load(plan.start_round - 1))
+    has_state = link.feedback is not None or algo.stateful  # error-feedback residuals, SCAFFOLD's c_i
+    if plan.start_round > 1 and has_state:
+        resumed = saved.load(plan.start_round - 1)
+        link.load_state_dict({k: v for k, v in resumed.items() if not k.startswith("client/")})
+        algo.load_state_dict(unprefixed("client", resumed))
+    down = np.empty(algo.down_size(plan.dim), dtype=np.float32)  # what the parent sends once per cloud round
 
     edge_rounds = 1 if rt.placement.flat else cfg.schedule.tau2
     steps = local_steps(cfg, rt.placement.flat)
@@ -73,12 +80,14 @@ def run(rt, cfg) -> None:
     delta = np.zeros(plan.dim, dtype=np.float32)
     # which clients train how many steps and contribute what (availability, dropout, deadlines, FedBuff)
     schedule = ClientSchedule(cfg, rt.placement, plan.step_flops, spec.edge, plan.dim)
-    schedule.set_sizes({c: float(len(shards[c])) for c in schedule.behaviour})
     for t in range(plan.start_round, cfg.schedule.rounds + 1):
         chosen = round_clients(cfg, rt.placement.num_clients, t)
         mine = [c for c in spec.clients if c in chosen]
         held: dict[tuple[int, int], tuple] = {}  # FedBuff: updates trained earlier that arrive later
         for s in range(1, edge_rounds + 1):
+            if down.size and s == 1:
+                rt.up.bcast(down)
+                algo.receive_down(down)
             link.receive(params)
             own = params if mine_idx is None else params[mine_idx]  # the part of the model this rank holds
             loss_sum, started, work = 0.0, time.perf_counter(), []
@@ -87,7 +96,12 @@ def run(rt, cfg) -> None:
                            t: int = t, s: int = s, work: list = work) -> None:
                 nonlocal loss_sum
                 weight = len(data[c])  # FedAvg weights a client by its local data size
-                link.add(c, weight, delta if scale == 1.0 else delta * np.float32(scale), codec_rng(cfg.seed, t, s, *key[: 1 + bool(key[1])]))
+                delta, extras = algo.payload(c, delta if scale == 1.0 else delta * np.float32(scale), weight, done["steps"])
+                rng = codec_rng(cfg.seed, t, s, *key[: 1 + bool(key[1])])
+                if extras is None:
+                    link.add(c, weight, delta, rng)
+                else:
+                    link.add(c, weight, delta, rng, extras)
                 loss_sum += loss * weight
                 work.append(done)
 
@@ -95,7 +109,8 @@ def run(rt, cfg) -> None:
             for job in jobs:
                 c, began = job.client, time.perf_counter()
                 flat.set(own)
-                loss, _ = trainer.train(data[c], job.steps, job.seed)
+                term = algo.local_term(c)
+                loss, _ = trainer.train(data[c], job.steps, job.seed, *(() if term is None else (term,)))
                 if mine_idx is None:
                     delta = flat.get() - own
                 else:
@@ -114,11 +129,11 @@ def run(rt, cfg) -> None:
             share_of_uplink(work, sent)
             rt.up.gather_obj({"loss_sum": loss_sum, "weight": weight, "clients": len(work), "compute_s": compute_s, "phases": phases,
                               "bytes": sent, "work": work})
-        if link.feedback is not None and (t % cfg.checkpoint.every == 0 or t == cfg.schedule.rounds):
+        if has_state and (t % cfg.checkpoint.every == 0 or t == cfg.schedule.rounds):
             if os.environ.get("HIERFED_INJECT_FAILURE") == f"save:{rt.role.name}:{t}":  # test hook: die late, before saving round t
                 time.sleep(8)  # meanwhile the cloud writes its own checkpoint of round t
                 raise RuntimeError(f"injected failure before saving round {t}")
-            saved.save(t, link.state_dict())
+            saved.save(t, {**link.state_dict(), **prefixed("client", algo.state_dict())})
 
 
 def _agg_size(placement, spec, cfg, t: int) -> int:

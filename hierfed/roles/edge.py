@@ -18,6 +18,7 @@ from hierfed.roles.hetero import ClientSchedule
 from hierfed.roles.protocol import aggregation_round, child_link, codec_rng, parent_link, prefixed, round_clients, unprefixed
 from hierfed.runtime.checkpoint import RankState
 from hierfed.strategy import build_strategy
+from hierfed.strategy.client import build_client
 
 
 def run(rt, cfg) -> None:
@@ -28,15 +29,21 @@ def run(rt, cfg) -> None:
     rt.down.bcast_obj(plan)
     if rt.edge_group.Get_size() > 1:
         bcast_object(rt.edge_group, plan, True, rt.poll)
-    up = child_link(rt.up, cfg, False, "cloud", plan.dim, plan.start_round > 1)
-    down = wrap_parent(parent_link(rt.down, cfg, False, "edge", plan.dim), cfg, rt.placement, rt.role.edge, plan.start_round)  # SecAgg
+    algo = build_client(cfg)
+    tier = algo.tier(plan.dim, True)  # the edge's side of the client algorithm (SCAFFOLD: its control variate)
+    up = child_link(rt.up, cfg, False, "cloud", plan.dim, plan.start_round > 1, algo.up_size(plan.dim, False))
+    down = wrap_parent(parent_link(rt.down, cfg, False, "edge", plan.dim, algo.up_size(plan.dim, True)), cfg, rt.placement,
+                       rt.role.edge, plan.start_round)  # SecAgg
+    from_cloud = np.empty(algo.down_size(plan.dim), dtype=np.float32)  # SCAFFOLD: the cloud's control variate
     # The edge's own state, in its rank state file (never through the cloud: FedAvgM's velocity is
-    # model-sized): its strategy's, the uplink's error-feedback residual, what the devices hold
-    # (codec downlink), its split trainer's. Every edge leader writes one at each checkpoint.
+    # model-sized): its strategy's, its client-algorithm tier's (SCAFFOLD's c_e), the uplink's
+    # error-feedback residual, what the devices hold (codec downlink), its split trainer's. Every
+    # edge leader writes one at each checkpoint.
     saved = RankState(Path(plan.out), rt.role.rank, cfg.checkpoint.keep)
     ks = split_ks(rt, cfg)
     resumed_state = saved.load(plan.start_round - 1) if plan.start_round > 1 else {}
     strategy.load_state_dict(unprefixed("strategy", resumed_state))
+    tier.load_state_dict(unprefixed("client", resumed_state))
     up.load_state_dict(unprefixed("up", resumed_state))
     down.load_state_dict(unprefixed("down", resumed_state))
     me = rt.placement.edges[rt.role.edge]
@@ -47,9 +54,13 @@ def run(rt, cfg) -> None:
     params = np.empty(plan.dim, dtype=np.float32)
     local = np.empty(plan.dim, dtype=np.float64)  # the edge's master copy; aggregation_round updates it in place
     for t in range(plan.start_round, cfg.schedule.rounds + 1):
+        if from_cloud.size:
+            rt.up.bcast(from_cloud)
+            tier.set_down(from_cloud)
         up.receive(params)
         np.copyto(local, params)
         sampled = my_clients.intersection(round_clients(cfg, rt.placement.num_clients, t))
+        tier.fraction = len(sampled) / max(1, len(my_clients))
         weight_sum, rows = 0.0, []
         for s in range(1, cfg.schedule.tau2 + 1):
             started = time.perf_counter()
@@ -57,7 +68,8 @@ def run(rt, cfg) -> None:
             # the edge's own client gets no message, nor do clients that are unreachable (hierfed.sim.behaviour)
             receivers = len(sampled - set(me.clients)) - schedule.unreachable(t, s, sampled)
             if trainer is None:
-                local, weight, telemetry, agg_s = aggregation_round(down, local, strategy, receivers=receivers, rng=rng)
+                local, weight, telemetry, agg_s = aggregation_round(down, local, strategy, receivers=receivers, rng=rng, tier=tier,
+                                                                    send_down=s == 1)
             else:  # the edge trains while its devices do, and adds its own update to theirs
                 start = local.astype(np.float32)
                 local, weight, telemetry, agg_s = aggregation_round(
@@ -83,12 +95,16 @@ def run(rt, cfg) -> None:
         # Up to the cloud: the edge's whole change this cloud round, weighted by the samples behind it.
         if weight_sum > 0:
             delta = np.subtract(local, params, out=local)  # the master copy is spent until the next round
-            up.add(rt.role.edge, weight_sum, delta, codec_rng(cfg.seed, t, 0, rt.role.rank, 2))
+            extras = tier.up_extras(weight_sum) if algo.up_size(plan.dim, False) else None
+            if extras is None:
+                up.add(rt.role.edge, weight_sum, delta, codec_rng(cfg.seed, t, 0, rt.role.rank, 2))
+            else:
+                up.add(rt.role.edge, weight_sum, delta, codec_rng(cfg.seed, t, 0, rt.role.rank, 2), extras)
         up.send()
         rt.up.gather_obj({"rows": rows, "bytes": rt.ledger.take_round()})  # telemetry: small, pickled
         if t % cfg.checkpoint.every == 0 or t == cfg.schedule.rounds:
             own = trainer.save(t) if trainer else None  # None: nothing of the trainer's to keep
-            saved.save(t, {**prefixed("strategy", strategy.state_dict()), **prefixed("up", up.state_dict()),
+            saved.save(t, {**prefixed("strategy", strategy.state_dict()), **prefixed("client", tier.state_dict()), **prefixed("up", up.state_dict()),
                            **prefixed("down", down.state_dict()), **prefixed("split", own or {})})
     if trainer:
         trainer.close()

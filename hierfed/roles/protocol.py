@@ -20,6 +20,7 @@ from hierfed.comm.codecs import parse_codec
 from hierfed.comm.links import Child, Parent
 from hierfed.errors import HierfedError
 from hierfed.strategy import Strategy
+from hierfed.strategy.client import Tier
 
 
 @dataclass
@@ -91,14 +92,15 @@ def _codecs(cfg, flat: bool, tier: str) -> tuple[str, str]:
     return c.cloud_down, (c.device_up if flat else c.edge_up)
 
 
-def parent_link(channel: Channel, cfg, flat: bool, tier: str, dim: int) -> Parent:
+def parent_link(channel: Channel, cfg, flat: bool, tier: str, dim: int, extra: int = 0) -> Parent:
+    """`extra`: a client algorithm's extra values per contribution on this link (ClientAlgorithm.up_size)."""
     down, up = _codecs(cfg, flat, tier)
-    return Parent(channel, parse_codec(down), parse_codec(up), dim)
+    return Parent(channel, parse_codec(down), parse_codec(up), dim, extra)
 
 
-def child_link(channel: Channel, cfg, flat: bool, tier: str, dim: int, resumed: bool) -> Child:
+def child_link(channel: Channel, cfg, flat: bool, tier: str, dim: int, resumed: bool, extra: int = 0) -> Child:
     down, up = _codecs(cfg, flat, tier)
-    return Child(channel, parse_codec(down), parse_codec(up), dim, cfg.compression.error_feedback, resumed)
+    return Child(channel, parse_codec(down), parse_codec(up), dim, cfg.compression.error_feedback, resumed, extra)
 
 
 def prefixed(prefix: str, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -117,6 +119,8 @@ def aggregation_round(
     rng: np.random.Generator | None = None,
     while_children_work: Callable[[], None] | None = None,
     add_own: Callable[[np.ndarray], None] | None = None,
+    tier: Tier | None = None,
+    send_down: bool = True,
 ) -> tuple[np.ndarray, float, list[Any], float]:
     """Parent side of one round. Returns (new params, total weight, children's telemetry, aggregate s).
 
@@ -127,7 +131,14 @@ def aggregation_round(
     `while_children_work` runs after the broadcast, while the children train (the cloud's eval, an
     edge serving its split devices); `add_own` adds the parent's own contribution to the sum (an
     edge's upper adapter trained for its split devices).
+    `tier`: the parent's side of the run's client algorithm (hierfed.strategy.client): its `down()`
+    is broadcast before the parameters when `send_down` (once per cloud round), the contributions
+    carry its `extra` values after [w*delta, w], Σ w*delta is divided by its `divisor` and the
+    summed extras go to its `absorb`. None, or a tier without extras: FedAvg's path, unchanged.
     """
+    down = tier.down() if tier is not None and send_down else None
+    if down is not None:
+        link.channel.bcast(down, receivers)
     link.send(params, receivers, rng)
     if while_children_work is not None:
         while_children_work()
@@ -135,7 +146,16 @@ def aggregation_round(
     t = time.perf_counter()
     if add_own is not None:
         add_own(reduced)
-    new, weight = strategy.aggregate(params, reduced, out=params)
+    if tier is None or not tier.extra:
+        new, weight = strategy.aggregate(params, reduced, out=params)
+    else:  # [Σ w*delta, Σ w | extras]: the strategy sees the first part, its weight slot holding the divisor
+        dim = reduced.size - 1 - tier.extra
+        extras, reduced = reduced[dim + 1 :], reduced[: dim + 1]
+        weight = float(reduced[dim])
+        if weight > 0:
+            reduced[dim] = tier.divisor(weight, extras)
+        new, _ = strategy.aggregate(params, reduced, out=params)
+        tier.absorb(extras, weight)
     agg_s = time.perf_counter() - t + link.decode_s
     telemetry = link.channel.gather_obj(None)
     return new, weight, telemetry, agg_s

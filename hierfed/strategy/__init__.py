@@ -7,6 +7,9 @@ Every tier (edge and cloud) runs the same protocol with a Strategy:
   False`: median, trimmed mean, Krum, norm clipping) take the gathered path instead: the parent
   calls `aggregate_updates(params, updates, weights)`. New algorithms are one file each, registered below.
 
+The client side of an algorithm (FedProx's local term, SCAFFOLD's control variates, FedNova's step
+counts) and the extra values it sends with the delta: hierfed.strategy.client.
+
 LoRA-aware aggregation (exact products, FFA-LoRA's frozen A) is a set of helpers on the flat vector,
 not a Strategy: hierfed.strategy.lora.
 """

@@ -108,7 +108,7 @@ def test_bad_value_message(overrides: list[str], expected: str) -> None:
 
 def test_unknown_field() -> None:
     assert error(overrides=["x=1"]) == ("run config: top level: unknown field 'x' (allowed: topology, seed, out, model, peft, "
-                                        "data, train, schedule, aggregation, compression, split, deepspeed, runtime, sim, privacy, checkpoint)")
+                                        "data, train, schedule, aggregation, client, compression, split, deepspeed, runtime, sim, privacy, checkpoint)")
     assert error(overrides=["schedule.foo=1"]).startswith("run config: schedule: unknown field 'foo' (allowed: rounds, tau1, tau2, ")
     assert error(overrides=["data.pth=x"]).startswith("run config: data: unknown field 'pth' (allowed: source, path, ")
 
