@@ -14,7 +14,7 @@ import numpy as np
 from hierfed.comm.ledger import merge
 from hierfed.data import load_data
 from hierfed.model import FlatView, build_model
-from hierfed.privacy import budget, wrap_strategy
+from hierfed.privacy import budget, wrap_parent, wrap_strategy
 from hierfed.roles.hetero import ClientSchedule, client_step_flops
 from hierfed.roles.protocol import Plan, aggregation_round, codec_rng, parent_link, prefixed, round_clients, unprefixed
 from hierfed.runtime.checkpoint import Checkpoints, State
@@ -82,6 +82,8 @@ def run(rt, cfg) -> None:
     rt.down.bcast_obj(Plan(start, flat.dim, flat.fingerprint(), flat.base_hashes(), str(out), edge_states, step_flops))
     schedule = ClientSchedule(cfg, rt.placement, step_flops, None, flat.dim) if rt.placement.flat else None
     link = parent_link(rt.down, cfg, rt.placement.flat, "cloud", flat.dim)
+    if rt.placement.flat:  # the cloud is its devices' parent: adaptive clipping's link (privacy.adaptive_clip)
+        link = wrap_parent(link, cfg, rt.placement, None, start, strategy)
     if rt.resume:
         link.load_state_dict(unprefixed("link", state.cloud_state))
     began = time.perf_counter()

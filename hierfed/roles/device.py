@@ -61,7 +61,8 @@ def run(rt, cfg) -> None:
         trainer.handshake(data[spec.clients[0]], task.kind == "causal_lm")
     link = child_link(rt.up, cfg, rt.placement.flat, "cloud" if rt.placement.flat else "edge", plan.dim, plan.start_round > 1)
     # privacy: clip each client's update (and add its share of distributed noise); secure aggregation masks it
-    link = wrap_child(link, cfg, rt.placement, spec.edge, plan.start_round, lambda t: _agg_size(rt.placement, spec, cfg, t))
+    link = wrap_child(link, cfg, rt.placement, spec.edge, plan.start_round, lambda t: _agg_size(rt.placement, spec, cfg, t),
+                      spec, lambda t: round_clients(cfg, rt.placement.num_clients, t))
     saved = RankState(Path(plan.out), rt.role.rank, cfg.checkpoint.keep)
     if plan.start_round > 1 and link.feedback is not None:
         link.load_state_dict(saved.load(plan.start_round - 1))

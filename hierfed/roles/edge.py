@@ -30,7 +30,7 @@ def run(rt, cfg) -> None:
         bcast_object(rt.edge_group, plan, True, rt.poll)
     strategy.load_state_dict(plan.edge_states.get(rt.role.edge, {}))
     up = child_link(rt.up, cfg, False, "cloud", plan.dim, plan.start_round > 1)
-    down = wrap_parent(parent_link(rt.down, cfg, False, "edge", plan.dim), cfg, rt.placement, rt.role.edge, plan.start_round)  # SecAgg
+    down = wrap_parent(parent_link(rt.down, cfg, False, "edge", plan.dim), cfg, rt.placement, rt.role.edge, plan.start_round, strategy)  # SecAgg, adaptive clip
     # Sender state: the uplink's error-feedback residual and what the devices hold (codec downlink).
     saved = RankState(Path(plan.out), rt.role.rank, cfg.checkpoint.keep)
     has_state = up.feedback is not None or not down.down.is_identity
