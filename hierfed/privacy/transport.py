@@ -82,10 +82,12 @@ class AdaptiveParent:
 
     def __init__(self, parent, strategy) -> None:
         self.parent, self.strategy = parent, strategy
+        self.used = strategy.clip  # C of the last aggregation (for its row)
 
     def send(self, params: np.ndarray, receivers: int | None = None, rng: np.random.Generator | None = None) -> None:
         self.parent.send(params, receivers, rng)
-        self.parent.channel.bcast(np.array([self.strategy.clip], dtype=np.float64), receivers)
+        self.used = self.strategy.clip
+        self.parent.channel.bcast(np.array([self.used], dtype=np.float64), receivers)
 
     def receive(self) -> np.ndarray:
         total = self.parent.receive()
@@ -94,5 +96,9 @@ class AdaptiveParent:
         self.strategy.bits = float(bits[0])
         return total
 
-    def __getattr__(self, name: str):  # state_dict, channel, decode_s, report, ...: the wrapped Parent's
+    def report(self) -> dict:
+        """The row's account: the clip norm C the devices clipped to (and SecAgg's, if it is inside)."""
+        return {**getattr(self.parent, "report", dict)(), "clip": self.used}
+
+    def __getattr__(self, name: str):  # state_dict, channel, decode_s, ...: the wrapped Parent's
         return getattr(self.parent, name)

@@ -6,6 +6,7 @@ round t+1: the broadcast goes first, the bookkeeping runs while the children wor
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -124,9 +125,12 @@ def run(rt, cfg) -> None:
         if earlier := [r for r in unconfirmed if r < t]:
             ckpts.confirm(max(earlier))
             unconfirmed[:] = [r for r in unconfirmed if r >= t]
+        if os.environ.get("HIERFED_INJECT_FAILURE") == f"cloud:{t}":  # test hook: the job dies in round t, round t-1 saved
+            raise RuntimeError(f"injected failure in round {t}")
         row, raw = _round_row(t, telemetry, rt.placement.flat, agg_s, log, receivers)
         if accountant is not None:
             row["epsilon"] = accountant.epsilon(t)  # at privacy.delta, after this round
+            row.update(getattr(link, "report", dict)())  # flat, adaptive clipping: the clip norm C of this round
         if schedule is not None:  # flat: what the clients did (sampled, available, dropped, late, ...)
             row.update(schedule.row(t, 1, round_clients(cfg, rt.placement.num_clients, t)))
         raw = merge([raw, rt.ledger.take_round()])  # the cloud's own sends this round
