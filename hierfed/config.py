@@ -253,6 +253,16 @@ class SimConfig(_Section):
     cloud_tflops: float = Field(50.0, gt=0)
 
 
+class AdaptiveClipConfig(_Section):
+    """Adaptive clipping (Andrew et al. 2021): C follows the `quantile` γ of the clients' update norms,
+    C <- C·exp(-lr·(b̄ - γ)), b̄ the noised fraction of clients with norm <= C; the count's noise
+    (std `count_stddev` σ_b) is paid from noise_multiplier (docs/privacy.md)."""
+
+    quantile: float = Field(0.5, gt=0, lt=1)  # γ: the target fraction of unclipped clients
+    lr: float = Field(0.2, gt=0)  # η_C of the geometric update
+    count_stddev: float = Field(gt=0)  # σ_b on the sum of clipped-or-not bits (the paper suggests clients per round / 20)
+
+
 class PrivacyConfig(_Section):
     """Client-level differential privacy (DP-FedAvg) and secure aggregation at the edges (docs/privacy.md).
 
@@ -272,9 +282,19 @@ class PrivacyConfig(_Section):
     # Fixed-point range: |w·Δ_i| of one client's coordinate (w: its weight, 1 under DP noise); beyond it
     # values saturate. None: privacy.clip (plus 6 noise stds with distributed noise).
     secagg_bound: float | None = Field(None, gt=0)
+    adaptive_clip: AdaptiveClipConfig | None = None  # C starts at `clip` and tracks a quantile of the update norms
 
     @model_validator(mode="after")
     def _consistent(self) -> PrivacyConfig:
+        if self.adaptive_clip is not None:
+            if self.noise_multiplier <= 0:
+                raise ValueError("privacy.adaptive_clip needs privacy.noise_multiplier > 0 (the clip norm is kept by the tier that adds the noise)")
+            if self.noise_at == "distributed":
+                raise ValueError("privacy.adaptive_clip with noise_at: distributed is not supported (the clipped-count would need "
+                                 "its own distributed noise); use noise_at: edge, or cloud on a flat topology")
+            if 2 * self.adaptive_clip.count_stddev <= self.noise_multiplier:
+                raise ValueError(f"privacy.adaptive_clip.count_stddev {self.adaptive_clip.count_stddev:g} must exceed noise_multiplier/2 "
+                                 f"= {self.noise_multiplier / 2:g}: the count's noise is paid from noise_multiplier (docs/privacy.md)")
         if self.noise_multiplier > 0 and (self.clip is None or self.clip == float("inf")):
             raise ValueError("privacy.noise_multiplier > 0 needs a finite privacy.clip (the noise is σ·C)")
         if self.target_epsilon is not None and self.noise_multiplier == 0:
@@ -291,6 +311,16 @@ class PrivacyConfig(_Section):
     @property
     def noisy(self) -> bool:
         return self.noise_multiplier > 0
+
+    @property
+    def value_noise_multiplier(self) -> float:
+        """σ_Δ, the multiplier of the noise on the update sum. With adaptive clipping, the paper's split
+        (Andrew et al. 2021, Thm. 1): σ_Δ = (σ^-2 - (2σ_b)^-2)^(-1/2), so the sum and the count together
+        cost one Gaussian mechanism of multiplier σ; else σ."""
+        a = self.adaptive_clip
+        if a is None:
+            return self.noise_multiplier
+        return (self.noise_multiplier**-2 - (2 * a.count_stddev) ** -2) ** -0.5
 
 
 class CheckpointConfig(_Section):

@@ -6,6 +6,7 @@ round t+1: the broadcast goes first, the bookkeeping runs while the children wor
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import numpy as np
 from hierfed.comm.ledger import merge
 from hierfed.data import load_data
 from hierfed.model import FlatView, build_model
-from hierfed.privacy import budget, wrap_strategy
+from hierfed.privacy import budget, wrap_parent, wrap_strategy
 from hierfed.roles.hetero import ClientSchedule, client_step_flops
 from hierfed.roles.protocol import Plan, aggregation_round, codec_rng, parent_link, prefixed, round_clients, unprefixed
 from hierfed.runtime.checkpoint import Checkpoints, State
@@ -86,6 +87,8 @@ def run(rt, cfg) -> None:
     rt.down.bcast_obj(Plan(start, flat.dim, flat.fingerprint(), flat.base_hashes(), str(out), step_flops))
     schedule = ClientSchedule(cfg, rt.placement, step_flops, None, flat.dim) if rt.placement.flat else None
     link = parent_link(rt.down, cfg, rt.placement.flat, "cloud", flat.dim, algo.up_size(flat.dim, rt.placement.flat))
+    if rt.placement.flat:  # the cloud is its devices' parent: adaptive clipping's link (privacy.adaptive_clip)
+        link = wrap_parent(link, cfg, rt.placement, None, start, strategy)
     if rt.resume:
         link.load_state_dict(unprefixed("link", state.cloud_state))
     began = time.perf_counter()
@@ -128,9 +131,12 @@ def run(rt, cfg) -> None:
         if earlier := [r for r in unconfirmed if r < t]:
             ckpts.confirm(max(earlier))
             unconfirmed[:] = [r for r in unconfirmed if r >= t]
+        if os.environ.get("HIERFED_INJECT_FAILURE") == f"cloud:{t}":  # test hook: the job dies in round t, round t-1 saved
+            raise RuntimeError(f"injected failure in round {t}")
         row, raw = _round_row(t, telemetry, rt.placement.flat, agg_s, log, receivers)
         if accountant is not None:
             row["epsilon"] = accountant.epsilon(t)  # at privacy.delta, after this round
+            row.update(getattr(link, "report", dict)())  # flat, adaptive clipping: the clip norm C of this round
         if schedule is not None:  # flat: what the clients did (sampled, available, dropped, late, ...)
             row.update(schedule.row(t, 1, round_clients(cfg, rt.placement.num_clients, t)))
         raw = merge([raw, rt.ledger.take_round()])  # the cloud's own sends this round

@@ -64,7 +64,8 @@ def run(rt, cfg) -> None:
     link = child_link(rt.up, cfg, rt.placement.flat, "cloud" if rt.placement.flat else "edge", plan.dim, plan.start_round > 1,
                       algo.up_size(plan.dim, True))
     # privacy: clip each client's update (and add its share of distributed noise); secure aggregation masks it
-    link = wrap_child(link, cfg, rt.placement, spec.edge, plan.start_round, lambda t: _agg_size(rt.placement, spec, cfg, t))
+    link = wrap_child(link, cfg, rt.placement, spec.edge, plan.start_round, lambda t: _agg_size(rt.placement, spec, cfg, t),
+                      spec, lambda t: round_clients(cfg, rt.placement.num_clients, t))
     saved = RankState(Path(plan.out), rt.role.rank, cfg.checkpoint.keep)
     has_state = link.feedback is not None or algo.stateful  # error-feedback residuals, SCAFFOLD's c_i
     if plan.start_round > 1 and has_state:

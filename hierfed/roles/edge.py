@@ -33,7 +33,7 @@ def run(rt, cfg) -> None:
     tier = algo.tier(plan.dim, True)  # the edge's side of the client algorithm (SCAFFOLD: its control variate)
     up = child_link(rt.up, cfg, False, "cloud", plan.dim, plan.start_round > 1, algo.up_size(plan.dim, False))
     down = wrap_parent(parent_link(rt.down, cfg, False, "edge", plan.dim, algo.up_size(plan.dim, True)), cfg, rt.placement,
-                       rt.role.edge, plan.start_round)  # SecAgg
+                       rt.role.edge, plan.start_round, strategy)  # SecAgg, adaptive clip
     from_cloud = np.empty(algo.down_size(plan.dim), dtype=np.float32)  # SCAFFOLD: the cloud's control variate
     # The edge's own state, in its rank state file (never through the cloud: FedAvgM's velocity is
     # model-sized): its strategy's, its client-algorithm tier's (SCAFFOLD's c_e), the uplink's
