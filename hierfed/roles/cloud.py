@@ -16,7 +16,7 @@ from hierfed.data import load_data
 from hierfed.model import FlatView, build_model
 from hierfed.privacy import budget, wrap_strategy
 from hierfed.roles.hetero import ClientSchedule, client_step_flops
-from hierfed.roles.protocol import Plan, aggregation_round, codec_rng, parent_link, prefixed, round_clients, unprefixed
+from hierfed.roles.protocol import Plan, aggregation_round, bind_layout, codec_rng, parent_link, prefixed, round_clients, unprefixed
 from hierfed.runtime.checkpoint import Checkpoints, State
 from hierfed.runtime.results import RunLog
 from hierfed.sim.clock import Rates, round_times
@@ -79,7 +79,8 @@ def run(rt, cfg) -> None:
     log = RunLog(out, start - 1 if rt.resume else None, cfg.runtime.progress)
     (out / "config.yaml").write_text(rt.config_text)
     step_flops = client_step_flops(cfg, task, built.model, built.tokenizer, rt.placement.num_clients)  # None unless the model clock decides (roles/hetero.py)
-    rt.down.bcast_obj(Plan(start, flat.dim, flat.fingerprint(), flat.base_hashes(), str(out), edge_states, step_flops))
+    rt.down.bcast_obj(Plan(start, flat.dim, flat.fingerprint(), flat.base_hashes(), str(out), edge_states, step_flops, flat.manifest()))
+    bind_layout(strategy, flat.manifest())  # lora_exact: where the LoRA factors are
     schedule = ClientSchedule(cfg, rt.placement, step_flops, None, flat.dim) if rt.placement.flat else None
     link = parent_link(rt.down, cfg, rt.placement.flat, "cloud", flat.dim)
     if rt.resume:
@@ -123,6 +124,7 @@ def run(rt, cfg) -> None:
             ckpts.confirm(max(earlier))
             unconfirmed[:] = [r for r in unconfirmed if r >= t]
         row, raw = _round_row(t, telemetry, rt.placement.flat, agg_s, log, receivers)
+        row.update(getattr(strategy, "report", dict)())  # a gathered rule: what it saw and kept ("aggregation")
         if accountant is not None:
             row["epsilon"] = accountant.epsilon(t)  # at privacy.delta, after this round
         if schedule is not None:  # flat: what the clients did (sampled, available, dropped, late, ...)

@@ -18,6 +18,7 @@ import numpy as np
 from hierfed.data import load_data, partition
 from hierfed.model import FlatView, build_model
 from hierfed.privacy import wrap_child
+from hierfed.roles.attack import attack_hook
 from hierfed.roles.hetero import ClientSchedule
 from hierfed.roles.protocol import check_plan, child_link, codec_rng, local_steps, round_clients
 from hierfed.roles.work import StepCost, share_of_uplink
@@ -74,6 +75,7 @@ def run(rt, cfg) -> None:
     # which clients train how many steps and contribute what (availability, dropout, deadlines, FedBuff)
     schedule = ClientSchedule(cfg, rt.placement, plan.step_flops, spec.edge, plan.dim)
     schedule.set_sizes({c: float(len(shards[c])) for c in schedule.behaviour})
+    attack = attack_hook()  # test/research hook (HIERFED_INJECT_ATTACK): Byzantine clients' corrupted updates
     for t in range(plan.start_round, cfg.schedule.rounds + 1):
         chosen = round_clients(cfg, rt.placement.num_clients, t)
         mine = [c for c in spec.clients if c in chosen]
@@ -87,6 +89,7 @@ def run(rt, cfg) -> None:
                            t: int = t, s: int = s, work: list = work) -> None:
                 nonlocal loss_sum
                 weight = len(data[c])  # FedAvg weights a client by its local data size
+                delta = attack(c, delta)
                 link.add(c, weight, delta if scale == 1.0 else delta * np.float32(scale), codec_rng(cfg.seed, t, s, *key[: 1 + bool(key[1])]))
                 loss_sum += loss * weight
                 work.append(done)
