@@ -73,13 +73,13 @@ def run(rt, cfg) -> None:
     if rt.resume:
         state = ckpts.load_latest(flat.dim, flat.fingerprint())
         strategy.load_state_dict(unprefixed("strategy", state.cloud_state))
-        start, params, edge_states = state.round + 1, state.params, state.edge_states
+        start, params = state.round + 1, state.params
     else:
-        start, params, edge_states = 1, flat.get().astype(np.float64), {}  # float64 master copy
+        start, params = 1, flat.get().astype(np.float64)  # float64 master copy
     log = RunLog(out, start - 1 if rt.resume else None, cfg.runtime.progress)
     (out / "config.yaml").write_text(rt.config_text)
     step_flops = client_step_flops(cfg, task, built.model, built.tokenizer, rt.placement.num_clients)  # None unless the model clock decides (roles/hetero.py)
-    rt.down.bcast_obj(Plan(start, flat.dim, flat.fingerprint(), flat.base_hashes(), str(out), edge_states, step_flops, flat.manifest()))
+    rt.down.bcast_obj(Plan(start, flat.dim, flat.fingerprint(), flat.base_hashes(), str(out), step_flops, manifest=flat.manifest()))
     bind_layout(strategy, flat.manifest())  # lora_exact: where the LoRA factors are
     schedule = ClientSchedule(cfg, rt.placement, step_flops, None, flat.dim) if rt.placement.flat else None
     link = parent_link(rt.down, cfg, rt.placement.flat, "cloud", flat.dim)
@@ -88,7 +88,7 @@ def run(rt, cfg) -> None:
     began = time.perf_counter()
     rates = Rates.from_config(cfg.sim)
 
-    def finish(row: dict, raw: dict, params: np.ndarray, states: dict, cloud_state: dict) -> None:
+    def finish(row: dict, raw: dict, params: np.ndarray, cloud_state: dict) -> None:
         """Evaluate and checkpoint a finished round, then write its row."""
         t0 = time.perf_counter()
         last = row["round"] == cfg.schedule.rounds
@@ -96,7 +96,7 @@ def run(rt, cfg) -> None:
             flat.set(params)
             row.update(evaluator.evaluate(eval_data, task.kind, cfg.schedule.eval_batch_size, eval_groups, task.groups))
         if row["round"] > 0 and (last or row["round"] % cfg.checkpoint.every == 0):
-            ckpts.save(State(row["round"], params, cloud_state, states), built.model, flat, meta)
+            ckpts.save(State(row["round"], params, cloud_state), built.model, flat, meta)  # each edge saves its own (roles/edge.py)
             unconfirmed.append(row["round"])
         row["seconds"]["eval"] = time.perf_counter() - t0
         row["elapsed_s"] = time.perf_counter() - began
@@ -108,7 +108,7 @@ def run(rt, cfg) -> None:
     unconfirmed: list[int] = []  # checkpoints written here whose rank states may still be on their way to disk
     pending = None
     if start == 1:  # round 0: the untrained model, so the log shows where learning starts
-        pending = ({"round": 0, "edge_round": None, "tier": "cloud", "loss": None, "seconds": {}}, rt.ledger.take_round(), params, {}, {})
+        pending = ({"round": 0, "edge_round": None, "tier": "cloud", "loss": None, "seconds": {}}, rt.ledger.take_round(), params, {})
     for t in range(start, cfg.schedule.rounds + 1):
         started = time.perf_counter()
         job = pending
@@ -131,9 +131,8 @@ def run(rt, cfg) -> None:
             row.update(schedule.row(t, 1, round_clients(cfg, rt.placement.num_clients, t)))
         raw = merge([raw, rt.ledger.take_round()])  # the cloud's own sends this round
         row["seconds"]["round"] = time.perf_counter() - started
-        states = {} if rt.placement.flat else {e: d["strategy_state"] for e, d in enumerate(telemetry) if d["strategy_state"]}
         cloud_state = {**prefixed("strategy", strategy.state_dict()), **prefixed("link", link.state_dict())}  # as of round t
-        pending = (row, raw, params, states, cloud_state)
+        pending = (row, raw, params, cloud_state)
     if pending:
         finish(*pending)
     if unconfirmed:  # the last round's: complete once every rank has reached the end-of-run gather

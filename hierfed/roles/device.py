@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hierfed.data import load_data, partition
+from hierfed.data import load_data, partition, take
 from hierfed.model import FlatView, build_model
 from hierfed.privacy import wrap_child
 from hierfed.roles.attack import attack_hook
@@ -39,7 +39,7 @@ def run(rt, cfg) -> None:
     k = ks.get(spec.rank)
     # A split device holds only the embeddings and its k blocks (from disk, only they are loaded).
     built = build_model(cfg.model, cfg.peft, task.kind, task.num_labels, cfg.seed, torch_device(cfg.runtime.device), blocks=k)
-    data = {c: tokenize(built.tokenizer, [task.train[i] for i in shards[c]], task.kind, cfg.model.max_length) for c in spec.clients}
+    data = {c: tokenize(built.tokenizer, take(task.train, shards[c]), task.kind, cfg.model.max_length) for c in spec.clients}
 
     layout_model = None
     if k is None:

@@ -28,15 +28,16 @@ def run(rt, cfg) -> None:
     rt.down.bcast_obj(plan)
     if rt.edge_group.Get_size() > 1:
         bcast_object(rt.edge_group, plan, True, rt.poll)
-    strategy.load_state_dict(plan.edge_states.get(rt.role.edge, {}))
     bind_layout(strategy, plan.manifest)  # lora_exact: where the LoRA factors are
     up = child_link(rt.up, cfg, False, "cloud", plan.dim, plan.start_round > 1)
     down = wrap_parent(parent_link(rt.down, cfg, False, "edge", plan.dim), cfg, rt.placement, rt.role.edge, plan.start_round)  # SecAgg
-    # Sender state: the uplink's error-feedback residual and what the devices hold (codec downlink).
+    # The edge's own state, in its rank state file (never through the cloud: FedAvgM's velocity is
+    # model-sized): its strategy's, the uplink's error-feedback residual, what the devices hold
+    # (codec downlink), its split trainer's. Every edge leader writes one at each checkpoint.
     saved = RankState(Path(plan.out), rt.role.rank, cfg.checkpoint.keep)
-    has_state = up.feedback is not None or not down.down.is_identity
     ks = split_ks(rt, cfg)
-    resumed_state = saved.load(plan.start_round - 1) if plan.start_round > 1 and (has_state or split_here(rt, ks)) else {}
+    resumed_state = saved.load(plan.start_round - 1) if plan.start_round > 1 else {}
+    strategy.load_state_dict(unprefixed("strategy", resumed_state))
     up.load_state_dict(unprefixed("up", resumed_state))
     down.load_state_dict(unprefixed("down", resumed_state))
     me = rt.placement.edges[rt.role.edge]
@@ -86,14 +87,11 @@ def run(rt, cfg) -> None:
             delta = np.subtract(local, params, out=local)  # the master copy is spent until the next round
             up.add(rt.role.edge, weight_sum, delta, codec_rng(cfg.seed, t, 0, rt.role.rank, 2))
         up.send()
-        checkpoint = t % cfg.checkpoint.every == 0 or t == cfg.schedule.rounds
-        # The edge strategy's state (FedAvgM's velocity: model-sized) goes into the cloud's
-        # checkpoint of this round, so it travels only when there is one.
-        rt.up.gather_obj({"rows": rows, "bytes": rt.ledger.take_round(), "strategy_state": strategy.state_dict() if checkpoint else {}})
-        if checkpoint:
+        rt.up.gather_obj({"rows": rows, "bytes": rt.ledger.take_round()})  # telemetry: small, pickled
+        if t % cfg.checkpoint.every == 0 or t == cfg.schedule.rounds:
             own = trainer.save(t) if trainer else None  # None: nothing of the trainer's to keep
-            if has_state or own is not None:
-                saved.save(t, {**prefixed("up", up.state_dict()), **prefixed("down", down.state_dict()), **prefixed("split", own or {})})
+            saved.save(t, {**prefixed("strategy", strategy.state_dict()), **prefixed("up", up.state_dict()),
+                           **prefixed("down", down.state_dict()), **prefixed("split", own or {})})
     if trainer:
         trainer.close()
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -31,7 +31,6 @@ class Plan:
     fingerprint: str  # names and shapes of the trainable parameters
     base_hashes: dict[str, str]  # a hash of every frozen base weight, by name
     out: str  # the run directory (ranks with state to checkpoint write there)
-    edge_states: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)  # edge strategy state on resume
     step_flops: np.ndarray | None = None  # FLOPs of one local step per client, when the model clock decides (roles/hetero.py)
     manifest: list[tuple[str, tuple[int, ...]]] | None = None  # the trainable vector's names and shapes (a rule that needs them: lora_exact)
 

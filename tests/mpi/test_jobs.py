@@ -126,10 +126,19 @@ def test_hierarchy_with_tau2_1_equals_flat_fedavg(tiny_default, tmp_path):
 
 
 def test_uneven_topology_causal_lm(tmp_path):
-    """Uneven fan-outs (3 devices and 1) with a tiny Llama and LoKr adapters on the built-in corpus:
-    eval loss falls. With `eval_every: 2` the cloud evaluates rounds 0, 2 and the last (3), not round 1."""
+    """Uneven fan-outs (3 devices and 1) with a tiny Llama and LoKr adapters on the built-in corpus,
+    saved as a datasets directory (data.source: disk: every rank keeps it memory-mapped and reads
+    only the rows it uses, hierfed.data.files.Rows): eval loss falls. With `eval_every: 2` the cloud
+    evaluates rounds 0, 2 and the last (3), not round 1."""
+    import datasets
+
+    from hierfed.data import DataConfig, load_data
+
+    corpus = load_data(DataConfig(source="corpus", train_samples=400, eval_samples=64))
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": [e.text for e in corpus.train]}),
+                          "validation": datasets.Dataset.from_dict({"text": [e.text for e in corpus.eval]})}).save_to_disk(str(tmp_path / "corpus"))
     cfg = _tiny_config(tmp_path, model={"source": "llama", "size": "tiny", "max_length": 24}, peft={"method": "lokr"},
-                       data={"source": "corpus", "train_samples": 400, "eval_samples": 64},
+                       data={"source": "disk", "path": str(tmp_path / "corpus")},
                        schedule={"rounds": 3, "tau1": 4, "tau2": 2, "eval_every": 2})
     out = tmp_path / "uneven"
     proc = mpirun(7, "run", "uneven", "--config", cfg, "--out", str(out))
