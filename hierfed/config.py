@@ -57,6 +57,15 @@ class PeftConfig(_Section):
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] | None = None  # None: peft's default for the architecture
     options: dict[str, Any] = Field(default_factory=dict)  # passed through to the peft config
+    # FFA-LoRA (Sun et al. 2024): every lora_A stays frozen at its seeded initialisation (the same on
+    # every rank), only B trains and travels, so averaging B averages the product B A exactly.
+    ffa_lora: bool = False
+
+    @model_validator(mode="after")
+    def _ffa_needs_lora(self) -> PeftConfig:
+        if self.ffa_lora and self.method != "lora":
+            raise ValueError(f"ffa_lora freezes LoRA's A factors; it needs method=lora (got {self.method})")
+        return self
 
 
 class TrainConfig(_Section):
@@ -130,7 +139,7 @@ class AggregatorConfig(_Section):
     """Aggregation at one tier (see hierfed.strategy and docs/aggregation.md). Each rule reads its own fields."""
 
     name: Literal["fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "median", "trimmed_mean", "krum", "multikrum",
-                  "normclip"] = "fedavg"
+                  "normclip", "lora_exact"] = "fedavg"
     # The server step η. None: the rule's default, 1.0 (fedavg, fedavgm, the robust rules), 0.1 (fedadam,
     # fedadagrad), 0.01 (fedyogi; Flower's defaults for the adaptive rules).
     server_lr: float | None = Field(None, gt=0)

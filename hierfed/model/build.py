@@ -150,6 +150,15 @@ def trainable_in_float32(model: torch.nn.Module) -> None:
             _to_dtype_of(module, torch.float32)
 
 
+def freeze_lora_a(model: torch.nn.Module) -> None:
+    """FFA-LoRA: every LoRA A factor frozen at its initialisation. build_model seeds it, so every
+    rank holds the same A (checked at start-up with the other frozen weights: FlatView.base_hashes);
+    only B (and a trained head) is in the flat vector, and mean(B) A = mean(B A) exactly."""
+    for name, p in model.named_parameters():
+        if ".lora_A." in name or ".lora_embedding_A." in name:
+            p.requires_grad_(False)
+
+
 def peft_config(cfg: PeftConfig, kind: str):
     task = TaskType.SEQ_CLS if kind == "classification" else TaskType.CAUSAL_LM
     common: dict[str, Any] = dict(task_type=task, target_modules=cfg.target_modules)
@@ -191,6 +200,8 @@ def build_model(
             model = get_peft_model(base, peft_config(peft_cfg, kind))
         except (ValueError, TypeError) as e:
             raise HierfedError(f"peft: cannot apply {peft_cfg.method} to {model_cfg.source}: {str(e).splitlines()[0]}") from None
+        if peft_cfg.ffa_lora:
+            freeze_lora_a(model)
         if model_cfg.dtype != "float32":
             trainable_in_float32(model)
     if blocks is not None:

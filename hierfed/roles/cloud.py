@@ -17,7 +17,7 @@ from hierfed.data import load_data
 from hierfed.model import FlatView, build_model
 from hierfed.privacy import budget, wrap_parent, wrap_strategy
 from hierfed.roles.hetero import ClientSchedule, client_step_flops
-from hierfed.roles.protocol import Plan, aggregation_round, codec_rng, parent_link, prefixed, round_clients, unprefixed
+from hierfed.roles.protocol import Plan, aggregation_round, bind_layout, codec_rng, parent_link, prefixed, round_clients, unprefixed
 from hierfed.runtime.checkpoint import Checkpoints, State
 from hierfed.runtime.results import RunLog
 from hierfed.sim.clock import Rates, round_times
@@ -84,7 +84,8 @@ def run(rt, cfg) -> None:
     log = RunLog(out, start - 1 if rt.resume else None, cfg.runtime.progress)
     (out / "config.yaml").write_text(rt.config_text)
     step_flops = client_step_flops(cfg, task, built.model, built.tokenizer, rt.placement.num_clients)  # None unless the model clock decides (roles/hetero.py)
-    rt.down.bcast_obj(Plan(start, flat.dim, flat.fingerprint(), flat.base_hashes(), str(out), step_flops))
+    rt.down.bcast_obj(Plan(start, flat.dim, flat.fingerprint(), flat.base_hashes(), str(out), step_flops, manifest=flat.manifest()))
+    bind_layout(strategy, flat.manifest())  # lora_exact: where the LoRA factors are
     schedule = ClientSchedule(cfg, rt.placement, step_flops, None, flat.dim) if rt.placement.flat else None
     link = parent_link(rt.down, cfg, rt.placement.flat, "cloud", flat.dim, algo.up_size(flat.dim, rt.placement.flat))
     if rt.placement.flat:  # the cloud is its devices' parent: adaptive clipping's link (privacy.adaptive_clip)
@@ -134,6 +135,7 @@ def run(rt, cfg) -> None:
         if os.environ.get("HIERFED_INJECT_FAILURE") == f"cloud:{t}":  # test hook: the job dies in round t, round t-1 saved
             raise RuntimeError(f"injected failure in round {t}")
         row, raw = _round_row(t, telemetry, rt.placement.flat, agg_s, log, receivers)
+        row.update(getattr(strategy, "report", dict)())  # a gathered rule: what it saw and kept ("aggregation")
         if accountant is not None:
             row["epsilon"] = accountant.epsilon(t)  # at privacy.delta, after this round
             row.update(getattr(link, "report", dict)())  # flat, adaptive clipping: the clip norm C of this round

@@ -18,6 +18,7 @@ import numpy as np
 from hierfed.data import load_data, partition, take
 from hierfed.model import FlatView, build_model
 from hierfed.privacy import wrap_child
+from hierfed.roles.attack import attack_hook
 from hierfed.roles.hetero import ClientSchedule
 from hierfed.roles.protocol import check_plan, child_link, codec_rng, local_steps, prefixed, round_clients, unprefixed
 from hierfed.roles.work import StepCost, share_of_uplink
@@ -81,6 +82,7 @@ def run(rt, cfg) -> None:
     delta = np.zeros(plan.dim, dtype=np.float32)
     # which clients train how many steps and contribute what (availability, dropout, deadlines, FedBuff)
     schedule = ClientSchedule(cfg, rt.placement, plan.step_flops, spec.edge, plan.dim)
+    attack = attack_hook()  # test/research hook (HIERFED_INJECT_ATTACK): Byzantine clients' corrupted updates
     for t in range(plan.start_round, cfg.schedule.rounds + 1):
         chosen = round_clients(cfg, rt.placement.num_clients, t)
         mine = [c for c in spec.clients if c in chosen]
@@ -97,6 +99,7 @@ def run(rt, cfg) -> None:
                            t: int = t, s: int = s, work: list = work) -> None:
                 nonlocal loss_sum
                 weight = len(data[c])  # FedAvg weights a client by its local data size
+                delta = attack(c, delta)
                 delta, extras = algo.payload(c, delta if scale == 1.0 else delta * np.float32(scale), weight, done["steps"])
                 rng = codec_rng(cfg.seed, t, s, *key[: 1 + bool(key[1])])
                 if extras is None:

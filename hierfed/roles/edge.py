@@ -15,7 +15,7 @@ from hierfed.comm.ledger import merge
 from hierfed.placement.dsconfig import use_deepspeed
 from hierfed.privacy import wrap_parent, wrap_strategy
 from hierfed.roles.hetero import ClientSchedule
-from hierfed.roles.protocol import aggregation_round, child_link, codec_rng, parent_link, prefixed, round_clients, unprefixed
+from hierfed.roles.protocol import aggregation_round, bind_layout, child_link, codec_rng, parent_link, prefixed, round_clients, unprefixed
 from hierfed.runtime.checkpoint import RankState
 from hierfed.strategy import build_strategy
 from hierfed.strategy.client import build_client
@@ -31,6 +31,7 @@ def run(rt, cfg) -> None:
         bcast_object(rt.edge_group, plan, True, rt.poll)
     algo = build_client(cfg)
     tier = algo.tier(plan.dim, True)  # the edge's side of the client algorithm (SCAFFOLD: its control variate)
+    bind_layout(strategy, plan.manifest)  # lora_exact: where the LoRA factors are
     up = child_link(rt.up, cfg, False, "cloud", plan.dim, plan.start_round > 1, algo.up_size(plan.dim, False))
     down = wrap_parent(parent_link(rt.down, cfg, False, "edge", plan.dim, algo.up_size(plan.dim, True)), cfg, rt.placement,
                        rt.role.edge, plan.start_round, strategy)  # SecAgg, adaptive clip
@@ -86,6 +87,7 @@ def run(rt, cfg) -> None:
                 "samples": w,
                 "receivers": receivers,  # clients the edge's broadcast went to
                 **getattr(down, "report", dict)(),  # secure aggregation: members, survivors, t, failure
+                **getattr(strategy, "report", dict)(),  # a gathered rule: what it saw and kept ("aggregation")
                 "work": [x for d in telemetry for x in d.get("work", ())],  # per trained client: steps, FLOPs, seconds, uplink bytes
                 "bytes": merge([d["bytes"] for d in telemetry] + [rt.ledger.take_round()]),
                 "seconds": {"wall": time.perf_counter() - started, "compute": max(d["compute_s"] for d in telemetry), "aggregate": agg_s,

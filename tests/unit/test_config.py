@@ -91,7 +91,7 @@ def test_bad_field_in_file_names_file_and_field(write_yaml) -> None:
     (["schedule.client_fraction=1.5"], "schedule.client_fraction: must be <= 1 (got 1.5)"),
     (["model.max_length=lots"], "model.max_length: must be an integer (got 'lots')"),
     (["aggregation.edge.name=fedsgd"], ("aggregation.edge.name: must be 'fedavg', 'fedavgm', 'fedadam', 'fedyogi', 'fedadagrad', "
-                                        "'median', 'trimmed_mean', 'krum', 'multikrum' or 'normclip' (got 'fedsgd')")),
+                                        "'median', 'trimmed_mean', 'krum', 'multikrum', 'normclip' or 'lora_exact' (got 'fedsgd')")),
     (["schedule=[1]"], "schedule: must be a mapping (got a list)"),
     (["topology=null"], "topology: must be a string (got null)"),
     # a union (bool | 'auto') is one problem; its member types are not part of the path
