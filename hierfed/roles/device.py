@@ -19,7 +19,7 @@ from hierfed.data import load_data, partition
 from hierfed.model import FlatView, build_model
 from hierfed.privacy import wrap_child
 from hierfed.roles.hetero import ClientSchedule
-from hierfed.roles.protocol import check_plan, child_link, codec_rng, local_steps, round_clients
+from hierfed.roles.protocol import check_plan, child_link, codec_rng, local_steps, prefixed, round_clients, unprefixed
 from hierfed.roles.work import StepCost, share_of_uplink
 from hierfed.runtime.checkpoint import RankState
 from hierfed.training import LocalTrainer, configure_threads, tokenize, torch_device
@@ -45,13 +45,16 @@ def run(rt, cfg) -> None:
         layout = flat = FlatView(built.model)  # the whole model's trainable parameters: the vector that travels
         trainer, mine_idx = LocalTrainer(built.model, cfg.train), None
     else:
+        from hierfed.placement.dsconfig import use_deepspeed
         from hierfed.placement.link import SplitClient, global_index
         from hierfed.placement.memory import skeleton
 
         layout_model = skeleton(cfg, task.kind, task.num_labels)
         layout = FlatView(layout_model)  # the whole model's, from its meta skeleton
         server = rt.placement.edges[spec.edge].servers(ks)[spec.rank]
-        trainer = SplitClient(rt.split_comm, server, built.model, k, cfg, rt.ledger, rt.poll)
+        # the client's global grad norm across the cut, unless the edge is a DeepSpeed group (docs/split.md)
+        global_clip = not use_deepspeed(cfg, len(rt.placement.edges[spec.edge].ranks))
+        trainer = SplitClient(rt.split_comm, server, built.model, k, cfg, rt.ledger, rt.poll, global_clip)
         flat, mine_idx = trainer.flat, global_index(layout, trainer.flat)
 
     plan = rt.up.bcast_obj()
@@ -63,8 +66,13 @@ def run(rt, cfg) -> None:
     # privacy: clip each client's update (and add its share of distributed noise); secure aggregation masks it
     link = wrap_child(link, cfg, rt.placement, spec.edge, plan.start_round, lambda t: _agg_size(rt.placement, spec, cfg, t))
     saved = RankState(Path(plan.out), rt.role.rank, cfg.checkpoint.keep)
-    if plan.start_round > 1 and link.feedback is not None:
-        link.load_state_dict(saved.load(plan.start_round - 1))
+    # state kept across rounds: error-feedback residuals; a split device's persistent optimiser
+    persistent = k is not None and cfg.split.optimizer_state == "persistent"
+    if plan.start_round > 1 and (link.feedback is not None or persistent):
+        state = saved.load(plan.start_round - 1)
+        link.load_state_dict({n: v for n, v in state.items() if not n.startswith("split/")})
+        if persistent:
+            trainer.load_state_dict(unprefixed("split", state))
 
     edge_rounds = 1 if rt.placement.flat else cfg.schedule.tau2
     steps = local_steps(cfg, rt.placement.flat)
@@ -114,11 +122,11 @@ def run(rt, cfg) -> None:
             share_of_uplink(work, sent)
             rt.up.gather_obj({"loss_sum": loss_sum, "weight": weight, "clients": len(work), "compute_s": compute_s, "phases": phases,
                               "bytes": sent, "work": work})
-        if link.feedback is not None and (t % cfg.checkpoint.every == 0 or t == cfg.schedule.rounds):
+        if (link.feedback is not None or persistent) and (t % cfg.checkpoint.every == 0 or t == cfg.schedule.rounds):
             if os.environ.get("HIERFED_INJECT_FAILURE") == f"save:{rt.role.name}:{t}":  # test hook: die late, before saving round t
                 time.sleep(8)  # meanwhile the cloud writes its own checkpoint of round t
                 raise RuntimeError(f"injected failure before saving round {t}")
-            saved.save(t, link.state_dict())
+            saved.save(t, {**link.state_dict(), **(prefixed("split", trainer.state_dict()) if persistent else {})})
 
 
 def _agg_size(placement, spec, cfg, t: int) -> int:
