@@ -24,7 +24,7 @@ def _topology(tmp_path, edge_ranks: int) -> str:
     # One split device per edge: a ZeRO group trains one shared upper stage, which is the plain
     # edge's per-device copy (SplitFedV1) only when it serves one device (docs/split.md).
     edges = [
-        {"name": "edge0", "ranks": edge_ranks, "devices": [{"ranks": 1, "split_layers": 1}]},
+        {"name": "edge0", "ranks": edge_ranks, "devices": [{"ranks": 1, "split_layers": 1}, {"ranks": 1}]},
         {"name": "edge1", "ranks": edge_ranks, "devices": [{"ranks": 1, "split_layers": 1}, {"ranks": 1}]},
     ]
     path = tmp_path / f"edges-{edge_ranks}.yaml"
@@ -45,7 +45,7 @@ def plain(tmp_path_factory):
     """Single-rank edges, no DeepSpeed: the reference."""
     tmp = tmp_path_factory.mktemp("plain")
     out = tmp / "run"
-    check_ok(mpirun(6, "run", _topology(tmp, 1), "--config", _config(tmp), "--out", str(out)))
+    check_ok(mpirun(7, "run", _topology(tmp, 1), "--config", _config(tmp), "--out", str(out)))
     return out
 
 
@@ -64,7 +64,7 @@ def _trained_like_plain(out, plain) -> None:
     ds = out / "checkpoints" / "ranks"
     assert (ds / "deepspeed-edge0" / "round-0002").is_dir() and (ds / "deepspeed-edge1" / "round-0002").is_dir()
     peak = json.loads((out / "summary.json").read_text())["peak_memory"]  # every rank, both ranks of each edge
-    assert len(peak) == 8 and {"edge0", "edge0#1", "edge1", "edge1#1"} <= set(peak) and all(m["host"] > 0 for m in peak.values())
+    assert len(peak) == 9 and {"edge0", "edge0#1", "edge1", "edge1#1"} <= set(peak) and all(m["host"] > 0 for m in peak.values())
 
 
 @pytest.mark.parametrize("stage", [1, 3])
@@ -72,7 +72,7 @@ def test_zero_edge_groups_train_like_single_rank_edges(plain, tmp_path, stage):
     """2 edges x 2 ranks under ZeRO-{1,3}, split devices included: same losses and global adapter.
     (ZeRO-2: the resume test below, whose stopped-and-resumed job must also train like the reference.)"""
     out = tmp_path / "zero"
-    check_ok(mpirun(8, "run", _topology(tmp_path, 2), "--config", _config(tmp_path, deepspeed={"zero_stage": stage}), "--out", str(out)))
+    check_ok(mpirun(9, "run", _topology(tmp_path, 2), "--config", _config(tmp_path, deepspeed={"zero_stage": stage}), "--out", str(out)))
     _trained_like_plain(out, plain)
 
 
@@ -80,8 +80,8 @@ def test_resume_restores_zero_optimizer_state(plain, tmp_path):
     """Stop after 1 of 2 rounds and resume: the edges reload their sharded Adam state."""
     cfg = _config(tmp_path, deepspeed={"zero_stage": 2})
     topo = _topology(tmp_path, 2)
-    check_ok(mpirun(8, "run", topo, "--config", cfg, "--out", str(tmp_path / "parts"), "--rounds", "1"))
-    check_ok(mpirun(8, "run", topo, "--config", cfg, "--out", str(tmp_path / "parts"), "--resume"))
+    check_ok(mpirun(9, "run", topo, "--config", cfg, "--out", str(tmp_path / "parts"), "--rounds", "1"))
+    check_ok(mpirun(9, "run", topo, "--config", cfg, "--out", str(tmp_path / "parts"), "--resume"))
     # Equal to the uninterrupted run (the plain reference, to ATOL): with a fresh Adam state on the
     # edges the second round's upper-block steps would be ~lr-sized and differ far beyond ATOL.
     _trained_like_plain(tmp_path / "parts", plain)
