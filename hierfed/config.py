@@ -57,6 +57,15 @@ class PeftConfig(_Section):
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] | None = None  # None: peft's default for the architecture
     options: dict[str, Any] = Field(default_factory=dict)  # passed through to the peft config
+    # FFA-LoRA (Sun et al. 2024): every lora_A stays frozen at its seeded initialisation (the same on
+    # every rank), only B trains and travels, so averaging B averages the product B A exactly.
+    ffa_lora: bool = False
+
+    @model_validator(mode="after")
+    def _ffa_needs_lora(self) -> PeftConfig:
+        if self.ffa_lora and self.method != "lora":
+            raise ValueError(f"ffa_lora freezes LoRA's A factors; it needs method=lora (got {self.method})")
+        return self
 
 
 class TrainConfig(_Section):
@@ -130,7 +139,7 @@ class AggregatorConfig(_Section):
     """Aggregation at one tier (see hierfed.strategy and docs/aggregation.md). Each rule reads its own fields."""
 
     name: Literal["fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "median", "trimmed_mean", "krum", "multikrum",
-                  "normclip"] = "fedavg"
+                  "normclip", "lora_exact"] = "fedavg"
     # The server step η. None: the rule's default, 1.0 (fedavg, fedavgm, the robust rules), 0.1 (fedadam,
     # fedadagrad), 0.01 (fedyogi; Flower's defaults for the adaptive rules).
     server_lr: float | None = Field(None, gt=0)
@@ -148,6 +157,16 @@ class AggregatorConfig(_Section):
         if self.name == "normclip" and self.clip_norm is None:
             raise ValueError("name=normclip needs clip_norm (the L2 bound on each child's update)")
         return self
+
+
+class ClientConfig(_Section):
+    """The client side of the algorithm, chosen once for the run (hierfed.strategy.client,
+    docs/aggregation.md): none (plain local training: FedAvg's client), fedprox (proximal term
+    mu/2 ||w - w_start||^2), scaffold (control variates, option II; local SGD without momentum),
+    fednova (normalised averaging by each client's local steps)."""
+
+    algorithm: Literal["none", "fedprox", "scaffold", "fednova"] = "none"
+    mu: float = Field(0.01, ge=0, allow_inf_nan=False)  # fedprox: the proximal weight
 
 
 class AggregationConfig(_Section):
@@ -246,6 +265,16 @@ class SimConfig(_Section):
     cloud_tflops: float = Field(50.0, gt=0)
 
 
+class AdaptiveClipConfig(_Section):
+    """Adaptive clipping (Andrew et al. 2021): C follows the `quantile` γ of the clients' update norms,
+    C <- C·exp(-lr·(b̄ - γ)), b̄ the noised fraction of clients with norm <= C; the count's noise
+    (std `count_stddev` σ_b) is paid from noise_multiplier (docs/privacy.md)."""
+
+    quantile: float = Field(0.5, gt=0, lt=1)  # γ: the target fraction of unclipped clients
+    lr: float = Field(0.2, gt=0)  # η_C of the geometric update
+    count_stddev: float = Field(gt=0)  # σ_b on the sum of clipped-or-not bits (the paper suggests clients per round / 20)
+
+
 class PrivacyConfig(_Section):
     """Client-level differential privacy (DP-FedAvg) and secure aggregation at the edges (docs/privacy.md).
 
@@ -265,9 +294,19 @@ class PrivacyConfig(_Section):
     # Fixed-point range: |w·Δ_i| of one client's coordinate (w: its weight, 1 under DP noise); beyond it
     # values saturate. None: privacy.clip (plus 6 noise stds with distributed noise).
     secagg_bound: float | None = Field(None, gt=0)
+    adaptive_clip: AdaptiveClipConfig | None = None  # C starts at `clip` and tracks a quantile of the update norms
 
     @model_validator(mode="after")
     def _consistent(self) -> PrivacyConfig:
+        if self.adaptive_clip is not None:
+            if self.noise_multiplier <= 0:
+                raise ValueError("privacy.adaptive_clip needs privacy.noise_multiplier > 0 (the clip norm is kept by the tier that adds the noise)")
+            if self.noise_at == "distributed":
+                raise ValueError("privacy.adaptive_clip with noise_at: distributed is not supported (the clipped-count would need "
+                                 "its own distributed noise); use noise_at: edge, or cloud on a flat topology")
+            if 2 * self.adaptive_clip.count_stddev <= self.noise_multiplier:
+                raise ValueError(f"privacy.adaptive_clip.count_stddev {self.adaptive_clip.count_stddev:g} must exceed noise_multiplier/2 "
+                                 f"= {self.noise_multiplier / 2:g}: the count's noise is paid from noise_multiplier (docs/privacy.md)")
         if self.noise_multiplier > 0 and (self.clip is None or self.clip == float("inf")):
             raise ValueError("privacy.noise_multiplier > 0 needs a finite privacy.clip (the noise is σ·C)")
         if self.target_epsilon is not None and self.noise_multiplier == 0:
@@ -285,6 +324,16 @@ class PrivacyConfig(_Section):
     def noisy(self) -> bool:
         return self.noise_multiplier > 0
 
+    @property
+    def value_noise_multiplier(self) -> float:
+        """σ_Δ, the multiplier of the noise on the update sum. With adaptive clipping, the paper's split
+        (Andrew et al. 2021, Thm. 1): σ_Δ = (σ^-2 - (2σ_b)^-2)^(-1/2), so the sum and the count together
+        cost one Gaussian mechanism of multiplier σ; else σ."""
+        a = self.adaptive_clip
+        if a is None:
+            return self.noise_multiplier
+        return (self.noise_multiplier**-2 - (2 * a.count_stddev) ** -2) ** -0.5
+
 
 class CheckpointConfig(_Section):
     every: int = Field(1, ge=1)  # cloud rounds between checkpoints (the last round is always saved)
@@ -301,6 +350,7 @@ class RunConfig(_Section):
     train: TrainConfig = TrainConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     aggregation: AggregationConfig = AggregationConfig()
+    client: ClientConfig = ClientConfig()
     compression: CompressionConfig = CompressionConfig()
     split: SplitConfig = SplitConfig()
     deepspeed: DeepSpeedSection = DeepSpeedSection()
@@ -315,6 +365,12 @@ class RunConfig(_Section):
         if s.timed and self.sim.compute != "model":
             raise ValueError(f"schedule.{'edge_mode=fedbuff' if s.edge_mode == 'fedbuff' else 'straggler=' + s.straggler} "
                              "decides from the model clock: it needs sim.compute: model")
+        a = self.client.algorithm
+        if s.normalise == "fednova" and a not in ("none", "fednova"):
+            raise ValueError(f"schedule.normalise=fednova is FedNova's client side; it cannot be combined with client.algorithm={a}")
+        if a == "scaffold" and (self.train.optimizer != "sgd" or self.train.momentum > 0):
+            raise ValueError("client.algorithm=scaffold needs train.optimizer: sgd with momentum 0 (option II's control "
+                             "variate reads the local steps as lr x gradient)")
         return self
 
 

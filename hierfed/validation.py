@@ -70,7 +70,7 @@ def one_line(err: ValidationError) -> str:
     The members of a union (`bool | Literal["auto"]`) fail together: they are one problem, said as
     "must be a boolean or 'auto'", and their type names are left out of the path.
     """
-    errors = err.errors(include_url=False)
+    errors: list[dict[str, Any]] = [dict(e) for e in err.errors(include_url=False)]  # pydantic's TypedDicts, as plain dicts
     problems: dict[tuple, list[dict]] = {}  # field location -> its errors (several for a union)
     for e in errors:
         loc = tuple(p for i, p in enumerate(e["loc"]) if not _union_member(e["loc"], i, errors))
@@ -143,7 +143,7 @@ def _why_union(members: list[dict]) -> str:
     musts = [_must_be(e) for e in members]
     if None in musts:
         return _why(members[0])
-    alts = list(dict.fromkeys(musts))
+    alts = list(dict.fromkeys(m for m in musts if m is not None))  # none is None (returned above)
     said = alts[0] if len(alts) == 1 else f"{', '.join(alts[:-1])} or {alts[-1]}"
     return f"must be {said} (got {show(members[0].get('input'))})"
 

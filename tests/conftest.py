@@ -20,6 +20,7 @@ def job_env() -> dict[str, str]:
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     env.pop("HIERFED_INJECT_FAILURE", None)
+    env.pop("HIERFED_INJECT_ATTACK", None)
     return env
 
 

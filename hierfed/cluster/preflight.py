@@ -36,24 +36,105 @@ def check_supported(placement, cfg) -> None:
         if len(d.clients) > 1:
             raise HierfedError(f"{src}: device {d.name} has split_layers and {len(d.clients)} virtual clients; a split device is one client")
     check_aggregation(placement, cfg)
+    check_client(placement, cfg)
     check_heterogeneity(placement, cfg)
     check_edges(placement, cfg)
     check_privacy(placement, cfg)
 
 
 def check_aggregation(placement, cfg) -> None:
-    """Rules a tier of this run cannot apply yet. The robust rules (median, trimmed mean, Krum,
-    Multi-Krum, norm clipping) must see every child's update; their math and oracles exist
-    (hierfed.strategy.robust), but the role loops carry only the SUM-reduced path so far: refused
-    here in one line rather than failing after the first round."""
-    from hierfed.strategy import STRATEGIES
+    """What a tier's rule cannot do with this topology. A rule that must see every child's update
+    (median, trimmed mean, Krum, Multi-Krum, norm clipping: the gathered path) cannot run at an edge
+    with split devices (the upper blocks are trained once for all of them: there is no per-client
+    update to compare), and Krum / Multi-Krum cannot run a round with fewer than `min_children`
+    updates: refused when the fan-out (each edge's clients, the edges, or a flat topology's clients)
+    is too small, or, with fixed-size sampling, when a round's sampled clients leave a parent with
+    some updates but too few. (Poisson sampling and unreliable devices can still leave too few in a
+    round: that round fails naming the rule.) lora_exact needs LoRA factors that train (peft.method
+    lora, without ffa_lora). DP noise and secure aggregation with a gathered rule:
+    hierfed.privacy.setup."""
+    from hierfed.strategy import build_strategy
 
+    src = placement.topology.source
+    for tier in ["cloud"] if placement.flat else ["edge", "cloud"]:
+        agg = getattr(cfg.aggregation, tier)
+        rule = build_strategy(agg)
+        if rule.reducible:
+            continue
+        if agg.name == "lora_exact" and (cfg.peft.method != "lora" or cfg.peft.ffa_lora):
+            why = "with ffa_lora, A is frozen and plain fedavg is already exact" if cfg.peft.method == "lora" else \
+                f"peft.method is {cfg.peft.method}"
+            raise HierfedError(f"aggregation.{tier}.name=lora_exact averages LoRA's B A products, but {why}")
+        if tier == "edge":
+            split = next((e for e in placement.edges if e.split_devices), None)
+            if split is not None:
+                raise HierfedError(f"{src}: edge '{split.name}' has split devices, whose upper blocks it trains once for all of them, "
+                                   f"so aggregation.edge.name={agg.name} has no per-client update to compare; use a reducible rule there")
+        need = rule.min_children()
+        if need <= 1:
+            continue
+        # the senders each parent of the tier can have: (parent, its clients' groups); a group sends one update
+        if tier == "edge":
+            parents = [(f"edge '{e.name}'", [{c} for c in sorted(e.all_clients)]) for e in placement.edges]
+        elif placement.flat:
+            parents = [("the cloud", [{c} for c in range(placement.num_clients)])]
+        else:
+            parents = [("the cloud", [set(e.all_clients) for e in placement.edges])]
+        what = f"aggregation.{tier}.name={agg.name} (krum_f={agg.krum_f}) needs at least {need} updates a round"
+        for who, groups in parents:
+            if len(groups) < need:
+                raise HierfedError(f"{src}: {what}, but {who} has only {len(groups)} "
+                                   f"{'edges' if tier == 'cloud' and not placement.flat else 'clients'} below it")
+        if cfg.schedule.sampling != "fixed" or cfg.schedule.sampling_fraction >= 1.0:
+            continue
+        from hierfed.roles.protocol import round_clients  # the same draw as the ranks'
+
+        for t in range(1, cfg.schedule.rounds + 1):
+            sampled = round_clients(cfg, placement.num_clients, t)
+            for who, groups in parents:
+                n = sum(1 for g in groups if g & sampled)
+                if 0 < n < need:
+                    raise HierfedError(f"{src}: {what}, but in round {t} {who} gets {n} (schedule.client_fraction="
+                                       f"{cfg.schedule.client_fraction} samples too few of its clients)")
+
+
+def check_client(placement, cfg) -> None:
+    """What the run's client algorithm (client.algorithm; schedule.normalise: fednova) cannot run
+    with, in one line (docs/aggregation.md, "Client algorithms"). The client side runs on device
+    ranks only; algorithms whose extras travel in the SUM-reduced buffer (scaffold, fednova) need
+    the uncompressed, reducible, unmasked uplink that carries that buffer."""
+    from hierfed.comm.codecs import parse_codec
+    from hierfed.strategy import STRATEGIES
+    from hierfed.strategy.client import build_client
+
+    algo = build_client(cfg)
+    if algo.name == "none":
+        return
+    what = f"client.algorithm={algo.name}" if cfg.client.algorithm != "none" else "schedule.normalise=fednova"
+    src = placement.topology.source
+    for e in placement.edges:
+        if e.split_devices or e.clients:
+            kind = "split devices" if e.split_devices else "train_locally: true"
+            raise HierfedError(f"{src}: edge '{e.name}' has {kind}; {what} runs on device ranks only in this version")
+    if algo.up_size(1, True) == 0:
+        return  # FedProx: a local term only, nothing else travels
     tiers = ["cloud"] if placement.flat else ["edge", "cloud"]
     for tier in tiers:
         name = getattr(cfg.aggregation, tier).name
         if not STRATEGIES[name].reducible:
-            raise HierfedError(f"aggregation.{tier}.name={name}: robust rules need every child's update (the gathered "
-                               "path), which this version's MPI rounds do not carry yet; use fedavg, fedavgm, fedadam, fedyogi or fedadagrad")
+            raise HierfedError(f"{what} sends extra values in the SUM-reduced contribution; aggregation.{tier}.name={name} "
+                               "aggregates gathered updates, which do not carry them")
+    c = cfg.compression
+    for key in ("device_up",) if placement.flat else ("device_up", "edge_up"):
+        if not parse_codec(getattr(c, key)).is_identity:
+            raise HierfedError(f"{what} sends extra values in the SUM-reduced contribution; compression.{key}={getattr(c, key)} "
+                               "sends encoded updates instead (use identity)")
+    if cfg.privacy.dp or cfg.privacy.secagg:
+        raise HierfedError(f"{what} sends extra values beside the model delta, which privacy (clipping, noise, secure aggregation) "
+                           "does not cover; turn privacy off or use client.algorithm none or fedprox")
+    if algo.name == "scaffold" and cfg.schedule.edge_mode == "fedbuff":
+        raise HierfedError("client.algorithm=scaffold with schedule.edge_mode=fedbuff: stale updates would apply control "
+                           "variates of an older model; use edge_mode: sync")
 
 
 def check_resolved_split(placement, cfg, ks: dict[int, int | None]) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from hierfed.cluster.hosts import Host
@@ -44,12 +45,12 @@ def expand_tasks_per_node(text: str) -> list[int]:
     return out
 
 
-def in_slurm(env: dict[str, str] | None = None) -> bool:
+def in_slurm(env: Mapping[str, str] | None = None) -> bool:
     """Inside a Slurm allocation (a batch script, salloc, or an array task)."""
     return "SLURM_JOB_ID" in (os.environ if env is None else env)
 
 
-def slurm_hosts(env: dict[str, str] | None = None) -> list[Host]:
+def slurm_hosts(env: Mapping[str, str] | None = None) -> list[Host]:
     """The allocation's nodes and their task slots (SLURM_JOB_NODELIST, SLURM_TASKS_PER_NODE)."""
     env = os.environ if env is None else env
     names = expand_nodelist(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "")))
@@ -59,7 +60,7 @@ def slurm_hosts(env: dict[str, str] | None = None) -> list[Host]:
     return [Host(n, t) for n, t in zip(names, tasks)]
 
 
-def slurm_tasks(env: dict[str, str] | None = None) -> list[int]:
+def slurm_tasks(env: Mapping[str, str] | None = None) -> list[int]:
     """Tasks per component of the allocation: [n] for a plain job, one entry per het component."""
     env = os.environ if env is None else env
     het = env.get("SLURM_HET_SIZE")

@@ -148,7 +148,8 @@ class Channel:
         """
         data = np.frombuffer(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL), dtype=np.uint8)
         parts = gather_varying(self.comm, data, self.is_parent, self.poll)
-        return None if parts is None else [pickle.loads(p) for p in parts]
+        # numpy's stubs give ndarray the buffer protocol (__buffer__) only from Python 3.12
+        return None if parts is None else [pickle.loads(p) for p in parts]  # type: ignore[arg-type]
 
 
 def gather_varying(comm: MPI.Comm, payload: np.ndarray, root: bool, poll: bool) -> list[np.ndarray] | None:

@@ -10,6 +10,12 @@ are summed into one buffer and SUM-reduced (the fast path). With a codec, each s
 or an edge) encodes its own delta, with error feedback if configured, and every child's payloads
 go to the parent in one Gatherv: per update [float64 weight][uint64 length][codec payload].
 The parent decodes each and sums [w*delta, w] in float64.
+
+Gathered (`gathered=True`: the parent's rule must see every update, hierfed.strategy.gathered): every
+sender's update travels on its own as in the codec path, whatever the codec (the identity codec's
+payload is the float32 vector behind a small header), and the parent decodes them into the rows of
+an (n_senders, dim) array instead of summing (`receive_updates`). A sender is a (virtual) client of
+a device rank, or an edge: a rank with many virtual clients sends them all, stacked in one message.
 """
 
 from __future__ import annotations
@@ -70,12 +76,14 @@ class _Scratch:
 class Parent:
     """The parent end of a tier: sends parameters down, receives summed updates."""
 
-    def __init__(self, channel: Channel, down: Codec, up: Codec, dim: int) -> None:
+    def __init__(self, channel: Channel, down: Codec, up: Codec, dim: int, extra: int = 0, gathered: bool = False) -> None:
         self.channel, self.down, self.up, self.dim = channel, down, up, dim
+        self.gathered = gathered  # the children send every update on its own (receive_updates)
         self.held: np.ndarray | None = None  # float32 parameters the children hold (codec downlink)
         self.decode_s = 0.0  # time spent decoding the last round's updates (part of aggregation)
         self._resync = False
-        self._buf32 = np.empty(dim + 1, dtype=np.float32)  # one buffer for sends and reduced sums
+        # one buffer for sends and reduced sums; `extra` values of a client algorithm follow [w*delta, w]
+        self._buf32 = np.empty(dim + 1 + extra, dtype=np.float32)
         self._scratch = _Scratch(dim)  # codec paths: the downlink difference, the decoded sums
 
     def state_dict(self) -> dict[str, np.ndarray]:
@@ -102,7 +110,8 @@ class Parent:
         self.held += self.down.decode(payload, self.dim)
 
     def receive(self) -> np.ndarray:
-        """[sum w*delta, sum w] over every update sent by the children this round."""
+        """[sum w*delta, sum w] over every update sent by the children this round (followed by the
+        summed extra values of a client algorithm, uncompressed uplinks only)."""
         if self.up.is_identity:
             self.channel.reduce_sum(self._buf32)  # valid until the next send/receive
             return self._buf32
@@ -117,17 +126,32 @@ class Parent:
         self.decode_s = time.perf_counter() - started
         return total
 
+    def receive_updates(self) -> tuple[np.ndarray, np.ndarray]:
+        """The gathered path: every update the children sent this round, decoded, as (updates (n, dim)
+        float32, weights (n,) float64), children in rank order and each child's senders in its order.
+        `updates` is valid until the next receive_updates."""
+        blobs = self.channel.gather_bytes(np.empty(0, dtype=np.uint8))
+        started = time.perf_counter()
+        parts = [part for blob in blobs for part in _unpack(blob)]
+        updates = self._scratch.get(np.float32, len(parts) * self.dim, "rows").reshape(len(parts), self.dim)
+        for row, (_, payload) in zip(updates, parts):
+            row[...] = self.up.decode(payload, self.dim)
+        self.decode_s = time.perf_counter() - started
+        return updates, np.array([w for w, _ in parts], dtype=np.float64)
+
 
 class Child:
     """The child end of a tier: receives parameters, sends its senders' weighted updates."""
 
-    def __init__(self, channel: Channel, down: Codec, up: Codec, dim: int, error_feedback: bool, resumed: bool = False) -> None:
-        self.channel, self.down, self.up, self.dim = channel, down, up, dim
+    def __init__(self, channel: Channel, down: Codec, up: Codec, dim: int, error_feedback: bool, resumed: bool = False,
+                 extra: int = 0, gathered: bool = False) -> None:
+        self.channel, self.down, self.up, self.dim, self.extra = channel, down, up, dim, extra
+        self.summed = up.is_identity and not gathered  # the fast path: one SUM-reduced [sum w*delta, sum w, extras]
         self.held: np.ndarray | None = None
         self._resync = resumed and not down.is_identity  # a resumed parent first resends its held copy
         lossy = not (up.is_identity or up.spec in ("fp32",))
         self.feedback: dict[int, ErrorFeedback] | None = {} if (error_feedback and lossy) else None
-        self._acc = np.zeros(dim + 1, dtype=np.float32)
+        self._acc = np.zeros(dim + 1 + extra, dtype=np.float32)  # [w*delta, w, extras] (uncompressed)
         self._scratch = _Scratch(dim)  # weight * delta, for the uncompressed sum
         self._parts: list[tuple[float, np.ndarray]] = []
         self._senders = 0
@@ -147,12 +171,19 @@ class Child:
         self.held += self.down.decode(payload, self.dim)
         out[:] = self.held
 
-    def add(self, sender: int, weight: float, delta: np.ndarray, rng: np.random.Generator | None = None) -> None:
-        """Queue one sender's update (a client's, or an edge's) for this round's send."""
+    def add(self, sender: int, weight: float, delta: np.ndarray, rng: np.random.Generator | None = None,
+            extras: np.ndarray | None = None) -> None:
+        """Queue one sender's update (a client's, or an edge's) for this round's send. `extras`: a
+        client algorithm's extra values (hierfed.strategy.client), summed as they are."""
         self._senders += 1
-        if self.up.is_identity:
-            Strategy.accumulate(self._acc, delta, weight, self._scratch.get(Strategy.scratch_dtype(delta, weight)))
+        if self.summed:
+            acc = self._acc if not self.extra else self._acc[: self.dim + 1]
+            Strategy.accumulate(acc, delta, weight, self._scratch.get(Strategy.scratch_dtype(delta, weight)))
+            if extras is not None:
+                self._acc[self.dim + 1 :] += extras
             return
+        if extras is not None:
+            raise ValueError("extra values travel on uncompressed uplinks only (hierfed.cluster.preflight.check_client)")
         if self.feedback is not None:
             ef = self.feedback.setdefault(sender, ErrorFeedback(self.up, self.dim))
             payload = ef.encode(delta, rng)
@@ -162,8 +193,8 @@ class Child:
 
     def send(self) -> float:
         """Send the queued updates to the parent; returns their total weight."""
-        if self.up.is_identity:
-            weight = float(self._acc[-1])
+        if self.summed:
+            weight = float(self._acc[self.dim])
             self.channel.reduce_sum(self._acc, senders=self._senders)
             self._acc[:] = 0
         else:

@@ -73,16 +73,20 @@ def prepare(args: argparse.Namespace):
     if args.resume:  # continue the saved run: its config.yaml, with only harmless changes (hierfed.config.RESUME_MAY_CHANGE)
         if not cfg.out:
             raise HierfedError("--resume needs --out DIR: the run to continue")
+        out_dir: str = cfg.out
         if args.resume == "auto":
             # Decided here, identically on every rank: a checkpoint appears only after a round
             # that needs every rank, so no rank can see one that another did not.
-            args.resume = "yes" if (Path(cfg.out) / "checkpoints" / "latest").is_file() else None
+            args.resume = "yes" if (Path(out_dir) / "checkpoints" / "latest").is_file() else None
     if args.resume:
+        assert cfg.out  # checked above: --resume without --out was refused
         cfg = resumed_config(Path(cfg.out) / "config.yaml", args.config, overrides(args))
     placement = load_topology(cfg.topology).placement()
     check_supported(placement, cfg)
-    if cfg.model.source == "path" and not Path(cfg.model.path).is_dir():
-        raise HierfedError(f"model.path: {cfg.model.path} is not a directory")
+    if cfg.model.source == "path":
+        assert cfg.model.path is not None  # ModelConfig requires it with source=path
+        if not Path(cfg.model.path).is_dir():
+            raise HierfedError(f"model.path: {cfg.model.path} is not a directory")
     task = load_data(cfg.data)  # bad data paths and formats fail here, once, not on every rank mid-run
     if task.train[0].messages is not None:  # instruction data: the tokenizer's chat template must split prompt/response
         from hierfed.model import load_tokenizer

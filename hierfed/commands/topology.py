@@ -100,7 +100,7 @@ def render_plan(placement: Placement, config: str | None) -> list[str]:
     from hierfed.placement.memory import human
 
     factors, rows, edges = _rows(placement, config, edges=True)
-    table = [("device", "rank", "memory", "split", "k", "estimate", "up/step", "down/step", "why")]
+    table: list[tuple[str, ...]] = [("device", "rank", "memory", "split", "k", "estimate", "up/step", "down/step", "why")]
     table += [(r.name, str(r.rank), f"{r.memory_gb:g} GB", "all" if r.requested is None else str(r.requested),
                _k(r.k), human(r.estimate.total), human(r.up), human(r.down), r.why) for r in rows]
     lines = [placement.summary(), f"  {factors}"] + _aligned(table)

@@ -4,11 +4,16 @@ Pure: no MPI, torch or tokenisation here.
 
     task = load_data(DataConfig(source="topics"))
     shards = partition(task.train, num_clients=8, scheme="dirichlet", alpha=0.3, seed=7)
+    mine = take(task.train, shards[3])  # client 3's examples (a datasets directory's stay on disk)
 """
 
 from __future__ import annotations
 
-from hierfed.data.files import load_files
+from collections.abc import Sequence
+
+import numpy as np
+
+from hierfed.data.files import Rows, load_files
 from hierfed.data.fortunes import fortunes
 from hierfed.data.instruct import instruct
 from hierfed.data.partition import SCHEMES, label_skew, partition
@@ -17,8 +22,17 @@ from hierfed.data.tasks import corpus, topics
 
 __all__ = [
     "DataConfig", "Example", "TaskData", "SCHEMES",
-    "load_data", "partition", "label_skew",
+    "load_data", "partition", "label_skew", "take",
 ]
+
+
+def take(examples: Sequence[Example], indices: np.ndarray) -> Sequence[Example]:
+    """The examples at `indices` (a client's shard): a tuple, or for a datasets directory `Rows`
+    that stay memory-mapped (`Rows.select`) until a rank reads them; the rest of the dataset is
+    never read into memory."""
+    if isinstance(examples, Rows):
+        return examples.select(indices)
+    return tuple(examples[int(i)] for i in indices)
 
 
 # The last task built in this process, by its config: a rank's pre-flight (hierfed run's `prepare`)

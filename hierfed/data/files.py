@@ -3,14 +3,20 @@
 Both readers produce raw records; one builder turns them into a TaskData so labels are mapped the
 same way for every source: int labels 0..K-1 are kept, any other labels (strings, or ints that
 are not 0..K-1) become ids in sorted order. No record labelled -> a causal-LM task.
+
+A datasets directory is memory-mapped and stays so: its records carry no text, and the task's
+train and eval are `Rows`, which read a text only when an example is asked for. A rank therefore
+holds in memory only the examples it uses (a device its clients' shards: `Rows.select`, the cloud
+its eval set), however large the dataset on disk.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -20,10 +26,59 @@ from hierfed.errors import HierfedError
 
 @dataclass(frozen=True)
 class _Record:
-    text: str
+    text: str | None  # None: a row of a datasets.Dataset (`source`), read only when used
     label: Any  # raw value from the file; None when unlabelled
     client: str | None
     where: str  # "line 7" / "row 7 of split 'train'", for error messages
+    source: Any = None  # the memory-mapped datasets.Dataset the row is in (disk), else None
+    index: int = -1  # the row's index in `source`
+
+
+class Rows(Sequence[Example]):
+    """Examples of a memory-mapped `datasets.Dataset`, read from it on access: the texts stay on
+    disk (the page cache) until an example is asked for. Labels (ids) and clients are held, so a
+    partition needs no text. `select` keeps it lazy (datasets' own index mapping)."""
+
+    def __init__(self, ds: Any, text_field: str, labels: np.ndarray | None, clients: list[str | None] | None) -> None:
+        self.ds = ds.select_columns([text_field])
+        self.text_field, self.labels, self.clients = text_field, labels, clients
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def _example(self, i: int, text: str) -> Example:
+        return Example(text, None if self.labels is None else int(self.labels[i]), None if self.clients is None else self.clients[i])
+
+    def __getitem__(self, i):  # an int gives an Example, a slice a Rows
+        if isinstance(i, slice):
+            return self.select(range(len(self))[i])
+        i = int(i)
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"row {i} of {len(self)}")
+        i %= len(self)
+        return self._example(i, self.ds[i][self.text_field])
+
+    def __iter__(self) -> Iterator[Example]:
+        for start in range(0, len(self), 1024):
+            for j, text in enumerate(self.ds[start : start + 1024][self.text_field]):
+                yield self._example(start + j, text)
+
+    def select(self, indices: Sequence[int] | np.ndarray) -> Rows:
+        """These rows at `indices`, still on disk."""
+        idx = np.asarray(indices, dtype=np.int64)
+        rows = Rows.__new__(Rows)
+        rows.ds, rows.text_field = self.ds.select(idx), self.text_field
+        rows.labels = None if self.labels is None else self.labels[idx]
+        rows.clients = None if self.clients is None else [self.clients[j] for j in idx]
+        return rows
+
+    def column(self, name: str) -> list:
+        """Example.<name> of every row, without reading a text (hierfed.data.partition)."""
+        if name == "label":
+            return [None] * len(self) if self.labels is None else self.labels.tolist()
+        if name == "client":
+            return [None] * len(self) if self.clients is None else list(self.clients)
+        return [None] * len(self)  # group, messages: never set by a datasets directory
 
 
 def _one_line(exc: BaseException) -> str:
@@ -89,7 +144,8 @@ def _import_datasets():
 
 
 def _dataset_records(ds, cfg: DataConfig, key: str, split: str) -> tuple[list[_Record], Any]:
-    """Records of one datasets.Dataset, plus its ClassLabel names if the label column has them."""
+    """Records of one datasets.Dataset, plus its ClassLabel names if the label column has them.
+    Every row is checked, a batch at a time; the records keep no text (they point into `ds`)."""
     origin = f"data.{key}={getattr(cfg, key)}"
     suffix = "" if key == "path" else f" of data.{key}"
     columns = list(ds.column_names)
@@ -99,14 +155,16 @@ def _dataset_records(ds, cfg: DataConfig, key: str, split: str) -> tuple[list[_R
             f"columns: {', '.join(columns)}"
         )
     names = getattr(ds.features.get(cfg.label_field), "names", None)
-    cols = {f: list(ds[f]) for f in (cfg.text_field, cfg.label_field, cfg.client_field)
-            if f in columns}
+    fields = ds.select_columns([f for f in (cfg.text_field, cfg.label_field, cfg.client_field) if f in columns])
     records = []
-    for i in range(len(ds)):
-        row = {f: values[i] for f, values in cols.items()}
-        if names is not None and row.get(cfg.label_field) == -1:
-            row[cfg.label_field] = None  # ClassLabel's "no label" (e.g. GLUE test splits)
-        records.append(_record(row, cfg, origin, f"row {i} of split {split!r}{suffix}"))
+    for start in range(0, len(ds), 4096):
+        cols = fields[start : start + 4096]
+        for j in range(len(cols[cfg.text_field])):
+            row = {f: values[j] for f, values in cols.items()}
+            if names is not None and row.get(cfg.label_field) == -1:
+                row[cfg.label_field] = None  # ClassLabel's "no label" (e.g. GLUE test splits)
+            r = _record(row, cfg, origin, f"row {start + j} of split {split!r}{suffix}")
+            records.append(_Record(None, r.label, r.client, r.where, ds, start + j))
     if not records:
         raise HierfedError(f"{origin}: split {split!r} has no rows")
     return records, names
@@ -185,8 +243,13 @@ def _label_ids(records: list[_Record], origin: str, names: Any) -> tuple[dict, t
     return {v: i for i, v in enumerate(values)}, tuple(str(v) for v in values)
 
 
-def _examples(records: list[_Record], ids: dict | None) -> tuple[Example, ...]:
-    return tuple(Example(r.text, None if ids is None else ids[r.label], r.client) for r in records)
+def _examples(records: list[_Record], ids: dict | None, text_field: str) -> Sequence[Example]:
+    """Examples of records: a tuple, or `Rows` of the memory-mapped dataset the records point into."""
+    if records and records[0].source is not None:  # one split of one datasets directory
+        labels = None if ids is None else np.array([ids[r.label] for r in records], dtype=np.int64)
+        clients = None if all(r.client is None for r in records) else [r.client for r in records]
+        return Rows(records[0].source.select([r.index for r in records]), text_field, labels, clients)
+    return tuple(Example(r.text or "", None if ids is None else ids[r.label], r.client) for r in records)
 
 
 def build_task(train: list[_Record], eval_: list[_Record] | None, cfg: DataConfig,
@@ -209,8 +272,8 @@ def build_task(train: list[_Record], eval_: list[_Record] | None, cfg: DataConfi
         ids, label_names = _label_ids(everything, origin, names)
     if eval_ is None:
         train, eval_ = holdout(train, cfg.eval_fraction, cfg.seed, origin)
-    kind = "causal_lm" if ids is None else "classification"
-    return TaskData(kind, _examples(train, ids), _examples(eval_, ids), label_names)
+    kind: Literal["classification", "causal_lm"] = "causal_lm" if ids is None else "classification"
+    return TaskData(kind, _examples(train, ids, cfg.text_field), _examples(eval_, ids, cfg.text_field), label_names)
 
 
 def load_files(cfg: DataConfig) -> TaskData:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -98,9 +99,13 @@ def _split(groups: dict[str, list[tuple[str, str | None]]], labels: dict[str, in
         n_eval = min(cap, max(1, round(len(items) * cfg.eval_fraction)))
         ev = set(perm[:n_eval].tolist())
         for i, (text, cat) in enumerate(items):
-            ex = Example(text, None if labels is None else labels[cat], name, name)
+            label = None
+            if labels is not None:
+                assert cat is not None  # the category task: every record has its category
+                label = labels[cat]
+            ex = Example(text, label, name, name)
             (held if i in ev else train).append(ex)
-    kind = "causal_lm" if labels is None else "classification"
+    kind: Literal["classification", "causal_lm"] = "causal_lm" if labels is None else "classification"
     names = None if labels is None else tuple(sorted(labels, key=labels.__getitem__))
     return TaskData(kind, tuple(train), tuple(held), names, tuple(groups))
 
@@ -130,7 +135,8 @@ def lm_task(cfg: DataConfig, root: Path) -> TaskData:
     """Causal LM over the records of data.languages (all of each language's files); group = language."""
     langs: dict[str, list[tuple[str, str | None]]] = {}
     for lang in cfg.languages:
-        recs, seen = [], set()
+        recs: list[tuple[str, str | None]] = []
+        seen: set[str] = set()
         for p in language_files(root, lang):
             for r in read_records(p, cfg.max_chars):
                 if r not in seen:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import overload
 
 from hierfed.data.files import holdout
 from hierfed.data.schema import DataConfig, Example, TaskData
@@ -27,6 +28,10 @@ def plain_text(messages: Messages) -> str:
     return "".join(f"### {role.capitalize()}:\n{content}\n\n" for role, content in messages).rstrip("\n")
 
 
+@overload
+def _str(row: dict, key: str, where: str) -> str: ...
+@overload
+def _str(row: dict, key: str, where: str, *, required: bool) -> str | None: ...
 def _str(row: dict, key: str, where: str, *, required: bool = True) -> str | None:
     value = row.get(key)
     if value is None and not required:

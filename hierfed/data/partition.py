@@ -2,7 +2,8 @@
 (by Example.client), shelves (by Example.group, a group split over several clients when needed).
 
 Every scheme returns, per client, sorted int64 indices into the example sequence, and every client
-gets at least one example. All randomness comes from the `seed` argument.
+gets at least one example. All randomness comes from the `seed` argument. A scheme reads only the
+examples' labels, clients or groups (`_column`): a datasets directory's texts stay on disk.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ def partition(examples: Sequence[Example], num_clients: int, scheme: str, *,
             f"partition: {n} examples cannot give each of {num_clients} clients at least one"
         )
     rng = np.random.default_rng(seed)
+    parts: Sequence[Sequence[int] | np.ndarray]
     if scheme == "iid":
         parts = np.array_split(rng.permutation(n), num_clients)  # sizes differ by at most one
     elif scheme == "dirichlet":
@@ -49,14 +51,21 @@ def partition(examples: Sequence[Example], num_clients: int, scheme: str, *,
     return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
 
 
+def _column(examples: Sequence[Example], name: str) -> list:
+    """Example.<name> of every example; from `column` where the sequence has one (hierfed.data.files.Rows)."""
+    column = getattr(examples, "column", None)
+    return column(name) if column is not None else [getattr(e, name) for e in examples]
+
+
 def _labels(examples: Sequence[Example]) -> np.ndarray:
-    missing = sum(e.label is None for e in examples)
+    labels = _column(examples, "label")
+    missing = sum(x is None for x in labels)
     if missing:
         raise HierfedError(
             f"dirichlet partition needs a label on every example, {missing} of {len(examples)} "
             "have none; use data.partition=iid or natural for causal-LM data"
         )
-    return np.asarray([e.label for e in examples])
+    return np.asarray(labels)
 
 
 def _dirichlet(labels: np.ndarray, num_clients: int, alpha: float,
@@ -85,24 +94,25 @@ def _dirichlet(labels: np.ndarray, num_clients: int, alpha: float,
 
 def _natural(examples: Sequence[Example], num_clients: int) -> list[list[int]]:
     """Group by Example.client; sorted group i goes to client i % num_clients (1:1 when equal)."""
-    missing = sum(e.client is None for e in examples)
+    owners = _column(examples, "client")
+    missing = sum(c is None for c in owners)
     if missing:
         raise HierfedError(
             f"natural partition needs a client on every example (data.client_field), {missing} of "
             f"{len(examples)} have none"
         )
-    groups = sorted({e.client for e in examples})
+    groups = sorted(set(owners))
     if len(groups) < num_clients:
         hint = ("; data.partition=shelves splits a group over several clients"
-                if all(e.group is not None for e in examples) else "")
+                if all(g is not None for g in _column(examples, "group")) else "")
         raise HierfedError(
             f"natural partition: the data has {len(groups)} clients but the topology has "
             f"{num_clients}{hint}"
         )
     slot = {g: i % num_clients for i, g in enumerate(groups)}
     parts: list[list[int]] = [[] for _ in range(num_clients)]
-    for i, e in enumerate(examples):
-        parts[slot[e.client]].append(i)
+    for i, c in enumerate(owners):
+        parts[slot[c]].append(i)
     return parts
 
 
@@ -112,16 +122,17 @@ def _shelves(examples: Sequence[Example], num_clients: int,
     client g % num_clients when there are at least as many groups as clients; otherwise client c
     serves group c % G, and each group's examples are shuffled (seeded) and cut into near-equal
     parts for its clients, so every client still holds one group only."""
-    missing = sum(e.group is None for e in examples)
+    of = _column(examples, "group")
+    missing = sum(g is None for g in of)
     if missing:
         raise HierfedError(
             f"shelves partition needs a group on every example ({missing} of {len(examples)} have "
             "none); data.source=fortunes gives them"
         )
-    groups = sorted({e.group for e in examples})
+    groups = sorted(set(of))
     members: dict[str, list[int]] = {g: [] for g in groups}
-    for i, e in enumerate(examples):
-        members[e.group].append(i)
+    for i, g in enumerate(of):
+        members[g].append(i)
     parts: list[list[int]] = [[] for _ in range(num_clients)]
     if len(groups) >= num_clients:
         for gi, g in enumerate(groups):

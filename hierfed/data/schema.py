@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -75,11 +76,12 @@ class Example:
 
 @dataclass(frozen=True)
 class TaskData:
-    """A whole task: train/eval examples and, for classification, the class names."""
+    """A whole task: train/eval examples and, for classification, the class names. train and eval
+    are tuples, or for a datasets directory `hierfed.data.files.Rows` (read from disk on access)."""
 
     kind: Literal["classification", "causal_lm"]
-    train: tuple[Example, ...]
-    eval: tuple[Example, ...]
+    train: Sequence[Example]
+    eval: Sequence[Example]
     labels: tuple[str, ...] | None  # class names, index = label id (classification)
     groups: tuple[str, ...] | None = None  # the groups of Example.group, in report order; None: no groups
 

@@ -77,17 +77,20 @@ def _base_model(cfg: ModelConfig, kind: str, num_labels: int | None, tok, blocks
     """The transformers model. `blocks`: a split device's k; from disk only the embeddings and the
     first k blocks are loaded (see `_load_first_blocks`)."""
     auto = transformers.AutoModelForSequenceClassification if kind == "classification" else transformers.AutoModelForCausalLM
-    extra = {"num_labels": num_labels} if kind == "classification" else {}
+    extra: dict[str, Any] = {"num_labels": num_labels} if kind == "classification" else {}
+    model: Any  # a transformers PreTrainedModel (its stubs type .config per attribute access as Tensor | Module)
     if cfg.source in ("minilm", "path"):
         if cfg.source == "minilm" and kind != "classification":
             raise HierfedError("model.source=minilm is an encoder for classification; use gpt2, llama or a path for causal-LM data")
         path = minilm_path() if cfg.source == "minilm" else cfg.path
+        assert path is not None  # ModelConfig requires model.path with source=path
         try:
             model = auto.from_pretrained(path, **extra) if blocks is None else _load_first_blocks(auto, path, extra, blocks)
         except (OSError, ValueError) as e:
             raise HierfedError(f"model.path: cannot load a model from {path}: {str(e).splitlines()[0]}") from None
     else:
         common = dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id, **{**_SIZES[cfg.source][cfg.size], **cfg.config_overrides}, **extra)
+        conf: transformers.PretrainedConfig
         if cfg.source == "gpt2":
             conf = transformers.GPT2Config(n_positions=max(128, cfg.max_length), **common)
         else:
@@ -147,15 +150,26 @@ def trainable_in_float32(model: torch.nn.Module) -> None:
             _to_dtype_of(module, torch.float32)
 
 
+def freeze_lora_a(model: torch.nn.Module) -> None:
+    """FFA-LoRA: every LoRA A factor frozen at its initialisation. build_model seeds it, so every
+    rank holds the same A (checked at start-up with the other frozen weights: FlatView.base_hashes);
+    only B (and a trained head) is in the flat vector, and mean(B) A = mean(B A) exactly."""
+    for name, p in model.named_parameters():
+        if ".lora_A." in name or ".lora_embedding_A." in name:
+            p.requires_grad_(False)
+
+
 def peft_config(cfg: PeftConfig, kind: str):
     task = TaskType.SEQ_CLS if kind == "classification" else TaskType.CAUSAL_LM
     common: dict[str, Any] = dict(task_type=task, target_modules=cfg.target_modules)
+    conf: LoraConfig | LoHaConfig | LoKrConfig | IA3Config
+    # peft annotates alpha as int; it is a float scale (alpha / r), and peft computes with it as one
     if cfg.method == "lora":
-        conf = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, **common, **cfg.options)
+        conf = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, **common, **cfg.options)  # type: ignore[arg-type]
     elif cfg.method == "loha":
-        conf = LoHaConfig(r=cfg.r, alpha=cfg.alpha, module_dropout=cfg.dropout, **common, **cfg.options)
+        conf = LoHaConfig(r=cfg.r, alpha=cfg.alpha, module_dropout=cfg.dropout, **common, **cfg.options)  # type: ignore[arg-type]
     elif cfg.method == "lokr":
-        conf = LoKrConfig(r=cfg.r, alpha=cfg.alpha, module_dropout=cfg.dropout, **common, **cfg.options)
+        conf = LoKrConfig(r=cfg.r, alpha=cfg.alpha, module_dropout=cfg.dropout, **common, **cfg.options)  # type: ignore[arg-type]
     else:
         conf = IA3Config(**common, **cfg.options)
     return conf
@@ -186,6 +200,8 @@ def build_model(
             model = get_peft_model(base, peft_config(peft_cfg, kind))
         except (ValueError, TypeError) as e:
             raise HierfedError(f"peft: cannot apply {peft_cfg.method} to {model_cfg.source}: {str(e).splitlines()[0]}") from None
+        if peft_cfg.ffa_lora:
+            freeze_lora_a(model)
         if model_cfg.dtype != "float32":
             trainable_in_float32(model)
     if blocks is not None:

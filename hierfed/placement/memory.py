@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import transformers
@@ -88,6 +89,7 @@ def skeleton(cfg: RunConfig, kind: str, num_labels: int | None) -> torch.nn.Modu
             if m.source == "minilm" and kind != "classification":
                 raise HierfedError("model.source=minilm is an encoder for classification; use gpt2, llama or a path for causal-LM data")
             path = minilm_path() if m.source == "minilm" else m.path
+            assert path is not None  # ModelConfig requires model.path with source=path
             try:
                 conf = transformers.AutoConfig.from_pretrained(path, **extra)
             except (OSError, ValueError) as e:
@@ -119,7 +121,8 @@ def shape(cfg: RunConfig, kind: str, num_labels: int | None) -> Shape:
 
 
 def _read_shape(model: torch.nn.Module, kind: str) -> Shape:
-    hf = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT-wrapped or plain
+    # a transformers model, PEFT-wrapped or plain (torch's stubs type its attributes as Tensor | Module)
+    hf: Any = model.get_base_model() if hasattr(model, "get_base_model") else model  # type: ignore[operator]
     conf = hf.config
     n = conf.num_hidden_layers
     # The block stack is the ModuleList with one entry per layer (transformer.h, model.layers,

@@ -70,6 +70,7 @@ def _row(d: DeviceSpec, src: str, cfg: RunConfig, kind: str, num_labels: int | N
             more, over = ("the whole model", tries[None]) if k == n_blocks - 1 else (f"{k + 1} blocks", tries[k + 1])
             why = f"k={k}: {more} would need {human(over.total)} > {cap}"
     else:
+        assert isinstance(d.split_layers, int)  # neither None nor "auto": both handled above
         k = d.split_layers
         if not 1 <= k < n_blocks:
             raise HierfedError(f"{src}: {d.name}: split_layers: {k} is out of range: {_model(cfg)} has "
@@ -104,7 +105,7 @@ def split_plan(placement: Placement, cfg: RunConfig, kind: str, num_labels: int 
     chosen = resolve_split(placement, cfg, kind, num_labels)
     out: dict[int, int | None] = {}
     for edge in placement.edges:
-        ks = [chosen[d.rank] for d in edge.devices if chosen[d.rank] is not None]
+        ks = [k for d in edge.devices if (k := chosen[d.rank]) is not None]
         for d in edge.devices:
             out[d.rank] = min(ks) if chosen[d.rank] is not None else None
     for d in placement.devices:

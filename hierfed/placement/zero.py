@@ -29,6 +29,7 @@ import shutil
 import socket
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -285,7 +286,8 @@ class DeepSpeedServer(SplitServer):
 
     def _dummy(self) -> None:
         """A zero-weight micro-step: keeps ZeRO's collectives in step when this rank has no micro-batch."""
-        hidden, causal = self.stage.config.hidden_size, self.stage.kind == "causal_lm"
+        config: Any = self.stage.config  # a transformers config (torch's stubs type module attributes as Tensor | Module)
+        hidden, causal = config.hidden_size, self.stage.kind == "causal_lm"
         wire = torch.zeros(1, 2, hidden, device=self.device, dtype=self.dtype, requires_grad=True)
         mask = torch.ones(1, 2, dtype=torch.long, device=self.device)
         labels = torch.zeros((1, 2) if causal else (1,), dtype=torch.long, device=self.device)

@@ -1,5 +1,8 @@
 """(ε, δ) of a run's DP-FedAvg from Google's dp-accounting library (RDP or PLD), not a home-made formula.
 
+With adaptive clipping each aggregation also releases the noised clipped-count; the pair is one
+Gaussian mechanism of multiplier (σ_Δ^-2 + (2σ_b)^-2)^(-1/2) (`effective_multiplier`).
+
 One cloud round is one event: a sampled client's update enters k noised sums (k = τ2 when the edges
 add the noise, 1 at the cloud), each with noise multiplier σ, which compose to a single Gaussian
 mechanism with multiplier σ/√k; the round's sampling amplifies it:
@@ -25,6 +28,18 @@ from hierfed.errors import HierfedError
 
 if TYPE_CHECKING:
     import dp_accounting
+
+
+def effective_multiplier(p) -> float:
+    """The noise multiplier of one aggregation's release. Without adaptive clipping σ. With it, the
+    update sum (multiplier σ_Δ, sensitivity C) and the clipped-count Σ(b − ½) (std σ_b, sensitivity
+    ½: multiplier 2σ_b) are released together, a Gaussian mechanism on a 2-part query whose
+    multiplier is (σ_Δ^-2 + (2σ_b)^-2)^(-1/2) (Andrew et al. 2021, Thm. 1) — computed here from the
+    split, not taken from σ, so the count's noise is what is accounted."""
+    a = p.adaptive_clip
+    if a is None:
+        return p.noise_multiplier
+    return (p.value_noise_multiplier**-2 + (2 * a.count_stddev) ** -2) ** -0.5
 
 
 def round_event(sigma: float, k: int, sampling: str, fraction: float, num_clients: int) -> tuple[dp_accounting.DpEvent, str]:
@@ -60,7 +75,7 @@ class Accountant:
 
         p, s = cfg.privacy, cfg.schedule
         self.delta, self.kind = p.delta, p.accountant
-        self.event, self.relation = round_event(p.noise_multiplier, aggregations_per_round(cfg, flat), s.sampling, s.client_fraction, num_clients)
+        self.event, self.relation = round_event(effective_multiplier(p), aggregations_per_round(cfg, flat), s.sampling, s.client_fraction, num_clients)
         _accountant(self.kind, self.relation)  # refuse an impossible combination now
 
     def epsilon(self, rounds: int) -> float:

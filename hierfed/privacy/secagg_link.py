@@ -9,8 +9,15 @@ whether or not it has sampled clients (a rank's virtual clients each run their o
 Every message is counted in the ledger on the device-edge link: the ring elements as payload (4 bytes
 a word, as float32), keys and shares as kind "secagg".
 
-The `HIERFED_SECAGG_DROP=ROUND:CLIENT,...` test hook makes those clients drop after masking in that cloud round: their masked
-update is not sent and they reveal nothing, as a device that vanished mid-round.
+Clients drop after masking in two ways: the behaviour model's `dropout` (hierfed.sim.behaviour: a
+sampled, reachable client that vanishes mid-round has advertised its keys and shared its seeds, then
+never sends its masked update nor reveals anything), and the `HIERFED_SECAGG_DROP=ROUND:CLIENT,...`
+test hook (those clients trained and masked, and drop in that cloud round). Either way the edge
+removes their masks from the Shamir shares, or fails that edge round below t survivors.
+
+The encoding is fixed point (identity/fp32 uplinks) or the int8/int4 codec's codes on a shared grid
+(hierfed.privacy.ring.SharedGrid); with error feedback each client's residual (what its codes did
+not carry) stays on its device, unmasked, and is checkpointed with the device's state.
 """
 
 from __future__ import annotations
@@ -18,13 +25,14 @@ from __future__ import annotations
 import os
 import pickle
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 from mpi4py import MPI
 
 from hierfed.comm.channel import Channel, bcast_object, wait
-from hierfed.privacy.ring import FixedPoint
+from hierfed.privacy.ring import FixedPoint, SharedGrid
 from hierfed.privacy.secagg import Client, SecAggError, Server, threshold
 
 _KIND = "secagg"
@@ -80,22 +88,39 @@ class SecAggChild:
     """A device's uplink under secure aggregation: each client's [w·Δ, w] is encoded in Z_2^32 and
     masked; only the rank's masked sum travels."""
 
-    def __init__(self, child, fixed: FixedPoint, fraction: float, edge: int, start_round: int, edge_rounds: int) -> None:
+    def __init__(self, child, fixed: FixedPoint | SharedGrid, fraction: float, edge: int, start_round: int, edge_rounds: int,
+                 error_feedback: bool = False, dropouts: Callable[[int, int], set[int]] | None = None) -> None:
         self.child, self.fixed, self.fraction, self.edge = child, fixed, fraction, edge
         self._count = (start_round - 1) * edge_rounds  # aggregations so far (both ends count alike)
         self.edge_rounds = edge_rounds
-        self._queued: dict[int, tuple[np.ndarray, float]] = {}
+        self._queued: dict[int, tuple[np.ndarray, float, int, np.ndarray | None]] = {}
         self._drop = forced_drops()
+        self._dropouts = dropouts  # (cloud round, edge round) -> this rank's clients the behaviour model drops mid-round
+        # error feedback on a shared grid: per client, the part of w·Δ its codes did not carry (float64, unmasked)
+        self.residual: dict[int, np.ndarray] | None = {} if (error_feedback and isinstance(fixed, SharedGrid)) else None
 
     def add(self, sender: int, weight: float, delta: np.ndarray, rng: np.random.Generator | None = None) -> None:
-        x, saturated = self.fixed.encode(np.multiply(delta, weight, dtype=np.float64), weight)
-        self._queued[sender] = x, weight, saturated
+        weighted = np.multiply(delta, weight, dtype=np.float64)
+        if isinstance(self.fixed, FixedPoint):
+            x, saturated = self.fixed.encode(weighted, weight)
+            self._queued[sender] = x, weight, saturated, None
+            return
+        if rng is None:
+            raise ValueError("secure aggregation of int8 codes rounds stochastically: add() needs an rng")
+        if self.residual is not None and sender in self.residual:
+            weighted += self.residual[sender]
+        x, saturated, carried = self.fixed.encode(weighted, weight, rng)
+        if self.residual is not None:
+            self.residual[sender] = weighted - carried
+        self._queued[sender] = x, weight, saturated, weighted
 
     def send(self) -> float:
         ch = self.child.channel
         self._count += 1
         tag = f"edge{self.edge}/agg{self._count}".encode()
-        clients = {c: Client(c, tag) for c in self._queued}
+        t_round, s_round = (self._count - 1) // self.edge_rounds + 1, (self._count - 1) % self.edge_rounds + 1
+        vanished = set(self._dropouts(t_round, s_round)) - set(self._queued) if self._dropouts else set()
+        clients = {c: Client(c, tag) for c in sorted(set(self._queued) | vanished)}  # the vanished set up keys, then left
         _up(ch, {c: cl.advertise() for c, cl in clients.items()})
         adverts = _down(ch, None, 0)
         t = threshold(len(adverts), self.fraction) if adverts else 0
@@ -107,8 +132,11 @@ class SecAggChild:
         for c, cl in clients.items():
             cl.receive(routed.get(c, {}))
         acc = np.zeros(self.fixed_size, dtype=np.uint32)
-        drop = self._drop.get((self._count - 1) // self.edge_rounds + 1, set())
+        drop = self._drop.get(t_round, set()) | vanished
         sent = [c for c in clients if c not in drop]
+        if self.residual is not None:  # a client that dropped after encoding delivered nothing: all of it is owed
+            for c in set(self._queued) & drop:
+                self.residual[c] = self._queued[c][3]
         for c in sent:
             acc += clients[c].mask(self._queued[c][0], members)
         ch.reduce_sum(acc, senders=len(sent))
@@ -122,6 +150,18 @@ class SecAggChild:
     @property
     def fixed_size(self) -> int:
         return self.child.dim + 1
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """The clients' error-feedback residuals (shared grid), else the wrapped Child's state."""
+        if self.residual is None:
+            return self.child.state_dict()
+        return {f"residual/{c}": r.copy() for c, r in self.residual.items()}
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        if self.residual is None:
+            self.child.load_state_dict(state)
+            return
+        self.residual = {int(k.split("/", 1)[1]): np.asarray(v, dtype=np.float64).copy() for k, v in state.items()}
 
     def __getattr__(self, name: str):  # receive, feedback, state_dict, ...: the wrapped Child's
         return getattr(self.child, name)

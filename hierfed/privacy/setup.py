@@ -8,11 +8,14 @@ and the wrappers each role puts around its strategy or its uplink.
 
 from __future__ import annotations
 
+from hierfed.comm.codecs import parse_codec
+from hierfed.comm.codecs.values import StochasticQuantizer
 from hierfed.errors import HierfedError
 from hierfed.privacy.noise import NoisySum
-from hierfed.privacy.ring import FixedPoint
+from hierfed.privacy.ring import FixedPoint, SharedGrid
 from hierfed.privacy.secagg_link import SecAggChild, SecAggParent
-from hierfed.privacy.transport import PrivateChild
+from hierfed.privacy.transport import AdaptiveParent, PrivateChild
+from hierfed.sim.behaviour import drops_out, is_available
 from hierfed.strategy import STRATEGIES, Strategy
 
 _LOSSLESS = ("identity", "fp32")
@@ -45,9 +48,12 @@ def check_secagg(placement, cfg) -> None:
     if "topk" in up:
         raise HierfedError(f"privacy.secagg with compression.device_up {up!r}: top-k keeps a different set of coordinates per "
                            "client and masked sums need one shared pattern; top-k is refused under secure aggregation")
-    if up not in _LOSSLESS:
-        raise HierfedError(f"privacy.secagg with compression.device_up {up!r}: updates travel as fixed-point ring elements "
-                           "(4 bytes a value); use identity or fp32")
+    if up not in _LOSSLESS and _grid_bits(up) is None:
+        raise HierfedError(f"privacy.secagg with compression.device_up {up!r}: masked updates are integers in Z_2^32 (fixed "
+                           "point, or the int8/int4 codec's codes on a shared grid); use identity, fp32, int8 or int4")
+    if _grid_bits(up) is not None and cfg.schedule.edge_mode == "fedbuff":
+        raise HierfedError("privacy.secagg with an int8/int4 device_up and FedBuff edges is not supported (staleness "
+                           "weights would rescale codes off the shared grid); use identity or fp32")
     if not STRATEGIES[cfg.aggregation.edge.name].reducible:
         raise HierfedError(f"privacy.secagg: the edge sees only its devices' sum, but aggregation.edge.name="
                            f"{cfg.aggregation.edge.name} must see every update")
@@ -78,6 +84,9 @@ def check_privacy(placement, cfg) -> None:
         raise HierfedError(f"{src}: privacy.noise_multiplier > 0 with unreliable devices (availability, dropout), a straggler "
                            "policy, over-selection or FedBuff edges is not supported: the accountant assumes every sampled client contributes")
     tier = noise_tier(cfg, placement.flat)
+    if p.adaptive_clip is not None and tier == "cloud" and not placement.flat:
+        raise HierfedError(f"{src}: privacy.adaptive_clip with noise_at: cloud over edges is not supported (the clip norm is "
+                           "kept by the tier that sums the devices' updates); use noise_at: edge, or a flat topology")
     if p.noisy and not placement.flat and p.noise_at != "cloud":
         if not STRATEGIES[cfg.aggregation.edge.name].reducible:
             raise HierfedError(f"privacy: noise is added to the edges' sums, but aggregation.edge.name={cfg.aggregation.edge.name} "
@@ -106,35 +115,71 @@ def wrap_strategy(strategy: Strategy, cfg, tier: str, flat: bool, who: int) -> S
     """The tier's strategy, with the DP noise if this tier adds it."""
     if noise_tier(cfg, flat) != tier:
         return strategy
-    return NoisySum(strategy, cfg.privacy.noise_multiplier, cfg.privacy.clip, cfg.seed, who)
+    p = cfg.privacy
+    return NoisySum(strategy, p.value_noise_multiplier, p.clip, cfg.seed, who, p.adaptive_clip)
 
 
-def fixed_point(cfg, placement) -> FixedPoint:
-    """Secure aggregation's fixed-point encoding: its range, and the largest edge's clients."""
+def _grid_bits(spec: str) -> int | None:
+    """8 or 4 for an int8/int4 uplink codec without a sparsifier (SecAgg masks its codes), else None."""
+    codec = parse_codec(spec)
+    if codec.sparsifier is None and isinstance(codec.values, StochasticQuantizer):
+        return codec.values.bits
+    return None
+
+
+def fixed_point(cfg, placement) -> FixedPoint | SharedGrid:
+    """Secure aggregation's encoding: fixed point over its range for the largest edge's clients, or
+    the int8/int4 codec's codes on one shared grid over the same range (compression.device_up)."""
     p = cfg.privacy
     bound = p.secagg_bound
     if bound is None:  # a clipped client's coordinate is at most C; its share of distributed noise has std <= σC
         bound = p.clip * (1 + (6 * p.noise_multiplier if p.noise_at == "distributed" else 0))
+    bits = _grid_bits(cfg.compression.device_up)
+    if bits is not None:
+        return SharedGrid(bound, bits)
     return FixedPoint(bound, max(len(e.all_clients) for e in placement.edges))
 
 
-def wrap_child(link, cfg, placement, edge: int | None, start_round: int, agg_size):
+def behaviour_dropouts(cfg, device, sampled):
+    """(cloud round, edge round) -> the clients of `device` that the behaviour model
+    (hierfed.sim.behaviour) has reachable but vanishing mid-round, as hierfed.sim.schedule.plan_sync
+    decides; None when its clients never drop or the edges are FedBuff (attempts, not edge rounds)."""
+    b, seed = device.behaviour, cfg.seed
+    if b.dropout <= 0.0 or cfg.schedule.edge_mode == "fedbuff":
+        return None
+
+    def dropped(t: int, s: int) -> set[int]:
+        chosen = sampled(t)
+        return {c for c in device.clients if c in chosen and is_available(b, seed, t, s, c) and drops_out(b, seed, t, s, c)}
+
+    return dropped
+
+
+def wrap_child(link, cfg, placement, edge: int | None, start_round: int, agg_size, device=None, sampled=None):
     """A device's uplink: secure aggregation inside (privacy.secagg), clipping and distributed noise
     outside it (privacy.clip). `agg_size(t)`: the clients of the sum this device's clients join in
-    cloud round t."""
+    cloud round t; `device` (its topology entry) and `sampled(t)` (the round's sampled clients) let
+    the behaviour model's dropouts drive SecAgg's dropout recovery."""
     p = cfg.privacy
     edge_rounds = 1 if placement.flat else cfg.schedule.tau2
     if p.secagg:
-        link = SecAggChild(link, fixed_point(cfg, placement), p.secagg_threshold, edge, start_round, edge_rounds)
+        drops = behaviour_dropouts(cfg, device, sampled) if device is not None and sampled is not None else None
+        link = SecAggChild(link, fixed_point(cfg, placement), p.secagg_threshold, edge, start_round, edge_rounds,
+                           error_feedback=cfg.compression.error_feedback, dropouts=drops)
     if not p.dp:
         return link
     return PrivateChild(link, p.clip, p.noise_multiplier, uniform=p.noisy, distributed=p.noise_at == "distributed",
-                        seed=cfg.seed, start_round=start_round, edge_rounds=edge_rounds, agg_size=agg_size)
+                        seed=cfg.seed, start_round=start_round, edge_rounds=edge_rounds, agg_size=agg_size,
+                        adaptive=p.adaptive_clip is not None)
 
 
-def wrap_parent(link, cfg, placement, edge: int, start_round: int):
-    """An edge's link to its devices, under secure aggregation when privacy.secagg is on."""
+def wrap_parent(link, cfg, placement, edge: int | None, start_round: int, strategy: Strategy | None = None):
+    """The link from a parent to its devices (an edge's; the cloud's when flat): under secure
+    aggregation when privacy.secagg is on, and carrying the adaptive clip norm and clipped-count
+    when privacy.adaptive_clip is on and `strategy` (this tier's, wrapped) adds the noise."""
     p = cfg.privacy
-    if not p.secagg:
-        return link
-    return SecAggParent(link, fixed_point(cfg, placement), p.secagg_threshold, edge, start_round, cfg.schedule.tau2)
+    if p.secagg:
+        link = SecAggParent(link, fixed_point(cfg, placement), p.secagg_threshold, edge, start_round, cfg.schedule.tau2)
+    if p.adaptive_clip is not None and isinstance(strategy, NoisySum):
+        link = AdaptiveParent(link, strategy)
+    return link

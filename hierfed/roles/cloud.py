@@ -6,6 +6,7 @@ round t+1: the broadcast goes first, the bookkeeping runs while the children wor
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -14,13 +15,14 @@ import numpy as np
 from hierfed.comm.ledger import merge
 from hierfed.data import load_data
 from hierfed.model import FlatView, build_model
-from hierfed.privacy import budget, wrap_strategy
+from hierfed.privacy import budget, wrap_parent, wrap_strategy
 from hierfed.roles.hetero import ClientSchedule, client_step_flops
-from hierfed.roles.protocol import Plan, aggregation_round, codec_rng, parent_link, prefixed, round_clients, unprefixed
+from hierfed.roles.protocol import Plan, aggregation_round, bind_layout, codec_rng, parent_link, prefixed, round_clients, unprefixed
 from hierfed.runtime.checkpoint import Checkpoints, State
 from hierfed.runtime.results import RunLog
 from hierfed.sim.clock import Rates, round_times
 from hierfed.strategy import build_strategy
+from hierfed.strategy.client import build_client
 from hierfed.training import LocalTrainer, configure_threads, tokenize, torch_device
 
 
@@ -66,6 +68,8 @@ def run(rt, cfg) -> None:
     eval_data = tokenize(built.tokenizer, task.eval, task.kind, cfg.model.max_length)
     eval_groups = np.array([task.groups.index(e.group) for e in task.eval]) if task.groups else None  # per-group eval
     strategy = wrap_strategy(build_strategy(cfg.aggregation.cloud), cfg, "cloud", rt.placement.flat, rt.role.rank)  # DP noise at the cloud
+    algo = build_client(cfg)
+    tier = algo.tier(flat.dim, rt.placement.flat)  # the cloud's side of the client algorithm (SCAFFOLD: its control variate)
     _, accountant = budget(cfg, rt.placement)  # None without DP noise
     ckpts = Checkpoints(out / "checkpoints", cfg.checkpoint.keep)
     meta = {"fingerprint": flat.fingerprint(), "seed": cfg.seed, "topology": rt.placement.topology.name}
@@ -73,21 +77,25 @@ def run(rt, cfg) -> None:
     if rt.resume:
         state = ckpts.load_latest(flat.dim, flat.fingerprint())
         strategy.load_state_dict(unprefixed("strategy", state.cloud_state))
-        start, params, edge_states = state.round + 1, state.params, state.edge_states
+        tier.load_state_dict(unprefixed("client", state.cloud_state))
+        start, params = state.round + 1, state.params
     else:
-        start, params, edge_states = 1, flat.get().astype(np.float64), {}  # float64 master copy
+        start, params = 1, flat.get().astype(np.float64)  # float64 master copy
     log = RunLog(out, start - 1 if rt.resume else None, cfg.runtime.progress)
     (out / "config.yaml").write_text(rt.config_text)
     step_flops = client_step_flops(cfg, task, built.model, built.tokenizer, rt.placement.num_clients)  # None unless the model clock decides (roles/hetero.py)
-    rt.down.bcast_obj(Plan(start, flat.dim, flat.fingerprint(), flat.base_hashes(), str(out), edge_states, step_flops))
+    rt.down.bcast_obj(Plan(start, flat.dim, flat.fingerprint(), flat.base_hashes(), str(out), step_flops, manifest=flat.manifest()))
+    bind_layout(strategy, flat.manifest())  # lora_exact: where the LoRA factors are
     schedule = ClientSchedule(cfg, rt.placement, step_flops, None, flat.dim) if rt.placement.flat else None
-    link = parent_link(rt.down, cfg, rt.placement.flat, "cloud", flat.dim)
+    link = parent_link(rt.down, cfg, rt.placement.flat, "cloud", flat.dim, algo.up_size(flat.dim, rt.placement.flat))
+    if rt.placement.flat:  # the cloud is its devices' parent: adaptive clipping's link (privacy.adaptive_clip)
+        link = wrap_parent(link, cfg, rt.placement, None, start, strategy)
     if rt.resume:
         link.load_state_dict(unprefixed("link", state.cloud_state))
     began = time.perf_counter()
     rates = Rates.from_config(cfg.sim)
 
-    def finish(row: dict, raw: dict, params: np.ndarray, states: dict, cloud_state: dict) -> None:
+    def finish(row: dict, raw: dict, params: np.ndarray, cloud_state: dict) -> None:
         """Evaluate and checkpoint a finished round, then write its row."""
         t0 = time.perf_counter()
         last = row["round"] == cfg.schedule.rounds
@@ -95,7 +103,7 @@ def run(rt, cfg) -> None:
             flat.set(params)
             row.update(evaluator.evaluate(eval_data, task.kind, cfg.schedule.eval_batch_size, eval_groups, task.groups))
         if row["round"] > 0 and (last or row["round"] % cfg.checkpoint.every == 0):
-            ckpts.save(State(row["round"], params, cloud_state, states), built.model, flat, meta)
+            ckpts.save(State(row["round"], params, cloud_state), built.model, flat, meta)  # each edge saves its own (roles/edge.py)
             unconfirmed.append(row["round"])
         row["seconds"]["eval"] = time.perf_counter() - t0
         row["elapsed_s"] = time.perf_counter() - began
@@ -107,31 +115,37 @@ def run(rt, cfg) -> None:
     unconfirmed: list[int] = []  # checkpoints written here whose rank states may still be on their way to disk
     pending = None
     if start == 1:  # round 0: the untrained model, so the log shows where learning starts
-        pending = ({"round": 0, "edge_round": None, "tier": "cloud", "loss": None, "seconds": {}}, rt.ledger.take_round(), params, {}, {})
+        pending = ({"round": 0, "edge_round": None, "tier": "cloud", "loss": None, "seconds": {}}, rt.ledger.take_round(), params, {})
     for t in range(start, cfg.schedule.rounds + 1):
         started = time.perf_counter()
         job = pending
         # Flat: the broadcast stands for one copy per sampled client; hierarchical: one per edge.
         receivers = len(round_clients(cfg, rt.placement.num_clients, t)) if rt.placement.flat else None
+        tier.fraction = _fraction(cfg, rt.placement, t)
         # Updates params in place: by then finish(*job) has evaluated and saved the last round's model.
         params, _weight, telemetry, agg_s = aggregation_round(
-            link, params, strategy, receivers, codec_rng(cfg.seed, t, 0, rt.role.rank, 1), while_children_work=(lambda job=job: finish(*job)) if job else None
+            link, params, strategy, receivers, codec_rng(cfg.seed, t, 0, rt.role.rank, 1), while_children_work=(lambda job=job: finish(*job)) if job else None,
+            tier=tier,
         )
         # Round t's contributions came from every rank after it had saved its state of every earlier
         # round: the checkpoints before t are complete now (the one of t - 1 was written meanwhile).
         if earlier := [r for r in unconfirmed if r < t]:
             ckpts.confirm(max(earlier))
             unconfirmed[:] = [r for r in unconfirmed if r >= t]
+        if os.environ.get("HIERFED_INJECT_FAILURE") == f"cloud:{t}":  # test hook: the job dies in round t, round t-1 saved
+            raise RuntimeError(f"injected failure in round {t}")
         row, raw = _round_row(t, telemetry, rt.placement.flat, agg_s, log, receivers)
+        row.update(getattr(strategy, "report", dict)())  # a gathered rule: what it saw and kept ("aggregation")
         if accountant is not None:
             row["epsilon"] = accountant.epsilon(t)  # at privacy.delta, after this round
+            row.update(getattr(link, "report", dict)())  # flat, adaptive clipping: the clip norm C of this round
         if schedule is not None:  # flat: what the clients did (sampled, available, dropped, late, ...)
             row.update(schedule.row(t, 1, round_clients(cfg, rt.placement.num_clients, t)))
         raw = merge([raw, rt.ledger.take_round()])  # the cloud's own sends this round
         row["seconds"]["round"] = time.perf_counter() - started
-        states = {} if rt.placement.flat else {e: d["strategy_state"] for e, d in enumerate(telemetry) if d["strategy_state"]}
-        cloud_state = {**prefixed("strategy", strategy.state_dict()), **prefixed("link", link.state_dict())}  # as of round t
-        pending = (row, raw, params, states, cloud_state)
+        cloud_state = {**prefixed("strategy", strategy.state_dict()), **prefixed("link", link.state_dict()),
+                       **prefixed("client", tier.state_dict())}  # as of round t
+        pending = (row, raw, params, cloud_state)
     if pending:
         finish(*pending)
     if unconfirmed:  # the last round's: complete once every rank has reached the end-of-run gather
@@ -158,6 +172,15 @@ def run(rt, cfg) -> None:
         "out": str(out),
         **({"privacy": _privacy_summary(cfg, accountant, rt.config_text)} if cfg.privacy.dp else {}),
     })
+
+
+def _fraction(cfg, placement, t: int) -> float:
+    """The cloud's children that take part in round t: sampled clients of all (flat), or edges with
+    a sampled client of all edges (SCAFFOLD's control variate moves by this share of the mean)."""
+    chosen = round_clients(cfg, placement.num_clients, t)
+    if placement.flat:
+        return len(chosen) / placement.num_clients
+    return sum(bool(e.all_clients & chosen) for e in placement.edges) / len(placement.edges)
 
 
 def _privacy_summary(cfg, accountant, asked: str) -> dict:

@@ -15,13 +15,15 @@ from pathlib import Path
 
 import numpy as np
 
-from hierfed.data import load_data, partition
+from hierfed.data import load_data, partition, take
 from hierfed.model import FlatView, build_model
 from hierfed.privacy import wrap_child
+from hierfed.roles.attack import attack_hook
 from hierfed.roles.hetero import ClientSchedule
 from hierfed.roles.protocol import check_plan, child_link, codec_rng, local_steps, prefixed, round_clients, unprefixed
 from hierfed.roles.work import StepCost, share_of_uplink
 from hierfed.runtime.checkpoint import RankState
+from hierfed.strategy.client import build_client
 from hierfed.training import LocalTrainer, configure_threads, tokenize, torch_device
 
 
@@ -38,7 +40,7 @@ def run(rt, cfg) -> None:
     k = ks.get(spec.rank)
     # A split device holds only the embeddings and its k blocks (from disk, only they are loaded).
     built = build_model(cfg.model, cfg.peft, task.kind, task.num_labels, cfg.seed, torch_device(cfg.runtime.device), blocks=k)
-    data = {c: tokenize(built.tokenizer, [task.train[i] for i in shards[c]], task.kind, cfg.model.max_length) for c in spec.clients}
+    data = {c: tokenize(built.tokenizer, take(task.train, shards[c]), task.kind, cfg.model.max_length) for c in spec.clients}
 
     layout_model = None
     if k is None:
@@ -62,17 +64,23 @@ def run(rt, cfg) -> None:
     check_plan(plan, layout.dim, layout.fingerprint(), FlatView(built.model).base_hashes(), rt.role.name, part=k is not None)
     if k is not None:
         trainer.handshake(data[spec.clients[0]], task.kind == "causal_lm")
-    link = child_link(rt.up, cfg, rt.placement.flat, "cloud" if rt.placement.flat else "edge", plan.dim, plan.start_round > 1)
+    algo = build_client(cfg)  # the client side of the run's algorithm (FedProx, SCAFFOLD, FedNova; none: FedAvg's)
+    link = child_link(rt.up, cfg, rt.placement.flat, "cloud" if rt.placement.flat else "edge", plan.dim, plan.start_round > 1,
+                      algo.up_size(plan.dim, True))
     # privacy: clip each client's update (and add its share of distributed noise); secure aggregation masks it
-    link = wrap_child(link, cfg, rt.placement, spec.edge, plan.start_round, lambda t: _agg_size(rt.placement, spec, cfg, t))
+    link = wrap_child(link, cfg, rt.placement, spec.edge, plan.start_round, lambda t: _agg_size(rt.placement, spec, cfg, t),
+                      spec, lambda t: round_clients(cfg, rt.placement.num_clients, t))
     saved = RankState(Path(plan.out), rt.role.rank, cfg.checkpoint.keep)
-    # state kept across rounds: error-feedback residuals; a split device's persistent optimiser
+    # state kept across rounds: error-feedback residuals, SCAFFOLD's c_i, a split device's persistent optimiser
     persistent = k is not None and cfg.split.optimizer_state == "persistent"
-    if plan.start_round > 1 and (link.feedback is not None or persistent):
-        state = saved.load(plan.start_round - 1)
-        link.load_state_dict({n: v for n, v in state.items() if not n.startswith("split/")})
+    has_state = link.feedback is not None or algo.stateful or persistent
+    if plan.start_round > 1 and has_state:
+        resumed = saved.load(plan.start_round - 1)
+        link.load_state_dict({n: v for n, v in resumed.items() if not n.startswith(("client/", "split/"))})
+        algo.load_state_dict(unprefixed("client", resumed))
         if persistent:
-            trainer.load_state_dict(unprefixed("split", state))
+            trainer.load_state_dict(unprefixed("split", resumed))
+    down = np.empty(algo.down_size(plan.dim), dtype=np.float32)  # what the parent sends once per cloud round
 
     edge_rounds = 1 if rt.placement.flat else cfg.schedule.tau2
     steps = local_steps(cfg, rt.placement.flat)
@@ -81,12 +89,15 @@ def run(rt, cfg) -> None:
     delta = np.zeros(plan.dim, dtype=np.float32)
     # which clients train how many steps and contribute what (availability, dropout, deadlines, FedBuff)
     schedule = ClientSchedule(cfg, rt.placement, plan.step_flops, spec.edge, plan.dim)
-    schedule.set_sizes({c: float(len(shards[c])) for c in schedule.behaviour})
+    attack = attack_hook()  # test/research hook (HIERFED_INJECT_ATTACK): Byzantine clients' corrupted updates
     for t in range(plan.start_round, cfg.schedule.rounds + 1):
         chosen = round_clients(cfg, rt.placement.num_clients, t)
         mine = [c for c in spec.clients if c in chosen]
         held: dict[tuple[int, int], tuple] = {}  # FedBuff: updates trained earlier that arrive later
         for s in range(1, edge_rounds + 1):
+            if down.size and s == 1:
+                rt.up.bcast(down)
+                algo.receive_down(down)
             link.receive(params)
             own = params if mine_idx is None else params[mine_idx]  # the part of the model this rank holds
             loss_sum, started, work = 0.0, time.perf_counter(), []
@@ -95,7 +106,13 @@ def run(rt, cfg) -> None:
                            t: int = t, s: int = s, work: list = work) -> None:
                 nonlocal loss_sum
                 weight = len(data[c])  # FedAvg weights a client by its local data size
-                link.add(c, weight, delta if scale == 1.0 else delta * np.float32(scale), codec_rng(cfg.seed, t, s, *key[: 1 + bool(key[1])]))
+                delta = attack(c, delta)
+                delta, extras = algo.payload(c, delta if scale == 1.0 else delta * np.float32(scale), weight, done["steps"])
+                rng = codec_rng(cfg.seed, t, s, *key[: 1 + bool(key[1])])
+                if extras is None:
+                    link.add(c, weight, delta, rng)
+                else:
+                    link.add(c, weight, delta, rng, extras)
                 loss_sum += loss * weight
                 work.append(done)
 
@@ -103,7 +120,8 @@ def run(rt, cfg) -> None:
             for job in jobs:
                 c, began = job.client, time.perf_counter()
                 flat.set(own)
-                loss, _ = trainer.train(data[c], job.steps, job.seed)
+                term = algo.local_term(c)
+                loss, _ = trainer.train(data[c], job.steps, job.seed, *(() if term is None else (term,)))
                 if mine_idx is None:
                     delta = flat.get() - own
                 else:
@@ -122,11 +140,12 @@ def run(rt, cfg) -> None:
             share_of_uplink(work, sent)
             rt.up.gather_obj({"loss_sum": loss_sum, "weight": weight, "clients": len(work), "compute_s": compute_s, "phases": phases,
                               "bytes": sent, "work": work})
-        if (link.feedback is not None or persistent) and (t % cfg.checkpoint.every == 0 or t == cfg.schedule.rounds):
+        if has_state and (t % cfg.checkpoint.every == 0 or t == cfg.schedule.rounds):
             if os.environ.get("HIERFED_INJECT_FAILURE") == f"save:{rt.role.name}:{t}":  # test hook: die late, before saving round t
                 time.sleep(8)  # meanwhile the cloud writes its own checkpoint of round t
                 raise RuntimeError(f"injected failure before saving round {t}")
-            saved.save(t, {**link.state_dict(), **(prefixed("split", trainer.state_dict()) if persistent else {})})
+            saved.save(t, {**link.state_dict(), **prefixed("client", algo.state_dict()),
+                           **(prefixed("split", trainer.state_dict()) if persistent else {})})
 
 
 def _agg_size(placement, spec, cfg, t: int) -> int:

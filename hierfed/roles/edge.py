@@ -15,9 +15,10 @@ from hierfed.comm.ledger import merge
 from hierfed.placement.dsconfig import use_deepspeed
 from hierfed.privacy import wrap_parent, wrap_strategy
 from hierfed.roles.hetero import ClientSchedule
-from hierfed.roles.protocol import aggregation_round, child_link, codec_rng, parent_link, prefixed, round_clients, unprefixed
+from hierfed.roles.protocol import aggregation_round, bind_layout, child_link, codec_rng, parent_link, prefixed, round_clients, unprefixed
 from hierfed.runtime.checkpoint import RankState
 from hierfed.strategy import build_strategy
+from hierfed.strategy.client import build_client
 
 
 def run(rt, cfg) -> None:
@@ -28,14 +29,22 @@ def run(rt, cfg) -> None:
     rt.down.bcast_obj(plan)
     if rt.edge_group.Get_size() > 1:
         bcast_object(rt.edge_group, plan, True, rt.poll)
-    strategy.load_state_dict(plan.edge_states.get(rt.role.edge, {}))
-    up = child_link(rt.up, cfg, False, "cloud", plan.dim, plan.start_round > 1)
-    down = wrap_parent(parent_link(rt.down, cfg, False, "edge", plan.dim), cfg, rt.placement, rt.role.edge, plan.start_round)  # SecAgg
-    # Sender state: the uplink's error-feedback residual and what the devices hold (codec downlink).
+    algo = build_client(cfg)
+    tier = algo.tier(plan.dim, True)  # the edge's side of the client algorithm (SCAFFOLD: its control variate)
+    bind_layout(strategy, plan.manifest)  # lora_exact: where the LoRA factors are
+    up = child_link(rt.up, cfg, False, "cloud", plan.dim, plan.start_round > 1, algo.up_size(plan.dim, False))
+    down = wrap_parent(parent_link(rt.down, cfg, False, "edge", plan.dim, algo.up_size(plan.dim, True)), cfg, rt.placement,
+                       rt.role.edge, plan.start_round, strategy)  # SecAgg, adaptive clip
+    from_cloud = np.empty(algo.down_size(plan.dim), dtype=np.float32)  # SCAFFOLD: the cloud's control variate
+    # The edge's own state, in its rank state file (never through the cloud: FedAvgM's velocity is
+    # model-sized): its strategy's, its client-algorithm tier's (SCAFFOLD's c_e), the uplink's
+    # error-feedback residual, what the devices hold (codec downlink), its split trainer's. Every
+    # edge leader writes one at each checkpoint.
     saved = RankState(Path(plan.out), rt.role.rank, cfg.checkpoint.keep)
-    has_state = up.feedback is not None or not down.down.is_identity
     ks = split_ks(rt, cfg)
-    resumed_state = saved.load(plan.start_round - 1) if plan.start_round > 1 and (has_state or split_here(rt, ks)) else {}
+    resumed_state = saved.load(plan.start_round - 1) if plan.start_round > 1 else {}
+    strategy.load_state_dict(unprefixed("strategy", resumed_state))
+    tier.load_state_dict(unprefixed("client", resumed_state))
     up.load_state_dict(unprefixed("up", resumed_state))
     down.load_state_dict(unprefixed("down", resumed_state))
     me = rt.placement.edges[rt.role.edge]
@@ -46,9 +55,13 @@ def run(rt, cfg) -> None:
     params = np.empty(plan.dim, dtype=np.float32)
     local = np.empty(plan.dim, dtype=np.float64)  # the edge's master copy; aggregation_round updates it in place
     for t in range(plan.start_round, cfg.schedule.rounds + 1):
+        if from_cloud.size:
+            rt.up.bcast(from_cloud)
+            tier.set_down(from_cloud)
         up.receive(params)
         np.copyto(local, params)
         sampled = my_clients.intersection(round_clients(cfg, rt.placement.num_clients, t))
+        tier.fraction = len(sampled) / max(1, len(my_clients))
         weight_sum, rows = 0.0, []
         for s in range(1, cfg.schedule.tau2 + 1):
             started = time.perf_counter()
@@ -56,7 +69,8 @@ def run(rt, cfg) -> None:
             # the edge's own client gets no message, nor do clients that are unreachable (hierfed.sim.behaviour)
             receivers = len(sampled - set(me.clients)) - schedule.unreachable(t, s, sampled)
             if trainer is None:
-                local, weight, telemetry, agg_s = aggregation_round(down, local, strategy, receivers=receivers, rng=rng)
+                local, weight, telemetry, agg_s = aggregation_round(down, local, strategy, receivers=receivers, rng=rng, tier=tier,
+                                                                    send_down=s == 1)
             else:  # the edge trains while its devices do, and adds its own update to theirs
                 start = local.astype(np.float32)
                 local, weight, telemetry, agg_s = aggregation_round(
@@ -73,6 +87,7 @@ def run(rt, cfg) -> None:
                 "samples": w,
                 "receivers": receivers,  # clients the edge's broadcast went to
                 **getattr(down, "report", dict)(),  # secure aggregation: members, survivors, t, failure
+                **getattr(strategy, "report", dict)(),  # a gathered rule: what it saw and kept ("aggregation")
                 "work": [x for d in telemetry for x in d.get("work", ())],  # per trained client: steps, FLOPs, seconds, uplink bytes
                 "bytes": merge([d["bytes"] for d in telemetry] + [rt.ledger.take_round()]),
                 "seconds": {"wall": time.perf_counter() - started, "compute": max(d["compute_s"] for d in telemetry), "aggregate": agg_s,
@@ -82,16 +97,17 @@ def run(rt, cfg) -> None:
         # Up to the cloud: the edge's whole change this cloud round, weighted by the samples behind it.
         if weight_sum > 0:
             delta = np.subtract(local, params, out=local)  # the master copy is spent until the next round
-            up.add(rt.role.edge, weight_sum, delta, codec_rng(cfg.seed, t, 0, rt.role.rank, 2))
+            extras = tier.up_extras(weight_sum) if algo.up_size(plan.dim, False) else None
+            if extras is None:
+                up.add(rt.role.edge, weight_sum, delta, codec_rng(cfg.seed, t, 0, rt.role.rank, 2))
+            else:
+                up.add(rt.role.edge, weight_sum, delta, codec_rng(cfg.seed, t, 0, rt.role.rank, 2), extras)
         up.send()
-        checkpoint = t % cfg.checkpoint.every == 0 or t == cfg.schedule.rounds
-        # The edge strategy's state (FedAvgM's velocity: model-sized) goes into the cloud's
-        # checkpoint of this round, so it travels only when there is one.
-        rt.up.gather_obj({"rows": rows, "bytes": rt.ledger.take_round(), "strategy_state": strategy.state_dict() if checkpoint else {}})
-        if checkpoint:
+        rt.up.gather_obj({"rows": rows, "bytes": rt.ledger.take_round()})  # telemetry: small, pickled
+        if t % cfg.checkpoint.every == 0 or t == cfg.schedule.rounds:
             own = trainer.save(t) if trainer else None  # None: nothing of the trainer's to keep
-            if has_state or own is not None:
-                saved.save(t, {**prefixed("up", up.state_dict()), **prefixed("down", down.state_dict()), **prefixed("split", own or {})})
+            saved.save(t, {**prefixed("strategy", strategy.state_dict()), **prefixed("client", tier.state_dict()), **prefixed("up", up.state_dict()),
+                           **prefixed("down", down.state_dict()), **prefixed("split", own or {})})
     if trainer:
         trainer.close()
 

@@ -83,12 +83,8 @@ class ClientSchedule:
                 rate = rates.device_flops_per_s(d)
                 for cl in d.clients:
                     self.timing[cl] = Timing(d.link.seconds(down_b), float(step_flops[cl]) / rate, d.link.seconds(up_b))
-        self.sizes: dict[int, float] = {}  # client -> its weight (samples), for FedNova's tau_eff
         self._sync: dict[tuple[int, int], SyncRound] = {}
         self._buf: dict[int, BufferRound] = {}
-
-    def set_sizes(self, sizes: dict[int, float]) -> None:
-        self.sizes = sizes
 
     @property
     def plain(self) -> bool:
@@ -102,8 +98,7 @@ class ClientSchedule:
             self._sync = {(t, s): plan_sync(
                 mine, self.timing or {c: Timing(0.0, 0.0, 0.0) for c in mine},
                 lambda c: is_available(b[c], seed, t, s, c), lambda c: drops_out(b[c], seed, t, s, c),
-                self.tau1, self.s.straggler, self.s.deadline, self.s.deadline_quantile, self.s.over_selection,
-                self.sizes, self.s.normalise == "fednova")}
+                self.tau1, self.s.straggler, self.s.deadline, self.s.deadline_quantile, self.s.over_selection)}
         return self._sync[(t, s)]
 
     def fedbuff(self, t: int, sampled: set[int]) -> BufferRound:
@@ -133,7 +128,7 @@ class ClientSchedule:
                                (c, attempt) in arriving, arriving.get((c, attempt), 1.0)))
             return out
         plan = self.sync(t, s, sampled)
-        return [Job(c, o.steps, derive_seed(seed, t, s, c), (c, 0), True, o.scale)
+        return [Job(c, o.steps, derive_seed(seed, t, s, c), (c, 0), True)
                 for c in mine if (o := plan.outcomes[c]).steps > 0]
 
     def due(self, t: int, s: int, mine: list[int], sampled: set[int], trained_now: set[tuple[int, int]]) -> list[tuple[tuple[int, int], float]]:

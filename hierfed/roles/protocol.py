@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -20,6 +20,7 @@ from hierfed.comm.codecs import parse_codec
 from hierfed.comm.links import Child, Parent
 from hierfed.errors import HierfedError
 from hierfed.strategy import Strategy
+from hierfed.strategy.client import Tier
 
 
 @dataclass
@@ -31,8 +32,8 @@ class Plan:
     fingerprint: str  # names and shapes of the trainable parameters
     base_hashes: dict[str, str]  # a hash of every frozen base weight, by name
     out: str  # the run directory (ranks with state to checkpoint write there)
-    edge_states: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)  # edge strategy state on resume
     step_flops: np.ndarray | None = None  # FLOPs of one local step per client, when the model clock decides (roles/hetero.py)
+    manifest: list[tuple[str, tuple[int, ...]]] | None = None  # the trainable vector's names and shapes (a rule that needs them: lora_exact)
 
 
 def check_plan(plan: Plan, dim: int, fingerprint: str, base_hashes: dict[str, str], who: str, part: bool = False) -> None:
@@ -48,6 +49,12 @@ def check_plan(plan: Plan, dim: int, fingerprint: str, base_hashes: dict[str, st
     if differ is not None:
         what = "differs from" if differ in plan.base_hashes else "is not in"
         raise HierfedError(f"{who}: frozen base weight {differ} {what} the cloud's model; all ranks must load the same base model")
+
+
+def bind_layout(strategy: Strategy, manifest: list[tuple[str, tuple[int, ...]]] | None) -> None:
+    """Give a tier's rule the layout of the flat vector if it needs one (`set_layout`: lora_exact)."""
+    if hasattr(strategy, "set_layout"):
+        strategy.set_layout(manifest)
 
 
 def sampled_clients(num_clients: int, fraction: float, seed: int, round_: int, sampling: str = "fixed") -> np.ndarray:
@@ -92,14 +99,23 @@ def _codecs(cfg, flat: bool, tier: str) -> tuple[str, str]:
     return c.cloud_down, (c.device_up if flat else c.edge_up)
 
 
-def parent_link(channel: Channel, cfg, flat: bool, tier: str, dim: int) -> Parent:
-    down, up = _codecs(cfg, flat, tier)
-    return Parent(channel, parse_codec(down), parse_codec(up), dim)
+def gathered(cfg, tier: str) -> bool:
+    """Whether the parent of a tier ("edge" or "cloud") must see every child's update: its rule is not
+    reducible (hierfed.strategy.gathered), so the uplink carries each sender's update on its own."""
+    from hierfed.strategy import STRATEGIES
+
+    return not STRATEGIES[getattr(cfg.aggregation, tier).name].reducible
 
 
-def child_link(channel: Channel, cfg, flat: bool, tier: str, dim: int, resumed: bool) -> Child:
+def parent_link(channel: Channel, cfg, flat: bool, tier: str, dim: int, extra: int = 0) -> Parent:
+    """`extra`: a client algorithm's extra values per contribution on this link (ClientAlgorithm.up_size)."""
     down, up = _codecs(cfg, flat, tier)
-    return Child(channel, parse_codec(down), parse_codec(up), dim, cfg.compression.error_feedback, resumed)
+    return Parent(channel, parse_codec(down), parse_codec(up), dim, extra, gathered(cfg, tier))
+
+
+def child_link(channel: Channel, cfg, flat: bool, tier: str, dim: int, resumed: bool, extra: int = 0) -> Child:
+    down, up = _codecs(cfg, flat, tier)
+    return Child(channel, parse_codec(down), parse_codec(up), dim, cfg.compression.error_feedback, resumed, extra, gathered(cfg, tier))
 
 
 def prefixed(prefix: str, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -118,6 +134,8 @@ def aggregation_round(
     rng: np.random.Generator | None = None,
     while_children_work: Callable[[], None] | None = None,
     add_own: Callable[[np.ndarray], None] | None = None,
+    tier: Tier | None = None,
+    send_down: bool = True,
 ) -> tuple[np.ndarray, float, list[Any], float]:
     """Parent side of one round. Returns (new params, total weight, children's telemetry, aggregate s).
 
@@ -128,15 +146,57 @@ def aggregation_round(
     `while_children_work` runs after the broadcast, while the children train (the cloud's eval, an
     edge serving its split devices); `add_own` adds the parent's own contribution to the sum (an
     edge's upper adapter trained for its split devices).
+    `tier`: the parent's side of the run's client algorithm (hierfed.strategy.client): its `down()`
+    is broadcast before the parameters when `send_down` (once per cloud round), the contributions
+    carry its `extra` values after [w*delta, w], Σ w*delta is divided by its `divisor` and the
+    summed extras go to its `absorb`. None, or a tier without extras: FedAvg's path, unchanged.
+
+    A rule that is not reducible (`strategy.reducible` False: median, Krum, ...) gets every child's
+    update instead of the sum (`link.receive_updates`, the gathered path); the parent's own
+    contribution, if any, becomes one more row (`gathered_round`).
     """
+    down = tier.down() if tier is not None and send_down else None
+    if down is not None:
+        link.channel.bcast(down, receivers)
     link.send(params, receivers, rng)
     if while_children_work is not None:
         while_children_work()
+    if not strategy.reducible:
+        new, weight, agg_s = gathered_round(link, params, strategy, add_own)
+        return new, weight, link.channel.gather_obj(None), agg_s
     reduced = link.receive()
     t = time.perf_counter()
     if add_own is not None:
         add_own(reduced)
-    new, weight = strategy.aggregate(params, reduced, out=params)
+    if tier is None or not tier.extra:
+        new, weight = strategy.aggregate(params, reduced, out=params)
+    else:  # [Σ w*delta, Σ w | extras]: the strategy sees the first part, its weight slot holding the divisor
+        dim = reduced.size - 1 - tier.extra
+        extras, reduced = reduced[dim + 1 :], reduced[: dim + 1]
+        weight = float(reduced[dim])
+        if weight > 0:
+            reduced[dim] = tier.divisor(weight, extras)
+        new, _ = strategy.aggregate(params, reduced, out=params)
+        tier.absorb(extras, weight)
     agg_s = time.perf_counter() - t + link.decode_s
     telemetry = link.channel.gather_obj(None)
     return new, weight, telemetry, agg_s
+
+
+def gathered_round(link: Parent, params: np.ndarray, strategy: Strategy,
+                   add_own: Callable[[np.ndarray], None] | None) -> tuple[np.ndarray, float, float]:
+    """The parent's half of a gathered round: every child's updates, plus its own (an edge's own
+    client: `add_own` writes its [w*delta, w] into a zeroed float64 buffer, which becomes a row
+    delta = sum / w), then `strategy.aggregate_updates` in place. Returns (params, weight, aggregate s)."""
+    if not link.gathered:
+        raise RuntimeError(f"{strategy.name} needs every child's update but the link sums them (a wiring error)")
+    updates, weights = link.receive_updates()
+    t = time.perf_counter()
+    if add_own is not None:
+        own = np.zeros(params.size + 1, dtype=np.float64)
+        add_own(own)
+        if own[-1] > 0:
+            updates = np.concatenate([updates, (own[:-1] / own[-1]).astype(np.float32)[None]])
+            weights = np.append(weights, own[-1])
+    new, weight = strategy.aggregate_updates(params, updates, weights, out=params)
+    return new, weight, time.perf_counter() - t + link.decode_s

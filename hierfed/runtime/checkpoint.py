@@ -3,12 +3,12 @@
 Layout under <out>/checkpoints/:
   round-0003/adapter_model.safetensors, adapter_config.json   PeftModel.from_pretrained(base, this dir)
                                   (peft.method none: the whole model, from_pretrained(this dir))
-  round-0003/state.npz     exact flat global vector and strategy states (the resume source)
+  round-0003/state.npz     exact flat global vector and the cloud's strategy and link state (the resume source)
   round-0003/state.json    round, dim, fingerprint, seed
   latest                   the name of the newest complete checkpoint
 A checkpoint is written into a temporary directory and renamed into place. It is complete only when
-every rank has saved its own state of that round too (error-feedback residuals, a split device's or
-a ZeRO edge's optimiser: RankState below), which the cloud learns from the next message each rank
+every rank has saved its own state of that round too (an edge's strategy state such as FedAvgM's
+velocity, error-feedback residuals, a split device's or a ZeRO edge's optimiser: RankState below), which the cloud learns from the next message each rank
 sends it (the next round's contributions, or the end-of-run gather): only then does `confirm` point
 `latest` at it, atomically. A crash at any moment therefore leaves `latest` naming a checkpoint that
 every rank can resume from, and `--resume` falls back to it.
@@ -32,7 +32,6 @@ class State:
     round: int
     params: np.ndarray
     cloud_state: dict[str, np.ndarray] = field(default_factory=dict)
-    edge_states: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
@@ -58,9 +57,7 @@ class Checkpoints:
         peft_model.save_pretrained(str(tmp))
         arrays = {"params": state.params}
         arrays.update({f"cloud/{k}": v for k, v in state.cloud_state.items()})
-        for e, st in state.edge_states.items():
-            arrays.update({f"edge{e}/{k}": v for k, v in st.items()})
-        np.savez(tmp / "state.npz", **arrays)
+        np.savez(tmp / "state.npz", **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as allow_pickle's bool
         (tmp / "state.json").write_text(json.dumps({"round": state.round, "dim": int(state.params.size), **meta}, indent=2))
         if final.exists():  # re-saving a round: move the old one aside, so `latest` never names a gap
             aside = self.root / f".old-{name}"
@@ -98,17 +95,12 @@ class Checkpoints:
         with np.load(path / "state.npz") as z:
             arrays = {k: z[k] for k in z.files}
         cloud = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("cloud/")}
-        edges: dict[int, dict[str, np.ndarray]] = {}
-        for k, v in arrays.items():
-            if k.startswith("edge"):
-                head, key = k.split("/", 1)
-                edges.setdefault(int(head[4:]), {})[key] = v
-        return State(round=int(meta["round"]), params=arrays["params"], cloud_state=cloud, edge_states=edges)
+        return State(round=int(meta["round"]), params=arrays["params"], cloud_state=cloud)
 
 
 class RankState:
-    """State that lives on a sender rank (error-feedback residuals of its clients, or of an edge),
-    saved by that rank beside the cloud's checkpoints: checkpoints/ranks/round-NNNN/<rank>.npz.
+    """State that lives on a sender rank (error-feedback residuals of its clients; an edge's strategy
+    state, residuals and held copies), saved by that rank beside the cloud's checkpoints: checkpoints/ranks/round-NNNN/<rank>.npz.
 
     The cloud's `latest` decides which round a resume starts from; every rank then loads its own
     file of that round. A rank keeps one more round than the cloud, so the round `latest` names is
@@ -128,7 +120,7 @@ class RankState:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
         with open(tmp, "wb") as f:
-            np.savez(f, **state)
+            np.savez(f, **state)  # type: ignore[arg-type]  # numpy's stub types **kwds as allow_pickle's bool
         os.replace(tmp, path)
         mine = sorted(self.root.glob(f"round-*/rank-{self.rank:05d}.npz"), key=lambda p: int(p.parent.name.split("-")[1]))
         for old in mine[: -self.keep]:

@@ -61,6 +61,7 @@ class RunLog:
             self._print_round(row)
 
     def _print_round(self, row: dict[str, Any]) -> None:
+        assert self.console is not None  # called only when self.console is set
         acc, eval_loss = row.get("eval_accuracy"), row.get("eval_loss")
         score = f"acc {acc:.3f}" if acc is not None else f"eval loss {eval_loss:.3f}" if eval_loss is not None else "(no eval)"
         loss = f"loss {row['loss']:.3f}" if row.get("loss") is not None else "loss   -  "
@@ -120,6 +121,7 @@ class RunLog:
         return out
 
     def _print_summary(self, s: dict[str, Any]) -> None:
+        assert self.console is not None  # called only when self.console is set
         t = Table(title=f"hierfed: {s['topology']} ({s['world_size']} ranks, {s['clients']} clients), {s['rounds']} cloud rounds")
         t.add_column("")
         t.add_column("value", justify="right")

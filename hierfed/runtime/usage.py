@@ -24,9 +24,10 @@ def peak_memory() -> tuple[int, int]:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     host = rss if sys.platform == "darwin" else rss * 1024
     torch = sys.modules.get("torch")  # never imported just to ask (an edge that only aggregates has not)
-    used = torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized()
-    # the GPU this rank used need not be the current one: the largest peak over the GPUs it sees
-    gpu = max(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())) if used else -1
+    gpu = -1
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        # the GPU this rank used need not be the current one: the largest peak over the GPUs it sees
+        gpu = max(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count()))
     return host, gpu
 
 
@@ -42,6 +43,7 @@ def report_memory(rt: Runtime) -> None:
     path = Path(rt.out) / "summary.json"
     if not cloud or not path.exists():
         return
+    assert every is not None  # the cloud gathered into it
     summary = json.loads(path.read_text())
 
     def key(role: Role) -> str:  # the ranks of a multi-rank edge after its leader: "edge0#1", ...

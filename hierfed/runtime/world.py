@@ -101,8 +101,10 @@ def build_runtime(placement: Placement, wait: str, threads: int, out: str, resum
     cloud_comm = world.Split(0 if in_cloud_comm else undefined, key=world.Get_rank())
 
     in_edge_comm = is_leader or (role.kind == "device" and not placement.flat)
-    edge_comm = world.Split(role.edge if in_edge_comm else undefined, key=0 if is_leader else 1 + world.Get_rank())
-    edge_group = world.Split(role.edge if role.kind == "edge" else undefined, key=role.group_index)
+    assert role.edge is not None or not (in_edge_comm or role.kind == "edge")  # edges and a hierarchy's devices have one
+    edge = undefined if role.edge is None else role.edge
+    edge_comm = world.Split(edge if in_edge_comm else undefined, key=0 if is_leader else 1 + world.Get_rank())
+    edge_group = world.Split(edge if role.kind == "edge" else undefined, key=role.group_index)
 
     ledger = Ledger()
     up = down = None

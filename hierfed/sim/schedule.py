@@ -12,9 +12,9 @@ have arrived, and (over-selection) the time of the ceil(n / (1 + o))-th arrival.
 cut-off; `drop` discards what has not arrived by it; `partial` takes the steps a client finished
 by it (floor((cut - down - up) / step), fewer than tau1). A client that dropped out never arrives.
 The edge round lasts until the cut-off when anyone reachable failed to deliver full work, else
-until the last arrival. FedNova (Wang et al. 2020) scales each contribution by tau_eff / tau_i,
-tau_eff = sum n_i tau_i / sum n_i over the contributors: the edge's weighted mean of those scaled
-deltas is FedNova's tau_eff x sum p_i (delta_i / tau_i).
+until the last arrival. FedNova's normalisation of partial work (schedule.normalise: fednova) is
+the FedNova client algorithm (hierfed.strategy.client): each client sends its delta over the steps
+it took, with its step count, and its parent normalises; the plan only says how many steps.
 
 FedBuff (`plan_fedbuff`, Nguyen et al. 2022): every reachable client trains from the edge's
 current model, uploads, and starts again from the model the edge holds then; the edge applies the
@@ -65,7 +65,6 @@ class Outcome:
     status: str
     steps: int  # local steps it trains and contributes (0: contributes nothing)
     finish: float  # when its update arrives (inf: never)
-    scale: float = 1.0  # multiplies its delta in its contribution (FedNova: tau_eff / steps)
 
 
 @dataclass(frozen=True)
@@ -92,7 +91,7 @@ def _kth(times: list[float], k: int) -> float:
 
 def plan_sync(clients: list[int], timing: dict[int, Timing], reachable: Callable[[int], bool], vanishes: Callable[[int], bool],
               tau1: int, policy: str = "wait", deadline: float | None = None, quantile: float | None = None,
-              over_selection: float = 0.0, weights: dict[int, float] | None = None, fednova: bool = False) -> SyncRound:
+              over_selection: float = 0.0) -> SyncRound:
     """The plan of one synchronous edge round for `clients` (the edge's sampled clients)."""
     out: dict[int, Outcome] = {}
     full: dict[int, float] = {}
@@ -122,11 +121,6 @@ def plan_sync(clients: list[int], timing: dict[int, Timing], reachable: Callable
     delivered = [o for o in out.values() if o.steps > 0]
     failed = any(o.status in ("dropped", "late", "partial") for o in out.values())
     span = cut if (cut is not None and failed) else max((o.finish for o in delivered), default=0.0)
-    if fednova and delivered:
-        w = weights or {}
-        total = sum(w.get(o.client, 1.0) for o in delivered)
-        tau_eff = sum(w.get(o.client, 1.0) * o.steps for o in delivered) / total
-        out.update({o.client: Outcome(o.client, o.status, o.steps, o.finish, tau_eff / o.steps) for o in delivered})
     return SyncRound(out, cut, span)
 
 

@@ -25,6 +25,7 @@ class GatheredStrategy(Strategy):
     """A robust rule over the stacked updates, then params + server_lr · aggregate."""
 
     reducible = False
+    seen = 0  # updates of weight > 0 in the last aggregation
 
     def __init__(self, server_lr: float = 1.0) -> None:
         if not server_lr > 0:
@@ -43,6 +44,14 @@ class GatheredStrategy(Strategy):
         """The rule's aggregate update (float64, into `out`); weights > 0 for at least one child."""
         raise NotImplementedError
 
+    def report(self) -> dict:
+        """What the last aggregation decided, for the tier's metrics row ("aggregation"): the rule,
+        how many updates it saw, and its own findings (Krum's picks, how many norm clipping scaled)."""
+        return {"aggregation": {"rule": self.name, "updates": self.seen, **self.findings()}}
+
+    def findings(self) -> dict:
+        return {}
+
     def aggregate(self, params: np.ndarray, reduced: np.ndarray, out: np.ndarray | None = None) -> tuple[np.ndarray, float]:
         raise TypeError(f"{self.name} needs every child's update (the gathered path, aggregate_updates), not their sum")
 
@@ -51,6 +60,7 @@ class GatheredStrategy(Strategy):
     ) -> tuple[np.ndarray, float]:
         weights = check_updates(params, updates, weights)
         total = float(weights.sum())
+        self.seen = int(np.count_nonzero(weights))
         if total <= 0:
             return unchanged(params, out), 0.0
         agg = self._mean_buffer(params.size) if out is not None else np.empty(params.size, dtype=np.float64)
@@ -113,6 +123,10 @@ class MultiKrum(GatheredStrategy):
         agg, self.chosen = robust.multikrum(updates, weights, self.f, self.m, out=out)
         return agg
 
+    def findings(self) -> dict:
+        """The rows averaged (indices into the round's updates: children in rank order, each child's senders in order)."""
+        return {} if self.chosen is None else {"chosen": [int(i) for i in self.chosen]}
+
 
 class Krum(MultiKrum):
     """The update of the one child with the best Krum score (Multi-Krum with m = 1)."""
@@ -148,3 +162,63 @@ class NormClip(GatheredStrategy):
     def robust_aggregate(self, updates: np.ndarray, weights: np.ndarray, out: np.ndarray) -> np.ndarray:
         agg, self.scales = robust.norm_clipped_mean(updates, weights, self.clip_norm, out=out)
         return agg
+
+    def findings(self) -> dict:
+        return {} if self.scales is None else {"clipped": int(np.count_nonzero(self.scales < 1))}
+
+
+class LoraExact(GatheredStrategy):
+    """Exact LoRA aggregation (FedEx-LoRA style; the math: hierfed.strategy.lora): per LoRA module
+    ΔW = Σ w_i B_i A_i / Σ w_i over the children's full factors (the parent's params + each update),
+    re-factorised to the module's rank r by truncated SVD; other entries (a head, biases) get the
+    weighted mean, as FedAvg. Sample-weighted like FedAvg, not robust: it is on the gathered path
+    because a product of factors is not a function of their sums.
+
+    It needs the layout of the flat vector (`set_layout(manifest)`: FlatView.manifest(), sent in the
+    start-up Plan). `last`: the last aggregation (LoraAggregate), whose residual energy — the fraction
+    of Σ ||ΔW||_F² the rank-r truncation dropped — goes into the tier's metrics row. server_lr η:
+    params + η · (exact result - params)."""
+
+    name = "lora_exact"
+
+    def __init__(self, server_lr: float = 1.0) -> None:
+        super().__init__(server_lr)
+        self.manifest: list[tuple[str, tuple[int, ...]]] | None = None
+        self.last = None
+
+    def set_layout(self, manifest: list[tuple[str, tuple[int, ...]]]) -> None:
+        from hierfed.strategy.lora import lora_modules
+
+        modules = lora_modules(manifest)  # every A with its B, of consistent shapes
+        if not modules:
+            raise ValueError("lora_exact: the trainable vector has no LoRA factors (peft.method must be lora, without ffa_lora)")
+        self.manifest = list(manifest)
+
+    def aggregate_updates(
+        self, params: np.ndarray, updates: np.ndarray, weights: np.ndarray, out: np.ndarray | None = None
+    ) -> tuple[np.ndarray, float]:
+        from hierfed.strategy.lora import aggregate_lora_exact
+
+        if self.manifest is None:
+            raise RuntimeError("lora_exact: set_layout was never called (the wiring must pass the model's manifest)")
+        weights = check_updates(params, updates, weights)
+        total = float(weights.sum())
+        self.seen = int(np.count_nonzero(weights))
+        if total <= 0:
+            return unchanged(params, out), 0.0
+        self.last = aggregate_lora_exact(updates, weights, self.manifest, base=params)
+        new = self.last.params
+        if self.server_lr != 1.0:
+            new -= params
+            new *= self.server_lr
+            new += params
+        if out is None:
+            return new, total
+        np.copyto(out, new)
+        return out, total
+
+    def findings(self) -> dict:
+        if self.last is None:
+            return {}
+        per_module = self.last.residuals
+        return {"residual_energy": self.last.residual_total, "residual_energy_max": max(per_module.values(), default=0.0)}

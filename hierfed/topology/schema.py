@@ -155,16 +155,16 @@ def parse_topology(data: Any, source: str) -> Topology:
 
     edges: list[EdgeGroup] = []
     seen: set[str] = set()
-    for i, e in enumerate(f.edges or []):
-        name = e.name if e.name is not None else f"edge{i}"
+    for i, edge_in in enumerate(f.edges or []):
+        name = edge_in.name if edge_in.name is not None else f"edge{i}"
         if not name or "/" in name or len(name.split()) != 1 or name == "cloud":
             why = "must be a non-empty word without '/' or spaces, not 'cloud'"
             raise fail(f"edges[{i}].name", f"{why} (got {name!r})")
         if name in seen:
             raise fail(f"edges[{i}].name", f"duplicate edge name {name!r}")
         seen.add(name)
-        groups = tuple(group(g, f"edges[{i}].devices[{j}]", "device_edge") for j, g in enumerate(e.devices))
-        edges.append(EdgeGroup(name, e.ranks, link(e.link, "edge_cloud"), groups, e.train_locally, e.memory_gb, e.tflops))
+        groups = tuple(group(g, f"edges[{i}].devices[{j}]", "device_edge") for j, g in enumerate(edge_in.devices))
+        edges.append(EdgeGroup(name, edge_in.ranks, link(edge_in.link, "edge_cloud"), groups, edge_in.train_locally, edge_in.memory_gb, edge_in.tflops))
     flat = tuple(group(g, f"devices[{j}]", "device_cloud") for j, g in enumerate(f.devices or []))
     name = f.name if f.name is not None else Path(source).stem
     topo = Topology(name, f.description.strip(), source, f.devices is not None, tuple(edges), flat)

@@ -12,7 +12,9 @@ import numpy as np
 from mpi4py import MPI
 
 from hierfed.comm.channel import Channel, _chunks
+from hierfed.comm.codecs import parse_codec
 from hierfed.comm.ledger import Ledger
+from hierfed.comm.links import Child, Parent
 
 comm = MPI.COMM_WORLD
 rank = comm.Get_rank()
@@ -32,10 +34,26 @@ for chunk in (None, "7", "64"):
     payload = np.random.default_rng(100 + rank).integers(0, 256, size=37 * rank, dtype=np.uint8)  # 0, 37, 74, ... bytes
     got = ch.gather_bytes(payload if rank else payload[:0])
     objs = ch.gather_obj({"rank": rank, "array": np.full(50 * rank, rank, dtype=np.int16)})
+    # the gathered path: rank r's r senders each send their own update; the parent gets every row
+    rows_ok = {}
+    for spec in ("identity", "fp16"):
+        codec = parse_codec(spec)
+        if rank == 0:
+            updates, weights = Parent(ch, codec, codec, dim, gathered=True).receive_updates()
+            want = [(10 * r + i, np.random.default_rng([r, i]).normal(size=dim).astype(np.float32))
+                    for r in range(1, comm.Get_size()) for i in range(r)]
+            rows_ok[spec] = bool(len(updates) == len(want) and all(
+                w == weights[j] and np.array_equal(updates[j], codec.decode(codec.encode(u, None), dim)) for j, (w, u) in enumerate(want)))
+        else:
+            child = Child(ch, codec, codec, dim, error_feedback=False, gathered=True)
+            for i in range(rank):
+                child.add(i, 10 * rank + i, np.random.default_rng([rank, i]).normal(size=dim).astype(np.float32))
+            child.send()
     bcast_ok = comm.allreduce(int(np.array_equal(params, np.arange(dim, dtype=np.float32))), op=MPI.MIN)
     if rank == 0:
         results[chunk or "whole"] = {
             "bcast_everywhere": bcast_ok,
+            "gathered_rows": rows_ok,
             "pieces": len(_chunks(params)),
             "sum": delta.tolist(),
             "payloads": [p.tolist() for p in got],

@@ -15,7 +15,8 @@ pytestmark = pytest.mark.mpi
 
 
 def test_chunked_collectives_move_the_same_bytes() -> None:
-    """bcast, reduce_sum, gather_bytes and gather_obj on 4 ranks with the limit at 7 and 64 elements
+    """bcast, reduce_sum, gather_bytes, gather_obj and the links' gathered path (every sender's update
+    a row at the parent, weights in order, plain and fp16-coded) on 4 ranks with the limit at 7 and 64 elements
     (a 1003-value vector: 144 and 16 chunks; payloads of 0-111 bytes: several Gatherv rounds) give
     bit-identical results to the unchunked collectives."""
     cmd = mpiexec_command(4, [])
@@ -29,6 +30,8 @@ def test_chunked_collectives_move_the_same_bytes() -> None:
     assert whole["pieces"] == 1 and seen["7"]["pieces"] == 144 and seen["64"]["pieces"] == 16  # it did chunk
     for chunk in ("7", "64"):
         assert seen[chunk]["bcast_everywhere"] == 1
+        assert seen[chunk]["gathered_rows"] == {"identity": True, "fp16": True}
         assert np.array_equal(np.array(seen[chunk]["sum"], dtype=np.float32), np.array(whole["sum"], dtype=np.float32))
         assert seen[chunk]["payloads"] == whole["payloads"] and seen[chunk]["objs"] == whole["objs"]
     assert whole["bcast_everywhere"] == 1
+    assert whole["gathered_rows"] == {"identity": True, "fp16": True}

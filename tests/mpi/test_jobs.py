@@ -126,10 +126,19 @@ def test_hierarchy_with_tau2_1_equals_flat_fedavg(tiny_default, tmp_path):
 
 
 def test_uneven_topology_causal_lm(tmp_path):
-    """Uneven fan-outs (3 devices and 1) with a tiny Llama and LoKr adapters on the built-in corpus:
-    eval loss falls. With `eval_every: 2` the cloud evaluates rounds 0, 2 and the last (3), not round 1."""
+    """Uneven fan-outs (3 devices and 1) with a tiny Llama and LoKr adapters on the built-in corpus,
+    saved as a datasets directory (data.source: disk: every rank keeps it memory-mapped and reads
+    only the rows it uses, hierfed.data.files.Rows): eval loss falls. With `eval_every: 2` the cloud
+    evaluates rounds 0, 2 and the last (3), not round 1."""
+    import datasets
+
+    from hierfed.data import DataConfig, load_data
+
+    corpus = load_data(DataConfig(source="corpus", train_samples=400, eval_samples=64))
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": [e.text for e in corpus.train]}),
+                          "validation": datasets.Dataset.from_dict({"text": [e.text for e in corpus.eval]})}).save_to_disk(str(tmp_path / "corpus"))
     cfg = _tiny_config(tmp_path, model={"source": "llama", "size": "tiny", "max_length": 24}, peft={"method": "lokr"},
-                       data={"source": "corpus", "train_samples": 400, "eval_samples": 64},
+                       data={"source": "disk", "path": str(tmp_path / "corpus")},
                        schedule={"rounds": 3, "tau1": 4, "tau2": 2, "eval_every": 2})
     out = tmp_path / "uneven"
     proc = mpirun(7, "run", "uneven", "--config", cfg, "--out", str(out))
@@ -317,3 +326,34 @@ def test_two_tiers_with_tau2_2_sampling_and_unequal_shards_match_a_numpy_hierfed
     # 5e-6 on values up to 0.16 after two rounds. Weighting clients equally instead of by their
     # unequal shard sizes moves the result by orders of magnitude more than this bound.
     np.testing.assert_allclose(got, g, rtol=0, atol=2e-5)
+
+
+def test_scaffold_two_tiers_killed_and_resumed_equals_the_uninterrupted_run_and_flat_scaffold(tmp_path):
+    """SCAFFOLD (client.algorithm: scaffold) on the default topology, τ2 = 1, 2 cloud rounds, with
+    device edge0/d0 dying before it saves its round-2 control variates while the cloud writes its
+    round-2 checkpoint (the uninterrupted run's parameters). Resumed from round 1 (devices' c_i,
+    the edges' and the cloud's control variates from the checkpoint), the job ends on exactly those
+    parameters. The same clients under one flat SCAFFOLD server end on the same parameters (the
+    two-tier composition of docs/aggregation.md), and the control-variate delta doubles the uplink."""
+    cfg = _tiny_config(tmp_path, schedule={"rounds": 2, "tau1": 2, "tau2": 1}, train={"lr": 0.05, "batch_size": 8, "optimizer": "sgd"},
+                       client={"algorithm": "scaffold"})
+    out = tmp_path / "run"
+    env = job_env()
+    env["HIERFED_INJECT_FAILURE"] = "save:edge0/d0:2"
+    proc = mpirun(7, "run", "default", "--config", cfg, "--out", str(out), env=env, timeout=180)
+    assert proc.returncode != 0 and "injected failure before saving round 2" in proc.stderr, proc.stderr[-2000:]
+    ckpts = out / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == "round-0001"
+    with np.load(ckpts / "round-0002" / "state.npz") as z:  # written by the cloud before d0 died: the uninterrupted run's
+        whole = z["params"].copy()
+    with np.load(ckpts / "round-0001" / "state.npz") as z:
+        assert any("client/c" in k for k in z.files)  # the cloud's control variate is in its checkpoint
+        assert np.abs(whole - z["params"]).max() > 0
+    up = [r["bytes"]["device-edge"]["up"] for r in rows(out) if r["tier"] == "edge"]
+    check_ok(mpirun(7, "run", "default", "--config", cfg, "--out", str(out), "--resume"))
+    np.testing.assert_array_equal(final_params(out), whole)
+    flat = tmp_path / "flat"
+    check_ok(mpirun(5, "run", "flat", "--config", cfg, "--out", str(flat)))
+    assert np.abs(final_params(flat) - whole).max() <= 1e-6
+    dim = json.loads((flat / "summary.json").read_text())["trainable_params"]
+    assert up and all(v == 2 * 4 * (2 * dim + 1) for v in up), (up, dim)  # 2 devices x [w·Δ, w, w·Δc] float32

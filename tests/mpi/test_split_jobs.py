@@ -82,7 +82,7 @@ def test_split_devices_learn_pipelined_and_resume_exactly(tmp_path):
     Adam state kept across rounds on both sides of the cut (split.optimizer_state: persistent);
     server momentum at both tiers and client sampling (3 of 4 per cloud round); every link
     compressed (error-feedback residuals on the top-k uplink, held copies on the downlinks);
-    checkpoints every 2 rounds (the edges' momentum reaches the cloud's checkpoint of round 2 only).
+    checkpoints every 2 rounds (each edge's momentum in its own rank state file of round 2).
     The causal-LM loss falls; the resumed job ends bit for bit on the uninterrupted job's adapter.
     (The tiny GPT-2 stays at chance on the 4-class `topics` task in this budget, so a falling
     classification loss would be a coin toss; the LM loss starts at ln|V| and falls steadily.)"""
@@ -114,6 +114,15 @@ def test_split_devices_learn_pipelined_and_resume_exactly(tmp_path):
     saved = [[k for k in np.load(f) if k.startswith("split/")] for f in (parts / "checkpoints" / "ranks" / "round-0002").glob("rank-*.npz")]
     assert sum(bool(keys) and keys[0].count("/") == 3 for keys in saved) == 2
     assert sum(bool(keys) and keys[0].count("/") == 2 for keys in saved) >= 1
+    # Each edge keeps its own FedAvgM velocity in its rank state file; nothing model-sized of an
+    # edge's travels pickled to the cloud or sits in the cloud's checkpoint.
+    edges = [r["rank"] for r in json.loads((parts / "ranks.json").read_text()) if r["role"] in ("edge0", "edge1")]
+    assert len(edges) == 2
+    for rank in edges:
+        with np.load(parts / "checkpoints" / "ranks" / "round-0002" / f"rank-{rank:05d}.npz") as z:
+            assert z["strategy/velocity"].shape == final_params(parts).shape and np.abs(z["strategy/velocity"]).max() > 0
+    with np.load(parts / "checkpoints" / "round-0002" / "state.npz") as z:
+        assert not [k for k in z.files if k.startswith("edge")]
 
 
 def test_auto_split_devices_that_fit_whole_train_whole(tmp_path):

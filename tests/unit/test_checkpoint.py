@@ -27,7 +27,6 @@ def state(flat: FlatView, round_: int) -> State:
         round=round_,
         params=rng.normal(size=flat.dim),  # float64: the cloud's master copy
         cloud_state={"velocity": rng.normal(size=flat.dim)},
-        edge_states={0: {"velocity": rng.normal(size=flat.dim)}, 3: {"velocity": rng.normal(size=flat.dim)}},
     )
 
 
@@ -85,9 +84,6 @@ def test_load_latest_is_exact(tmp_path, tiny) -> None:
     np.testing.assert_array_equal(got.params, saved.params)
     assert got.cloud_state.keys() == {"velocity"}
     np.testing.assert_array_equal(got.cloud_state["velocity"], saved.cloud_state["velocity"])
-    assert got.edge_states.keys() == {0, 3}
-    for e in (0, 3):
-        np.testing.assert_array_equal(got.edge_states[e]["velocity"], saved.edge_states[e]["velocity"])
 
 
 def test_save_loads_params_into_the_model(tmp_path, tiny) -> None:

@@ -91,7 +91,7 @@ def test_bad_field_in_file_names_file_and_field(write_yaml) -> None:
     (["schedule.client_fraction=1.5"], "schedule.client_fraction: must be <= 1 (got 1.5)"),
     (["model.max_length=lots"], "model.max_length: must be an integer (got 'lots')"),
     (["aggregation.edge.name=fedsgd"], ("aggregation.edge.name: must be 'fedavg', 'fedavgm', 'fedadam', 'fedyogi', 'fedadagrad', "
-                                        "'median', 'trimmed_mean', 'krum', 'multikrum' or 'normclip' (got 'fedsgd')")),
+                                        "'median', 'trimmed_mean', 'krum', 'multikrum', 'normclip' or 'lora_exact' (got 'fedsgd')")),
     (["schedule=[1]"], "schedule: must be a mapping (got a list)"),
     (["topology=null"], "topology: must be a string (got null)"),
     # a union (bool | 'auto') is one problem; its member types are not part of the path
@@ -108,7 +108,7 @@ def test_bad_value_message(overrides: list[str], expected: str) -> None:
 
 def test_unknown_field() -> None:
     assert error(overrides=["x=1"]) == ("run config: top level: unknown field 'x' (allowed: topology, seed, out, model, peft, "
-                                        "data, train, schedule, aggregation, compression, split, deepspeed, runtime, sim, privacy, checkpoint)")
+                                        "data, train, schedule, aggregation, client, compression, split, deepspeed, runtime, sim, privacy, checkpoint)")
     assert error(overrides=["schedule.foo=1"]).startswith("run config: schedule: unknown field 'foo' (allowed: rounds, tau1, tau2, ")
     assert error(overrides=["data.pth=x"]).startswith("run config: data: unknown field 'pth' (allowed: source, path, ")
 

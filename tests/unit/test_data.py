@@ -304,7 +304,7 @@ def test_disk_dataset_round_trip(tmp_path):
     task = load_data(DataConfig(source="disk", path=str(tmp_path / "ds")))
     assert task.kind == "classification" and task.labels == ("a", "b")
     assert len(task.train) == 18 and len(task.eval) == 2
-    assert all(e.label == (int(e.text[1:]) + 1) % 2 for e in task.train + task.eval)
+    assert all(e.label == (int(e.text[1:]) + 1) % 2 for e in [*task.train, *task.eval])
     assert {e.client for e in task.train} == {"u", "v"}
 
 
@@ -320,7 +320,7 @@ def test_disk_dataset_dict_with_class_labels_and_test_split(tmp_path):
     dd.save_to_disk(str(tmp_path / "dd"))
     task = load_data(DataConfig(source="disk", path=str(tmp_path / "dd"), text_field="sentence"))
     assert task.labels == ("neg", "pos")  # ClassLabel names, even with a class unseen in train
-    assert [e.label for e in task.train] == [1, 1, 1] and task.eval == (Example("d", 0),)
+    assert [e.label for e in task.train] == [1, 1, 1] and tuple(task.eval) == (Example("d", 0),)
 
 
 def test_disk_unlabelled_is_causal_lm(tmp_path):
@@ -328,6 +328,37 @@ def test_disk_unlabelled_is_causal_lm(tmp_path):
     datasets.Dataset.from_dict({"text": ["x"] * 10}).save_to_disk(str(tmp_path / "lm"))
     task = load_data(DataConfig(source="disk", path=str(tmp_path / "lm")))
     assert task.kind == "causal_lm" and (len(task.train), len(task.eval)) == (9, 1)
+
+
+@pytest.mark.parametrize("scheme", ["iid", "dirichlet", "natural"])
+def test_a_rank_holds_only_its_clients_rows_of_a_dataset_on_disk(tmp_path, scheme):
+    """A datasets directory stays memory-mapped: the task holds no text, and a client's shard
+    (`take`, as a device builds its clients' data) is a lazy selection of exactly that client's
+    rows. Oracle: the same records as JSON Lines, loaded eagerly and partitioned over all of them,
+    give the same shards with the same examples."""
+    import datasets  # in the test extra: a missing install fails, not skips
+
+    from hierfed.data import take
+    from hierfed.data.files import Rows
+
+    n = 120
+    cols = {"text": [f"row {i} " + "x" * (i % 9) for i in range(n)], "label": [["b", "a", "c"][i * 7 % 3] for i in range(n)],
+            "client": [f"u{i * 5 % 6}" for i in range(n)]}
+    datasets.Dataset.from_dict(cols).save_to_disk(str(tmp_path / "ds"))
+    path = _write_jsonl(tmp_path / "all.jsonl", [{k: v[i] for k, v in cols.items()} for i in range(n)])
+    disk = load_data(DataConfig(source="disk", path=str(tmp_path / "ds"), partition=scheme))
+    eager = load_data(DataConfig(source="jsonl", path=path, partition=scheme))
+    assert isinstance(disk.train, Rows) and isinstance(disk.eval, Rows)
+    assert type(disk.train.ds.data).__name__ == "MemoryMappedTable"  # the texts are on disk, not in the heap
+    assert (disk.kind, disk.labels) == (eager.kind, eager.labels) and list(disk.eval) == list(eager.eval)
+    ours = partition(disk.train, 6, scheme, alpha=0.5, seed=3)
+    oracle = partition(eager.train, 6, scheme, alpha=0.5, seed=3)
+    for c in (1, 4):  # a device with clients 1 and 4
+        np.testing.assert_array_equal(ours[c], oracle[c])
+        mine = take(disk.train, ours[c])
+        assert isinstance(mine, Rows) and len(mine.ds) == len(oracle[c])  # only this client's rows
+        assert list(mine) == [eager.train[i] for i in oracle[c]]
+        assert [mine[j] for j in range(len(mine))] == list(mine) and mine[-1] == list(mine)[-1]
 
 
 def test_disk_errors(tmp_path):

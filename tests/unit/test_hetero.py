@@ -130,20 +130,28 @@ def test_over_selection_keeps_the_first_arrivals() -> None:
     assert r.count("ok") == 6 and r.cut == 6.0  # ceil(9 / 1.5) = 6
 
 
-def test_fednova_scaling_is_tau_eff_over_tau_i() -> None:
+def test_fednova_normalises_the_partial_work_the_plan_gives() -> None:
+    """schedule.normalise: fednova is the FedNova client algorithm on the steps plan_sync decides:
+    the edge's mean (Σ w d_i divided by NovaTier's divisor) is τ_eff Σ p_i Δ_i / τ_i."""
+    from hierfed.strategy.client import FedNova
+
     sizes = {0: 30.0, 1: 10.0, 2: 20.0, 3: 40.0}
-    r = plan_sync([0, 1, 2, 3], _times(), lambda c: True, lambda c: c == 3, tau1=4, policy="partial", deadline=25.0,
-                  weights=sizes, fednova=True)
-    # contributors: 0 (4 steps), 1 (4), 2 (2); tau_eff = (30*4 + 10*4 + 20*2) / 60
+    r = plan_sync([0, 1, 2, 3], _times(), lambda c: True, lambda c: c == 3, tau1=4, policy="partial", deadline=25.0)
+    steps = {c: r.outcomes[c].steps for c in (0, 1, 2)}
+    assert steps == {0: 4, 1: 4, 2: 2} and r.outcomes[3].steps == 0
     tau_eff = (30 * 4 + 10 * 4 + 20 * 2) / 60
-    assert [r.outcomes[c].scale for c in (0, 1, 2)] == pytest.approx([tau_eff / 4, tau_eff / 4, tau_eff / 2])
-    # FedNova's aggregate: tau_eff * sum p_i d_i / tau_i (Wang et al. 2020, eq. 5), p over the contributors
     rng = np.random.default_rng(0)
-    d = {c: rng.normal(size=5) for c in (0, 1, 2)}
-    steps = {0: 4, 1: 4, 2: 2}
-    fednova = tau_eff * sum(sizes[c] / 60 * d[c] / steps[c] for c in d)
-    edge_mean = sum(sizes[c] * r.outcomes[c].scale * d[c] for c in d) / sum(sizes[c] for c in d)  # what the edge computes
-    np.testing.assert_allclose(edge_mean, fednova)
+    d = {c: rng.normal(size=5).astype(np.float32) for c in (0, 1, 2)}
+    # FedNova's aggregate: tau_eff * sum p_i d_i / tau_i (Wang et al. 2020, eq. 5), p over the contributors
+    fednova = tau_eff * sum(sizes[c] / 60 * d[c].astype(np.float64) / steps[c] for c in d)
+    algo = FedNova()
+    acc, extra = np.zeros(5), np.zeros(1)
+    for c in d:
+        sent, ex = algo.payload(c, d[c], sizes[c], steps[c])
+        acc += sizes[c] * sent.astype(np.float64)
+        extra += ex
+    edge_mean = acc / algo.tier(5, True).divisor(sum(sizes[c] for c in d), extra)  # what the edge computes
+    np.testing.assert_allclose(edge_mean, fednova, rtol=1e-6)
 
 
 def test_drop_renormalises_exactly_to_the_survivors_fedavg() -> None:
@@ -156,7 +164,7 @@ def test_drop_renormalises_exactly_to_the_survivors_fedavg() -> None:
     total = np.zeros(8, dtype=np.float64)
     for c, o in r.outcomes.items():  # what each device adds ([w delta, w]; nothing when it does not train)
         if o.steps:
-            total[:-1] += sizes[c] * o.scale * deltas[c].astype(np.float64)
+            total[:-1] += sizes[c] * deltas[c].astype(np.float64)
             total[-1] += sizes[c]
     survivors = [0, 1]
     oracle = sum(sizes[c] * deltas[c].astype(np.float64) for c in survivors) / sum(sizes[c] for c in survivors)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from hierfed.privacy import shamir
-from hierfed.privacy.ring import FixedPoint
+from hierfed.privacy.ring import FixedPoint, SharedGrid
 from hierfed.privacy.secagg import Client, SecAggError, Server, threshold
 
 
@@ -157,7 +157,8 @@ def test_fixed_point_cannot_overflow_at_the_largest_fan_out():
 @pytest.mark.parametrize("sets, topology, message", [
     ({}, "flat", "flat topology has none"),
     ({"compression.device_up": "'topk:0.1 > int8'"}, "default", "top-k is refused under secure aggregation"),
-    ({"compression.device_up": "int8"}, "default", "fixed-point ring elements"),
+    ({"compression.device_up": "bf16"}, "default", "use identity, fp32, int8 or int4"),
+    ({"compression.device_up": "int8", "schedule.edge_mode": "fedbuff"}, "default", "FedBuff edges is not supported"),
     ({"aggregation.edge.name": "median"}, "default", "must see every update"),
     ({}, "edge-clients", "needs edges that only aggregate"),
 ])
@@ -180,3 +181,137 @@ def test_secagg_needs_a_bound():
     with pytest.raises(HierfedError, match="secagg_bound"):
         load_config(None, ["privacy.secagg=true"])
     assert load_config(None, ["privacy.secagg=true", "privacy.clip=1.0"]).privacy.secagg
+
+
+# --- the int8 codec's codes under secure aggregation (quantise, then mask) ---------------------------
+
+
+def _int8_oracle(x: np.ndarray, bound: float, u: np.ndarray) -> np.ndarray:
+    """Stochastic rounding onto the shared symmetric int8 grid, written out: step = B/127,
+    q = floor(x/step + u) in [-127, 127] (u the same uniforms the codec draws)."""
+    step = bound / 127
+    return np.clip(np.floor(np.clip(x, -bound, bound) / step + u), -127, 127).astype(np.int64)
+
+
+def test_int8_codes_unmasked_sum_is_the_plaintext_code_sum_bit_for_bit():
+    """Four clients quantise w·Δ on the shared grid and mask the codes: the edge's unmasked sum is the
+    sum of the plaintext codes mod 2^32, bit for bit, and decodes to step·Σq exactly."""
+    bound, grid = 2.0, SharedGrid(2.0, 8)
+    rng = np.random.default_rng(7)
+    raw = {c: rng.uniform(-2.5, 2.5, 1000) for c in range(20, 24)}  # some coordinates beyond ±B saturate
+    xs, codes, sat = {}, {}, 0
+    for c, v in raw.items():
+        words, n_sat, carried = grid.encode(v, 3.0, np.random.default_rng(c))
+        codes[c] = _int8_oracle(v, bound, np.random.default_rng(c).random(v.size))
+        np.testing.assert_array_equal(words[:-1].view(np.int32), codes[c])  # the codes the oracle draws
+        np.testing.assert_array_equal(carried, codes[c] * (bound / 127))
+        assert np.abs(codes[c]).max() <= 127
+        xs[c], sat = words, sat + n_sat
+    assert sat == sum(int(np.count_nonzero(np.abs(v) > bound)) for v in raw.values()) > 0
+    got, ys = run(xs)
+    want = np.zeros(1001, dtype=np.uint32)
+    for c in xs:
+        want += xs[c]
+    np.testing.assert_array_equal(got, want)
+    assert all(not np.array_equal(ys[c], xs[c]) for c in xs)
+    decoded = grid.decode(got)
+    np.testing.assert_array_equal(decoded[:-1], sum(codes.values()).astype(np.float64) * (bound / 127))
+    assert decoded[-1] == 12
+    # unbiased: on [-B, B] the mean decoded value over many draws is x (std of one code <= step/2)
+    x = np.linspace(-bound, bound, 50)
+    mean = np.mean([grid.values(grid.codes(x, np.random.default_rng(k))[0]) for k in range(4000)], axis=0)
+    assert np.abs(mean - x).max() < 5 * (bound / 127) / 2 / np.sqrt(4000)
+
+
+def test_int8_error_feedback_residual_stays_on_the_device_unmasked():
+    """SecAggChild on a shared grid keeps, per client, r = (w·Δ + r_old) − step·q on the device: over
+    rounds the carried values sum to Σ w·Δ − r_T (the residual is never masked nor sent)."""
+    from hierfed.privacy.secagg_link import SecAggChild
+
+    class _Link:
+        dim = 300
+
+    grid = SharedGrid(0.5, 8)
+    child = SecAggChild(_Link(), grid, 0.5, edge=0, start_round=1, edge_rounds=1, error_feedback=True)
+    rng = np.random.default_rng(1)
+    sent_sum, in_sum = np.zeros(300), np.zeros(300)
+    for t in range(6):
+        delta = rng.normal(0, 0.01, 300).astype(np.float32)
+        child.add(5, 4.0, delta, np.random.default_rng(t))
+        words = child._queued.pop(5)[0]
+        sent_sum += words[:-1].view(np.int32) * grid.step
+        in_sum += delta.astype(np.float64) * 4.0
+        assert words[-1] == 4
+    np.testing.assert_allclose(sent_sum, in_sum - child.residual[5], rtol=0, atol=1e-12)
+    assert np.abs(child.residual[5]).max() < grid.step + 1e-12 and np.abs(child.residual[5]).max() > 0
+    state = child.state_dict()
+    assert list(state) == ["residual/5"]
+    other = SecAggChild(_Link(), grid, 0.5, edge=0, start_round=7, edge_rounds=1, error_feedback=True)
+    other.load_state_dict(state)
+    np.testing.assert_array_equal(other.residual[5], child.residual[5])
+
+
+def test_int8_and_int4_uplinks_compose_with_secagg_and_topk_is_refused():
+    from hierfed.config import load_config
+    from hierfed.errors import HierfedError
+    from hierfed.privacy import check_privacy
+    from hierfed.privacy.setup import fixed_point
+    from hierfed.topology import load_topology
+
+    placement = load_topology("default").placement()
+    for spec, levels in (("int8", 127), ("'int8:block=64'", 127), ("int4", 7)):
+        cfg = load_config(None, ["privacy.secagg=true", "privacy.secagg_bound=2.0", f"compression.device_up={spec}"])
+        check_privacy(placement, cfg)
+        grid = fixed_point(cfg, placement)
+        assert isinstance(grid, SharedGrid) and grid.levels == levels and grid.step == 2.0 / levels
+    cfg = load_config(None, ["privacy.secagg=true", "privacy.secagg_bound=2.0", "compression.device_up='topk:0.1'"])
+    with pytest.raises(HierfedError, match="top-k is refused"):
+        check_privacy(placement, cfg)
+
+
+# --- dropouts driven by the behaviour model (issue #14's hierfed.sim.behaviour) ---------------------
+
+
+def test_behaviour_dropouts_are_removed_by_shares_and_below_t_fail():
+    """The behaviour model decides which sampled, reachable clients vanish mid-round (after keys and
+    shares, before sending): those are exactly the clients whose masks the edge removes, and the
+    sum is the survivors' plaintext sum; a round with fewer than t survivors fails cleanly."""
+    from hierfed.config import load_config
+    from hierfed.privacy.setup import behaviour_dropouts
+    from hierfed.sim.behaviour import drops_out, is_available
+    from hierfed.topology import Behaviour
+
+    class _Device:
+        clients = list(range(10, 18))
+        behaviour = Behaviour(0.9, 0.3)
+
+    cfg = load_config(None, ["seed=3"])
+    dropped = behaviour_dropouts(cfg, _Device, lambda t: set(range(10, 17)))  # client 17 is not sampled
+    seen = []
+    for t in range(1, 30):
+        got_drop = dropped(t, 1)
+        want = {c for c in range(10, 17) if is_available(_Device.behaviour, 3, t, 1, c) and drops_out(_Device.behaviour, 3, t, 1, c)}
+        assert got_drop == want and 17 not in got_drop
+        seen.append(len(got_drop))
+    assert 0 < np.mean(seen) / 7 < 0.6  # 0.9 x 0.3 = 0.27 in expectation: some drop, not all
+    assert behaviour_dropouts(cfg, type("D", (), {"clients": [1], "behaviour": Behaviour(1.0, 0.0)}), lambda t: {1}) is None
+
+    _, _, xs = _inputs(7)  # clients 10..16
+    t_ok = next(t for t in range(1, 30) if 0 < len(dropped(t, 1)) <= 2)
+    drop = dropped(t_ok, 1)
+    members = {c: x for c, x in xs.items() if is_available(_Device.behaviour, 3, t_ok, 1, c)}
+    got, _ = run(members, drop=drop)
+    want = np.zeros(1001, dtype=np.uint32)
+    for c, x in members.items():
+        if c not in drop:
+            want += x
+    np.testing.assert_array_equal(got, want)
+    heavy = Behaviour(1.0, 0.8)
+
+    class _Flaky(_Device):
+        behaviour = heavy
+
+    many = behaviour_dropouts(cfg, _Flaky, lambda t: set(range(10, 17)))
+    t_bad = next(t for t in range(1, 30) if len(many(t, 1)) > 3)  # 7 members, t = 4: fewer than 4 survive
+    with pytest.raises(SecAggError, match="fewer than the threshold t=4"):
+        run(xs, drop=many(t_bad, 1))

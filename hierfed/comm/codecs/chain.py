@@ -190,8 +190,9 @@ def parse_codec(spec: str) -> Codec:
     if not isinstance(spec, str):
         raise HierfedError(f"codec spec {spec!r}: must be a string such as 'int8' or 'topk:0.05 > int8'")
     text = "".join(spec.split()).lower()
-    stages = [_stage(spec, s) if s else None for s in text.split(">")]
-    if None in stages:
+    parsed = [_stage(spec, s) if s else None for s in text.split(">")]
+    stages = [s for s in parsed if s is not None]
+    if len(stages) < len(parsed):
         raise HierfedError(f"codec spec {spec!r}: empty stage (write e.g. 'topk:0.05 > int8')")
     sparse = [i for i, s in enumerate(stages) if isinstance(s, Sparsifier)]
     values = [s for s in stages if isinstance(s, ValueCodec)]
@@ -202,4 +203,5 @@ def parse_codec(spec: str) -> Codec:
         raise HierfedError(f"codec spec {spec!r}: two value codecs ({names}); a chain has at most one")
     if sparse and sparse[0] != 0:
         raise HierfedError(f"codec spec {spec!r}: {stages[0].name} before the sparsifier; the sparsifier comes first")
-    return Codec(stages[0] if sparse else None, values[0] if values else Identity())
+    first = stages[0]
+    return Codec(first if isinstance(first, Sparsifier) else None, values[0] if values else Identity())  # a sparsifier comes first

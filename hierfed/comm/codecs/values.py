@@ -112,10 +112,7 @@ class StochasticQuantizer(ValueCodec):
         self.bits = bits
         self.block = block
         self.levels = (1 << bits) - 1
-
-    @property
-    def name(self) -> str:
-        return f"int{self.bits}"
+        self.name = f"int{bits}"
 
     @property
     def spec(self) -> str:

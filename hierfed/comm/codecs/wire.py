@@ -36,7 +36,8 @@ class CodecError(HierfedError):
 
 
 def crc32(data: np.ndarray) -> int:
-    return zlib.crc32(memoryview(np.ascontiguousarray(data)).cast("B")) & 0xFFFFFFFF
+    # numpy's stubs give ndarray the buffer protocol (__buffer__) only from Python 3.12
+    return zlib.crc32(memoryview(np.ascontiguousarray(data)).cast("B")) & 0xFFFFFFFF  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
