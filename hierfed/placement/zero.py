@@ -27,6 +27,7 @@ import logging
 import os
 import shutil
 import socket
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -195,10 +196,42 @@ def partition_on(module: torch.nn.Module, conf: dict, device: torch.device) -> N
         deepspeed.zero.Init(module=module, config_dict_or_path=init_conf, mem_efficient_linear=False)
 
 
+# A JIT build of a DeepSpeed op takes minutes; a lock this old was left by a build that was killed.
+STALE_BUILD_LOCK_S = 30 * 60
+
+
+def stale_build_locks(root: Path, now: float, max_age: float = STALE_BUILD_LOCK_S) -> list[Path]:
+    """DeepSpeed ops' JIT build locks under torch's extensions root (`root/<op>/lock`, or
+    `root/<py>_<accelerator>/<op>/lock` by default) older than `max_age` seconds."""
+    out = []
+    for lock in sorted([*root.glob("deepspeed_*/lock"), *root.glob("*/deepspeed_*/lock")]):
+        try:
+            if now - lock.stat().st_mtime > max_age:
+                out.append(lock)
+        except FileNotFoundError:  # released meanwhile
+            pass
+    return out
+
+
+def check_build_locks() -> None:
+    """One clear line instead of a silent hang: DeepSpeed JIT-builds its CPU shared-memory comm op
+    (deepspeed_shm_comm) when a group starts; torch's FileBaton waits, without a timeout, for as
+    long as a `lock` file is in the op's build directory. A build killed midway (a job that timed
+    out while compiling) leaves that file behind, and every later DeepSpeed rank waits forever."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    if stale := stale_build_locks(root, time.time()):
+        age = (time.time() - stale[0].stat().st_mtime) / 60
+        raise HierfedError(f"deepspeed: {stale[0]} is a build lock left by a killed build ({age:.0f} min old); DeepSpeed would "
+                           f"wait on it forever: remove it (no build of that op is running)")
+
+
 def initialize(cfg, module: torch.nn.Module, params: list, conf: dict, device: torch.device):
     """deepspeed.initialize over the edge group (already the default process group): hierfed's
     optimiser with DeepSpeed sharding its state, or DeepSpeed's CPU Adam with offload. Under ZeRO-3
     the module comes from the CPU and is partitioned before the engine is built (`partition_on`)."""
+    check_build_locks()
     deepspeed = quiet_import()
     if conf["zero_optimization"]["stage"] == 3:
         partition_on(module, conf, device)
