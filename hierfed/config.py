@@ -224,6 +224,9 @@ class SplitConfig(_Section):
     pipeline: bool = True  # False: stop-and-wait (one micro-batch on the link at a time), the baseline
     activation_codec: Literal["fp32", "fp16", "bf16", "int8"] = "fp32"  # boundary activations on the uplink
     gradient_codec: Literal["fp32", "fp16", "bf16", "int8"] = "fp32"  # their gradients on the downlink
+    # fresh: both halves' optimiser state starts anew every edge round, as every client's does;
+    # persistent: each split client's state (device half and its copy on the edge) is kept and checkpointed
+    optimizer_state: Literal["fresh", "persistent"] = "fresh"
 
 
 class DeepSpeedSection(_Section):

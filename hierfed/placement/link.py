@@ -10,10 +10,15 @@ for its gradient before the next (the benchmark's baseline).
 
 The edge serves all its split devices at once: for each step it keeps one receive posted per
 device, processes whichever device's micro-batch arrives first (blocks [k, L), head, loss,
-backward), and returns the boundary gradient and the loss. Its upper adapter is shared: gradients
-of all devices' micro-batches are summed per device in micro-batch order, then averaged over the
-devices in device order (so the result does not depend on arrival order) before one optimiser step
-per local step. Message sizes are agreed once at start-up (a handshake of shapes).
+backward), and returns the boundary gradient and the loss. Each split device is one client that
+trains the whole model, its upper half on the edge (SplitFedV1, docs/split.md): the edge keeps one
+copy of the upper stage's trainable values and one optimiser per device for the edge round, steps
+each copy on its own device's gradients (summed in micro-batch order), and the edge adds the
+copies' updates weighted by the devices' samples, as FedAvg weights every client. With
+train.max_grad_norm both sides clip by the client's global gradient norm: they exchange their
+squared partial norms (8 bytes each way, counted as `clip_norm`) before each step. Optimiser state
+is fresh every edge round (as every client's), or kept across rounds (`split.optimizer_state:
+persistent`, checkpointed on both sides). Message sizes are agreed once at start-up (a handshake).
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from hierfed.model.cut import DeviceStage, EdgeStage
 from hierfed.seeding import derive_seed
 from hierfed.training import Tokenized, load_optimizer_arrays, make_optimizer, optimizer_arrays
 
-TAG_ACT, TAG_META, TAG_GRAD, TAG_LOSS = 11, 12, 13, 14
+TAG_ACT, TAG_META, TAG_GRAD, TAG_LOSS, TAG_NORM = 11, 12, 13, 14, 15
 LINK = "device-edge"
 _CASTS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -126,15 +131,51 @@ def flat_grads(flat: FlatView) -> torch.Tensor:
     return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for _, p in flat.params])
 
 
+def _flat_values(flat: FlatView) -> torch.Tensor:
+    """The trainable parameters' values as one float32 vector, where they live (a copy)."""
+    return torch.cat([p.detach().reshape(-1).float() for _, p in flat.params])
+
+
+def _set_values(flat: FlatView, vec: torch.Tensor) -> None:
+    with torch.no_grad():
+        for (_, p), a, b in zip(flat.params, flat.offsets[:-1], flat.offsets[1:]):
+            p.copy_(vec[a:b].view_as(p))
+
+
 def set_grads(flat: FlatView, vec: torch.Tensor) -> None:
     for (_, p), a, b in zip(flat.params, flat.offsets[:-1], flat.offsets[1:]):
         p.grad = vec[a:b].view_as(p).to(p.dtype)
 
 
-def _step(flat: FlatView, opt: torch.optim.Optimizer, max_grad_norm: float | None) -> None:
-    trainable = [p for _, p in flat.params]
-    if max_grad_norm is not None:  # each side clips its own gradients (documented in docs/split.md)
-        torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
+def squared_norm(flat: FlatView) -> float:
+    """The squared L2 norm of the trainable parameters' gradients, in float64: this side's partial
+    of the client's global norm."""
+    return float(sum(float(p.grad.detach().double().pow(2).sum()) for _, p in flat.params if p.grad is not None))
+
+
+def clip_coefficient(squared_parts: tuple[float, float], max_norm: float) -> float:
+    """torch.nn.utils.clip_grad_norm_'s factor for the norm sqrt(device part + edge part): both sides
+    compute it from the same two numbers in the same order, so they scale by the same factor."""
+    total = (squared_parts[0] + squared_parts[1]) ** 0.5
+    return min(1.0, max_norm / (total + 1e-6))
+
+
+def scale_grads(flat: FlatView, coef: float) -> None:
+    if coef < 1.0:
+        with torch.no_grad():
+            for _, p in flat.params:
+                if p.grad is not None:
+                    p.grad.mul_(coef)
+
+
+def exchange_norm(comm, peer: int, mine: float, ledger: Ledger, direction: str, poll: bool) -> tuple[list, np.ndarray, np.ndarray]:
+    """Post the exchange of squared partial norms with `peer` (complete with wait_all on the requests)."""
+    out, got = np.array([mine], dtype=np.float64), np.zeros(1, dtype=np.float64)
+    ledger.record(LINK, direction, out.nbytes, kind="clip_norm")
+    return [comm.Irecv(got, source=peer, tag=TAG_NORM), comm.Isend(out, dest=peer, tag=TAG_NORM)], out, got
+
+
+def _step(flat: FlatView, opt: torch.optim.Optimizer) -> None:
     opt.step()
     opt.zero_grad(set_to_none=True)
 
@@ -142,14 +183,31 @@ def _step(flat: FlatView, opt: torch.optim.Optimizer, max_grad_norm: float | Non
 class SplitClient:
     """Device side: the embeddings and blocks [0, k) of a device-pruned model."""
 
-    def __init__(self, comm, server: int, model, k: int, cfg, ledger: Ledger, poll: bool) -> None:
+    def __init__(self, comm, server: int, model, k: int, cfg, ledger: Ledger, poll: bool, global_clip: bool = True) -> None:
         self.comm, self.server, self.cfg, self.ledger, self.poll = comm, server, cfg, ledger, poll
+        # False: the edge is a DeepSpeed group, which clips the upper stage by its own norm (docs/split.md)
+        self.global_clip = global_clip
         self.stage = DeviceStage(model, k)
         self.flat = FlatView(model)
         self.device = next(model.parameters()).device
         self.act, self.grad = TensorWire(cfg.split.activation_codec), TensorWire(cfg.split.gradient_codec)
         self.pipeline = cfg.split.pipeline
         self.phases = Phases(self.device, cfg.runtime.profile)
+        self.opt: torch.optim.Optimizer | None = None  # kept across rounds only with split.optimizer_state: persistent
+
+    def optimizer(self) -> torch.optim.Optimizer:
+        """This round's optimiser: a fresh one (as every client's), or the persistent one."""
+        if self.opt is None or self.cfg.split.optimizer_state == "fresh":
+            self.opt = make_optimizer([p for _, p in self.flat.params], self.cfg.train)
+        return self.opt
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """The persistent optimiser's state (empty when it is fresh every round)."""
+        return optimizer_arrays(self.opt) if self.opt is not None and self.cfg.split.optimizer_state == "persistent" else {}
+
+    def load_state_dict(self, arrays: dict[str, np.ndarray]) -> None:
+        if arrays:
+            load_optimizer_arrays(self.optimizer(), arrays)
 
     def handshake(self, data: Tokenized, causal: bool) -> Shapes:
         bs = min(self.cfg.train.batch_size, len(data))
@@ -162,7 +220,7 @@ class SplitClient:
     def train(self, data: Tokenized, steps: int, seed: int) -> tuple[float, int]:
         """`steps` optimiser steps over the cut; returns (mean loss, samples seen), as LocalTrainer."""
         rng = np.random.default_rng(seed)  # the same batches as whole-model training
-        opt = make_optimizer([p for _, p in self.flat.params], self.cfg.train)
+        opt = self.optimizer()
         bs = min(self.cfg.train.batch_size, len(data))
         self.stage.train()
         total = 0.0
@@ -179,10 +237,25 @@ class SplitClient:
                 if not self.pipeline:  # stop-and-wait: this micro-batch's gradient before the next
                     results.append(self._finish(*inflight.pop()))
             results += [self._finish(h, msg) for h, msg in inflight]
-            _step(self.flat, opt, self.cfg.train.max_grad_norm)
+            self._clip()
+            _step(self.flat, opt)
             self.phases.mark("step")
             total += sum(results)
         return total / steps, steps * bs
+
+    def _clip(self) -> None:
+        """Clip by the client's global gradient norm: this side's squared norm for the edge's."""
+        max_norm = self.cfg.train.max_grad_norm
+        if max_norm is None:
+            return
+        mine = squared_norm(self.flat)
+        if self.global_clip:
+            requests, _out, got = exchange_norm(self.comm, self.server, mine, self.ledger, "up", self.poll)
+            wait_all(requests, self.poll)
+            self.phases.mark("wait_gradient")
+            scale_grads(self.flat, clip_coefficient((mine, float(got[0])), max_norm))
+        else:
+            scale_grads(self.flat, clip_coefficient((mine, 0.0), max_norm))
 
     def _send(self, h: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, seed: int) -> tuple:
         """Send a micro-batch across the cut and post the receives of its gradient and loss."""
@@ -232,42 +305,91 @@ class SplitServer:
             self.shapes[d] = self.comm.recv(source=d, tag=TAG_META)
 
     def make_optimizer(self) -> None:
-        """The edge's optimiser persists across rounds (it is edge state, checkpointed with the rank)."""
-        self.opt = make_optimizer([p for _, p in self.flat.params], self.cfg.train)
+        """Per device, one optimiser over the upper stage's parameters (each keeps its own state):
+        made at the start of each round (fresh) or once and kept (persistent, checkpointed)."""
+        self.opts: dict[int, torch.optim.Optimizer] = {}
+        self.copies: dict[int, torch.Tensor] = {}  # device -> its copy of the trainable upper values
+        self.loaded: int | None = None  # the device whose copy is in the model now
+
+    def _optimizer(self, d: int) -> torch.optim.Optimizer:
+        if d not in self.opts:
+            self.opts[d] = make_optimizer([p for _, p in self.flat.params], self.cfg.train)
+        return self.opts[d]
 
     def load(self, vec: np.ndarray) -> None:
+        """The edge's upper parameters at the start of an edge round: every device's copy starts here."""
         self.flat.set(vec)
+        self.start = torch.from_numpy(np.ascontiguousarray(vec, dtype=np.float32)).to(self.device)
+        self.copies, self.loaded = {}, None
+        if self.cfg.split.optimizer_state == "fresh":
+            self.opts = {}
 
     def save_state(self, out, round_: int) -> dict[str, np.ndarray]:
-        """The optimiser state, to go into this rank's checkpoint file."""
-        return optimizer_arrays(self.opt)
+        """The devices' persistent optimiser states (by device rank), for this rank's checkpoint file;
+        nothing when optimiser state is fresh every round."""
+        if self.cfg.split.optimizer_state == "fresh":
+            return {}
+        return {f"{d}/{k}": v for d, opt in sorted(self.opts.items()) for k, v in optimizer_arrays(opt).items()}
 
     def load_state(self, out, round_: int, arrays: dict[str, np.ndarray]) -> None:
-        load_optimizer_arrays(self.opt, arrays)
+        for d in sorted({int(k.split("/", 1)[0]) for k in arrays}):
+            load_optimizer_arrays(self._optimizer(d), {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith(f"{d}/")})
 
-    def get(self) -> np.ndarray:
-        return self.flat.get()
+    def _use(self, d: int) -> None:
+        """Device d's copy of the upper values into the model (its forward and backward need it)."""
+        if self.loaded == d:
+            return
+        if self.loaded is not None:
+            self.copies[self.loaded] = _flat_values(self.flat)
+        _set_values(self.flat, self.copies.get(d, self.start))
+        self.loaded = d
 
-    def serve(self, devices: dict[int, int], steps: int, total_devices: int) -> None:
-        """Train the upper stage for `steps` steps on the micro-batches of `devices` ({rank: seed}).
+    def update(self, weights: dict[int, float]) -> np.ndarray:
+        """The served devices' upper updates weighted by their samples, sum_d w_d (x_d - x0), in float64."""
+        if self.loaded is not None:
+            self.copies[self.loaded] = _flat_values(self.flat)
+        out = np.zeros(self.flat.dim, dtype=np.float64)
+        start = self.start.cpu().numpy().astype(np.float64)
+        for d in sorted(self.copies):
+            out += weights[d] * (self.copies[d].cpu().numpy().astype(np.float64) - start)
+        return out
 
-        Per step: each device's micro-batch gradients summed in micro-batch order, then the mean
-        over the devices in rank order (independent of arrival order), one optimiser step.
+    def serve(self, devices: dict[int, int], steps: int, shares: dict[int, float]) -> None:
+        """Train each device's copy of the upper stage for `steps` steps on that device's
+        micro-batches (`devices`: {rank: seed}; `shares` is used by the shared-stage DeepSpeed edge).
+
+        Per step and device: the micro-batch gradients summed in micro-batch order (whatever the
+        arrival order), clipped by the client's global norm (the squared partials exchanged with
+        the device), one step of the device's optimiser on the device's copy.
         """
         self.stage.train()
-        order = sorted(devices)
+        max_norm = self.cfg.train.max_grad_norm
         self.phases.start()
         for j in range(steps):
-            acc = {d: torch.zeros(self.flat.dim, dtype=torch.float32, device=self.device) for d in order}
+            acc = {d: torch.zeros(self.flat.dim, dtype=torch.float32, device=self.device) for d in devices}
+            seen = {d: 0 for d in devices}
+            norms = {}
             for d, i, wire, mask, labels in self.arrivals(devices, j):
+                self._use(d)
                 loss = self.forward_backward(wire, mask, labels, self.shapes[d].share(i))
                 acc[d] += flat_grads(self.flat)
                 for _, p in self.flat.params:
                     p.grad = None
                 self.phases.mark("compute")
                 self.reply(d, wire, loss, derive_seed(devices[d], j, i, 3))
-            set_grads(self.flat, sum(acc[d] for d in order) / total_devices)
-            _step(self.flat, self.opt, self.cfg.train.max_grad_norm)
+                seen[d] += 1
+                if max_norm is not None and seen[d] == len(self.shapes[d].micro):  # the device's partial is on its way
+                    mine = float(acc[d].double().pow(2).sum())
+                    norms[d] = (mine, *exchange_norm(self.comm, d, mine, self.ledger, "down", self.poll))
+            for d in sorted(devices):
+                g = acc[d]
+                if max_norm is not None:
+                    mine, requests, _out, got = norms[d]
+                    wait_all(requests, self.poll)
+                    g = g * clip_coefficient((float(got[0]), mine), max_norm)
+                self._use(d)
+                set_grads(self.flat, g)
+                _step(self.flat, self._optimizer(d))
             self.phases.mark("step")
 
     def forward_backward(self, wire: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, share: float, scale: float = 1.0) -> float:

@@ -229,11 +229,14 @@ class EdgeEstimate:
 
 
 def edge_estimate(cfg: RunConfig, kind: str, num_labels: int | None, k: int | None, group: int,
-                  zero: tuple[int, bool] | None) -> tuple[Estimate, int]:
+                  zero: tuple[int, bool] | None, copies: int = 1) -> tuple[Estimate, int]:
     """(bytes per rank, host bytes per rank) of an edge rank. `k`: it trains the upper stage
     [k, L) + head for split devices, one micro-batch at a time; None: it trains its own client's
     whole model on a ceil(batch / group) slice of each batch. `zero`: (stage, offload) when the edge
-    runs DeepSpeed.
+    runs DeepSpeed. `copies`: the split devices it serves; a plain edge (no DeepSpeed) serving
+    several keeps one optimiser state and one float32 copy of the upper stage's trainable values
+    per device (SplitFedV1, docs/split.md; counted as optimiser state), a DeepSpeed group one
+    shared stage.
 
     ZeRO over G ranks (Rajbhandari et al. 2020) divides by G, per rank: from stage 1 the optimiser
     state plus the fp32 master copy DeepSpeed keeps of the trainable values, from stage 2 the
@@ -255,6 +258,8 @@ def edge_estimate(cfg: RunConfig, kind: str, num_labels: int | None, k: int | No
     act = blocks * block_activation_bytes(s, b, t) + received + 2 * 4 * b * (t if kind == "causal_lm" else 1) * s.outputs
     frozen, adapter, grads = part.frozen_bytes, part.trainable_bytes, part.trainable_bytes
     state, host = 4 * _optimizer_slots(cfg) * part.trainable, 0
+    if k is not None and zero is None and copies > 1:  # per device: an optimiser state and a copy of the values
+        state = copies * (state + 4 * part.trainable)
     if zero is not None and zero[0] >= 1:
         stage, offload = zero
         state = math.ceil((state + 4 * part.trainable) / group)  # + the fp32 master partition

@@ -132,7 +132,7 @@ def edge_plan(placement: Placement, cfg: RunConfig, kind: str, num_labels: int |
         if e.clients:
             work.append((None, "its own client (whole model)"))
         for k, trains in work:
-            per_rank, host = edge_estimate(cfg, kind, num_labels, k, g, zero)
-            single, _ = edge_estimate(cfg, kind, num_labels, k, 1, None)
+            per_rank, host = edge_estimate(cfg, kind, num_labels, k, g, zero, len(split))
+            single, _ = edge_estimate(cfg, kind, num_labels, k, 1, None, len(split))
             rows.append(EdgeEstimate(e.name, g, trains, engine, per_rank, host, single, e.memory_gb))
     return rows

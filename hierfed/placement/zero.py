@@ -9,8 +9,10 @@ GPUs). Device ranks and the cloud never join a group.
 Data parallelism over the micro-batches the edge receives: split device i sends to edge rank
 i mod G. ZeRO's collectives run inside forward/backward, so every rank of a group runs the same
 number of micro-steps per local step ("slots"): a rank with fewer micro-batches than the busiest
-runs zero-weight dummy micro-steps. Each rank weights its losses by G / (active split devices of
-the edge), so ZeRO's mean over the group is the plain edge's mean over devices.
+runs zero-weight dummy micro-steps. Unlike the plain edge (one copy of the upper stage per split
+device, docs/split.md), the group trains one shared copy: each rank weights a device's losses by
+G x (the device's share of the active devices' samples), so ZeRO's mean over the group is the
+sample-weighted mean of the devices' gradients, and DeepSpeed clips the upper stage by its own norm.
 Federation across ZeRO: parameters are read with `safe_get_full_fp32_param` (gathered from the
 shards) and written to both the fp32 master shards and the module's (possibly partitioned)
 parameters; the optimiser state stays on the edge and is saved with DeepSpeed's own checkpoints.
@@ -25,6 +27,7 @@ import logging
 import os
 import shutil
 import socket
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -193,10 +196,42 @@ def partition_on(module: torch.nn.Module, conf: dict, device: torch.device) -> N
         deepspeed.zero.Init(module=module, config_dict_or_path=init_conf, mem_efficient_linear=False)
 
 
+# A JIT build of a DeepSpeed op takes minutes; a lock this old was left by a build that was killed.
+STALE_BUILD_LOCK_S = 30 * 60
+
+
+def stale_build_locks(root: Path, now: float, max_age: float = STALE_BUILD_LOCK_S) -> list[Path]:
+    """DeepSpeed ops' JIT build locks under torch's extensions root (`root/<op>/lock`, or
+    `root/<py>_<accelerator>/<op>/lock` by default) older than `max_age` seconds."""
+    out = []
+    for lock in sorted([*root.glob("deepspeed_*/lock"), *root.glob("*/deepspeed_*/lock")]):
+        try:
+            if now - lock.stat().st_mtime > max_age:
+                out.append(lock)
+        except FileNotFoundError:  # released meanwhile
+            pass
+    return out
+
+
+def check_build_locks() -> None:
+    """One clear line instead of a silent hang: DeepSpeed JIT-builds its CPU shared-memory comm op
+    (deepspeed_shm_comm) when a group starts; torch's FileBaton waits, without a timeout, for as
+    long as a `lock` file is in the op's build directory. A build killed midway (a job that timed
+    out while compiling) leaves that file behind, and every later DeepSpeed rank waits forever."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    if stale := stale_build_locks(root, time.time()):
+        age = (time.time() - stale[0].stat().st_mtime) / 60
+        raise HierfedError(f"deepspeed: {stale[0]} is a build lock left by a killed build ({age:.0f} min old); DeepSpeed would "
+                           f"wait on it forever: remove it (no build of that op is running)")
+
+
 def initialize(cfg, module: torch.nn.Module, params: list, conf: dict, device: torch.device):
     """deepspeed.initialize over the edge group (already the default process group): hierfed's
     optimiser with DeepSpeed sharding its state, or DeepSpeed's CPU Adam with offload. Under ZeRO-3
     the module comes from the CPU and is partitioned before the engine is built (`partition_on`)."""
+    check_build_locks()
     deepspeed = quiet_import()
     if conf["zero_optimization"]["stage"] == 3:
         partition_on(module, conf, device)
@@ -213,6 +248,16 @@ def initialize(cfg, module: torch.nn.Module, params: list, conf: dict, device: t
     with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed prints its op builds on every rank
         engine, optimizer, _, _ = deepspeed.initialize(args=args, model=module, model_parameters=params, optimizer=opt, config=conf, dist_init_required=False)
     return engine, optimizer
+
+
+def clear_optimizer_state(opt) -> None:
+    """A DeepSpeed engine's optimiser starts afresh on its next step."""
+    inner = getattr(opt, "optimizer", opt)  # ZeRO wraps the torch optimiser
+    inner.state.clear()  # torch's optimisers (and DeepSpeed's CPU Adam) start afresh on their next step
+    if hasattr(opt, "_hp_optimizer_states_linked"):
+        # ZeRO-1/2 link each parameter's fp32 fragment to views of the optimiser state once;
+        # relink them to the new state after the next step (else they pin the old tensors).
+        opt._hp_optimizer_states_linked = False
 
 
 class DeepSpeedServer(SplitServer):
@@ -232,18 +277,24 @@ class DeepSpeedServer(SplitServer):
         self.zero3 = self.cfg.deepspeed.zero_stage == 3
 
     def load(self, vec: np.ndarray) -> None:
-        """The global upper parameters into the engine: module parameters and fp32 master shards."""
+        """The global upper parameters into the engine: module parameters and fp32 master shards;
+        the optimiser state cleared too unless split.optimizer_state is persistent."""
         load_params(self.flat, vec, self.zero3)
+        self.start = np.array(vec, dtype=np.float32)
+        if self.cfg.split.optimizer_state == "fresh":
+            clear_optimizer_state(self.opt)
 
-    def get(self) -> np.ndarray:
-        """The full upper parameters, gathered from the shards (every rank of the group calls this)."""
-        return gather_params(self.flat)
+    def update(self, weights: dict[int, float]) -> np.ndarray:
+        """The shared stage's update weighted by all its active devices' samples (every rank of the
+        group calls this: the parameters are gathered from the shards)."""
+        return sum(weights.values()) * (gather_params(self.flat).astype(np.float64) - self.start)
 
-    def serve(self, devices: dict[int, int], steps: int, total_devices: int) -> None:
-        """`steps` optimiser steps in lockstep with the group, on this rank's devices' micro-batches."""
+    def serve(self, devices: dict[int, int], steps: int, shares: dict[int, float]) -> None:
+        """`steps` optimiser steps in lockstep with the group, on this rank's devices' micro-batches;
+        `shares`: each active device's share of the active devices' samples."""
         mine = sum(len(self.shapes[d].micro) for d in devices)
         slots = self.group.allreduce(mine, op=MPI.MAX)
-        scale = self.group.Get_size() / total_devices
+        g = self.group.Get_size()
         self.engine.train()
         self.phases.start()
         for j in range(steps):
@@ -257,7 +308,7 @@ class DeepSpeedServer(SplitServer):
                 else:
                     d, i, wire, mask, labels = item
                     loss, _ = self.engine(wire, mask, labels)
-                    share = self.shapes[d].share(i)
+                    share, scale = self.shapes[d].share(i), g * shares[d]
                     self.engine.backward(loss * share * scale, scale_wrt_gas=False)
                     weighted = float(loss.detach()) * share
                     self.phases.mark("compute")
@@ -321,18 +372,10 @@ class DeepSpeedLocal:
     def get(self) -> np.ndarray:
         return gather_params(self.flat)
 
-    def _clear_optimizer_state(self) -> None:
-        inner = getattr(self.opt, "optimizer", self.opt)  # ZeRO wraps the torch optimiser
-        inner.state.clear()  # torch's optimisers (and DeepSpeed's CPU Adam) start afresh on their next step
-        if hasattr(self.opt, "_hp_optimizer_states_linked"):
-            # ZeRO-1/2 link each parameter's fp32 fragment to views of the optimiser state once;
-            # relink them to the new state after the next step (else they pin the old tensors).
-            self.opt._hp_optimizer_states_linked = False
-
     def train(self, data, steps: int, seed: int) -> tuple[float, int]:
         """As LocalTrainer.train, over the group: returns (mean loss, samples seen) of the whole batches."""
         g, r = self.group.Get_size(), self.group.Get_rank()
-        self._clear_optimizer_state()
+        clear_optimizer_state(self.opt)
         torch.manual_seed(seed if g == 1 else derive_seed(seed, r))  # dropout: this rank's slice
         rng = np.random.default_rng(seed)  # batch order: the single-rank trainer's
         bs = min(self.cfg.train.batch_size, len(data))  # >= g: checked before launch (hierfed.cluster.preflight)

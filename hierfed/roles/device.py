@@ -47,13 +47,16 @@ def run(rt, cfg) -> None:
         layout = flat = FlatView(built.model)  # the whole model's trainable parameters: the vector that travels
         trainer, mine_idx = LocalTrainer(built.model, cfg.train), None
     else:
+        from hierfed.placement.dsconfig import use_deepspeed
         from hierfed.placement.link import SplitClient, global_index
         from hierfed.placement.memory import skeleton
 
         layout_model = skeleton(cfg, task.kind, task.num_labels)
         layout = FlatView(layout_model)  # the whole model's, from its meta skeleton
         server = rt.placement.edges[spec.edge].servers(ks)[spec.rank]
-        trainer = SplitClient(rt.split_comm, server, built.model, k, cfg, rt.ledger, rt.poll)
+        # the client's global grad norm across the cut, unless the edge is a DeepSpeed group (docs/split.md)
+        global_clip = not use_deepspeed(cfg, len(rt.placement.edges[spec.edge].ranks))
+        trainer = SplitClient(rt.split_comm, server, built.model, k, cfg, rt.ledger, rt.poll, global_clip)
         flat, mine_idx = trainer.flat, global_index(layout, trainer.flat)
 
     plan = rt.up.bcast_obj()
@@ -68,11 +71,15 @@ def run(rt, cfg) -> None:
     link = wrap_child(link, cfg, rt.placement, spec.edge, plan.start_round, lambda t: _agg_size(rt.placement, spec, cfg, t),
                       spec, lambda t: round_clients(cfg, rt.placement.num_clients, t))
     saved = RankState(Path(plan.out), rt.role.rank, cfg.checkpoint.keep)
-    has_state = link.feedback is not None or algo.stateful  # error-feedback residuals, SCAFFOLD's c_i
+    # state kept across rounds: error-feedback residuals, SCAFFOLD's c_i, a split device's persistent optimiser
+    persistent = k is not None and cfg.split.optimizer_state == "persistent"
+    has_state = link.feedback is not None or algo.stateful or persistent
     if plan.start_round > 1 and has_state:
         resumed = saved.load(plan.start_round - 1)
-        link.load_state_dict({k: v for k, v in resumed.items() if not k.startswith("client/")})
+        link.load_state_dict({n: v for n, v in resumed.items() if not n.startswith(("client/", "split/"))})
         algo.load_state_dict(unprefixed("client", resumed))
+        if persistent:
+            trainer.load_state_dict(unprefixed("split", resumed))
     down = np.empty(algo.down_size(plan.dim), dtype=np.float32)  # what the parent sends once per cloud round
 
     edge_rounds = 1 if rt.placement.flat else cfg.schedule.tau2
@@ -137,7 +144,8 @@ def run(rt, cfg) -> None:
             if os.environ.get("HIERFED_INJECT_FAILURE") == f"save:{rt.role.name}:{t}":  # test hook: die late, before saving round t
                 time.sleep(8)  # meanwhile the cloud writes its own checkpoint of round t
                 raise RuntimeError(f"injected failure before saving round {t}")
-            saved.save(t, {**link.state_dict(), **prefixed("client", algo.state_dict())})
+            saved.save(t, {**link.state_dict(), **prefixed("client", algo.state_dict()),
+                           **(prefixed("split", trainer.state_dict()) if persistent else {})})
 
 
 def _agg_size(placement, spec, cfg, t: int) -> int:

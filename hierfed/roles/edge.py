@@ -244,29 +244,29 @@ class EdgeSplit:
         self.server.make_optimizer()
         if plan.start_round > 1:
             self.server.load_state(self.out, plan.start_round - 1, resumed)
-        self.start: np.ndarray | None = None
         self.weight = 0.0
-        self.new: np.ndarray | None = None
+        self.update: np.ndarray | None = None
 
     def round(self, params: np.ndarray | None, t: int, s: int, sampled: set[int]) -> None:
-        """One edge round of the upper stage: load the edge's parameters, serve, read the result.
+        """One edge round of the upper stage: load the edge's parameters, serve, read the update.
         The leader passes the edge's parameters; followers receive them from it."""
         from hierfed.seeding import derive_seed
 
         start = np.empty(self.server.flat.dim, dtype=np.float32) if params is None else params[self.index].copy()
         _from_leader(self.rt, start)
-        self.start = start
         self.server.load(start)
         active = {r: derive_seed(self.cfg.seed, t, s, c) for r, (c, _) in self.devices.items() if c in sampled}
-        self.weight = float(sum(self.devices[r][1] for r in active))
+        weights = {r: float(self.devices[r][1]) for r in active}  # FedAvg weights a client by its samples
+        self.weight = sum(weights.values())
         if active:
-            self.server.serve({r: seed for r, seed in active.items() if r in self.mine}, self.cfg.schedule.tau1, len(active))
-        self.new = self.server.get()
+            shares = {r: w / self.weight for r, w in weights.items()}
+            self.server.serve({r: seed for r, seed in active.items() if r in self.mine}, self.cfg.schedule.tau1, shares)
+        self.update = self.server.update(weights)
 
     def add_own(self, reduced: np.ndarray) -> None:
-        """The split devices' upper-block update, weighted by their samples, into the edge's sum."""
+        """The split devices' upper-stage updates, each weighted by its device's samples, into the edge's sum."""
         if self.weight:
-            reduced[self.index] += self.weight * (self.new.astype(np.float64) - self.start)
+            reduced[self.index] += self.update
 
     def save(self, t: int) -> dict[str, np.ndarray]:
         return self.server.save_state(self.out, t)

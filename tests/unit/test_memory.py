@@ -183,7 +183,7 @@ def test_plan_prints_k_and_why_per_device(tmp_path, write_yaml, capsys: pytest.C
     assert [line[col - 1:col + 2] for line in devices] == [" k=", " k=", " wh"]
     # then the edge: it trains blocks [1, 4) + head (the smallest k of its split devices) on one rank
     assert lines[6] == "" and lines[7].split()[:6] == ["edge", "ranks", "memory", "per", "rank", "host/rank"]
-    edge = memory.edge_estimate(GPT2_SMALL, *CAUSAL, 1, 1, None)[0].total
+    edge = memory.edge_estimate(GPT2_SMALL, *CAUSAL, 1, 1, None, 2)[0].total  # a copy of the upper stage per split device
     assert lines[8].split()[:4] == ["edge0", "1", "-", memory.human(edge).split()[0]] and lines[8].endswith("blocks 1-3 + head for 2 split devices")
 
     code, out = topology_cli(capsys, "validate", topo, "--config", run)
@@ -273,7 +273,8 @@ def test_plan_prices_zero_edge_groups(tmp_path, write_yaml, capsys: pytest.Captu
     cfg = RunConfig.model_validate({"model": {"source": "gpt2", "size": "small"}, "data": {"source": "corpus"},
                                     "train": {"batch_size": 8}, "deepspeed": {"enabled": True, "zero_stage": 3}})
     for line, k in zip(edges[1:], (2, None)):
-        per_rank, single = memory.edge_estimate(cfg, *CAUSAL, k, 2, (3, False))[0], memory.edge_estimate(cfg, *CAUSAL, k, 1, None)[0]
+        # one plain rank keeps a copy of the upper stage per split device (2 here), docs/split.md
+        per_rank, single = memory.edge_estimate(cfg, *CAUSAL, k, 2, (3, False))[0], memory.edge_estimate(cfg, *CAUSAL, k, 1, None, 2 if k else 1)[0]
         assert per_rank.total < single.total
         assert line.split()[2:8] == ["-", *memory.human(per_rank.total).split(), "-", *memory.human(single.total).split()]
         assert "ZeRO-3 over 2 ranks" in line
