@@ -179,9 +179,15 @@ def test_a_crash_while_ranks_save_a_round_resumes_from_the_last_complete_checkpo
     """Device edge0/d0 dies after sending its round-2 update but before saving its round-2
     error-feedback residuals, while the cloud writes its own checkpoint of round 2: `latest` still
     names round 1, which every rank saved, and --resume continues from there to the end. (Before:
-    `latest` named round 2 and the resume stopped on d0's missing file.)"""
+    `latest` named round 2 and the resume stopped on d0's missing file.)
+
+    The edges run FedAdam and the cloud FedAdagrad (adaptive servers at both tiers, issue 13): each
+    edge's m and v are in its own rank state file, the cloud's in its checkpoint, and the resumed
+    run's round 2 is bit for bit the uninterrupted run's (the cloud's round-2 checkpoint written
+    before d0 died), which needs round 1's error-feedback residuals and both tiers' m and v back."""
     cfg = _tiny_config(tmp_path, schedule={"rounds": 3, "tau1": 2, "tau2": 1}, compression={"device_up": "topk:0.2 > int8"},
-                       peft={"method": "ia3"})  # IA3 trains end to end here (LoRA: the main job; LoHa, LoKr: above)
+                       peft={"method": "ia3"},  # IA3 trains end to end here (LoRA: the main job; LoHa, LoKr: above)
+                       aggregation={"edge": {"name": "fedadam"}, "cloud": {"name": "fedadagrad"}})
     out = tmp_path / "run"
     env = job_env()
     env["HIERFED_INJECT_FAILURE"] = "save:edge0/d0:2"
@@ -191,10 +197,24 @@ def test_a_crash_while_ranks_save_a_round_resumes_from_the_last_complete_checkpo
     assert (ckpts / "round-0002" / "state.npz").exists()  # the cloud had written round 2 ...
     assert not (ckpts / "ranks" / "round-0002" / "rank-00002.npz").exists()  # ... d0 had not
     assert (ckpts / "latest").read_text().strip() == "round-0001"
+    with np.load(ckpts / "round-0002" / "state.npz") as z:
+        whole = z["params"].copy()  # the uninterrupted run's round 2
+    dim = whole.size
+    with np.load(ckpts / "round-0001" / "state.npz") as z:  # the cloud's FedAdagrad state, in its checkpoint
+        cloud = {k: z[k] for k in z.files if k.startswith("cloud/strategy/")}
+    assert sorted(cloud) == ["cloud/strategy/m", "cloud/strategy/v"] and all(v.shape == (dim,) for v in cloud.values())
+    edges = []
+    for rank in (1, 4):  # edge0, edge1: each edge's FedAdam state, in its own rank state file
+        with np.load(ckpts / "ranks" / "round-0001" / f"rank-{rank:05d}.npz") as z:
+            edges.append({k: z[k] for k in z.files if k.startswith("strategy/")})
+    assert all(sorted(e) == ["strategy/m", "strategy/v"] and e["strategy/m"].shape == (dim,) for e in edges)
+    assert np.abs(edges[0]["strategy/m"] - edges[1]["strategy/m"]).max() > 0  # each edge its own state ...
+    assert np.abs(edges[0]["strategy/m"] - cloud["cloud/strategy/m"]).max() > 0  # ... and the cloud another
     check_ok(mpirun(7, "run", "--config", cfg, "--out", str(out), "--resume"))
     assert [r["round"] for r in rows(out) if r["tier"] == "cloud"] == [0, 1, 2, 3]
     assert (ckpts / "latest").read_text().strip() == "round-0003"
-    assert np.abs(final_params(out) - np.load(ckpts / "round-0002" / "state.npz")["params"]).max() > 0  # IA3 trained in round 3
+    np.testing.assert_array_equal(np.load(ckpts / "round-0002" / "state.npz")["params"], whole)  # resumed: the same round 2
+    assert np.abs(final_params(out) - whole).max() > 0  # IA3 trained in round 3
 
 
 def test_a_rank_failing_its_preflight_ends_every_rank(tmp_path):
@@ -332,14 +352,16 @@ def test_two_tiers_with_tau2_2_sampling_and_unequal_shards_match_a_numpy_hierfed
 
 
 def test_scaffold_two_tiers_killed_and_resumed_equals_the_uninterrupted_run_and_flat_scaffold(tmp_path):
-    """SCAFFOLD (client.algorithm: scaffold) on the default topology, τ2 = 1, 2 cloud rounds, with
-    device edge0/d0 dying before it saves its round-2 control variates while the cloud writes its
-    round-2 checkpoint (the uninterrupted run's parameters). Resumed from round 1 (devices' c_i,
-    the edges' and the cloud's control variates from the checkpoint), the job ends on exactly those
-    parameters. The same clients under one flat SCAFFOLD server end on the same parameters (the
-    two-tier composition of docs/aggregation.md), and the control-variate delta doubles the uplink."""
+    """SCAFFOLD (client.algorithm: scaffold) with a FedYogi cloud on the default topology, τ2 = 1,
+    2 cloud rounds, with device edge0/d0 dying before it saves its round-2 control variates while
+    the cloud writes its round-2 checkpoint (the uninterrupted run's parameters). Resumed from
+    round 1 (devices' c_i, the edges' control variates from their rank state files, the cloud's c
+    and its FedYogi m and v from its checkpoint), the job ends on exactly those parameters. The
+    same clients under one flat SCAFFOLD server (FedYogi too) end on the same parameters (the
+    two-tier composition of docs/aggregation.md: FedAvg edges with τ2 = 1 hand the cloud the flat
+    mean delta), and the control-variate delta doubles the uplink."""
     cfg = _tiny_config(tmp_path, schedule={"rounds": 2, "tau1": 2, "tau2": 1}, train={"lr": 0.05, "batch_size": 8, "optimizer": "sgd"},
-                       client={"algorithm": "scaffold"})
+                       client={"algorithm": "scaffold"}, aggregation={"cloud": {"name": "fedyogi"}})
     out = tmp_path / "run"
     env = job_env()
     env["HIERFED_INJECT_FAILURE"] = "save:edge0/d0:2"
@@ -350,8 +372,12 @@ def test_scaffold_two_tiers_killed_and_resumed_equals_the_uninterrupted_run_and_
     with np.load(ckpts / "round-0002" / "state.npz") as z:  # written by the cloud before d0 died: the uninterrupted run's
         whole = z["params"].copy()
     with np.load(ckpts / "round-0001" / "state.npz") as z:
-        assert any("client/c" in k for k in z.files)  # the cloud's control variate is in its checkpoint
+        assert "cloud/client/c" in z.files  # the cloud's control variate is in its checkpoint ...
+        assert z["cloud/strategy/m"].shape == z["cloud/strategy/v"].shape == whole.shape  # ... and its FedYogi state
         assert np.abs(whole - z["params"]).max() > 0
+    for rank in (1, 4):  # each edge's control variate c_e is in its own rank state file (FedAvg edges: no strategy state)
+        with np.load(ckpts / "ranks" / "round-0001" / f"rank-{rank:05d}.npz") as z:
+            assert z["client/c"].shape == whole.shape and not any(k.startswith("strategy/") for k in z.files), z.files
     up = [r["bytes"]["device-edge"]["up"] for r in rows(out) if r["tier"] == "edge"]
     check_ok(mpirun(7, "run", "default", "--config", cfg, "--out", str(out), "--resume"))
     np.testing.assert_array_equal(final_params(out), whole)

@@ -162,8 +162,13 @@ def test_report_averages_seeds_and_reports_groups(tmp_path: Path) -> None:
                                         if not p.name.endswith("-run.yaml")), ids=lambda p: p.stem)
 def test_every_shipped_spec_resolves_and_validates_each_point(path: Path, tmp_path: Path) -> None:
     """The specs that reproduce BENCHMARKS.md's studies (and the smoke sweep) load, and every point
-    is a valid run config on a shipped topology."""
+    is a valid run config on a shipped topology that passes the pre-launch checks (e.g. Krum's
+    fan-out, SCAFFOLD's local SGD: launch/sweeps/algorithms.yaml)."""
+    from hierfed.cluster.preflight import check_supported
+
     s = sw.load_sweep(str(path), out=str(tmp_path / "o"))
     points = sw.plan(s)
     assert len(points) >= 2 and len({r.fingerprint for r in points}) == len(points)  # no two points the same run
     assert all(r.cfg is not None and r.placement.world_size >= 2 for r in points)
+    for r in points:
+        check_supported(r.placement, r.cfg)

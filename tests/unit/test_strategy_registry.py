@@ -69,3 +69,39 @@ def test_gathered_rules_pass_preflight_at_either_tier(name, tier, topology):
 
     sets = [f"aggregation.{tier}.name={name}"] + ([f"aggregation.{tier}.clip_norm=1.0"] if name == "normclip" else [])
     check_supported(load_topology(topology).placement(), load_config(None, sets))
+
+
+def _readme_row(section: str) -> str:
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    return next(line for line in readme.splitlines() if line.startswith(f"| `{section}` |"))
+
+
+def _shown(value) -> str:
+    return "null" if value is None else str(value)
+
+
+def test_readme_config_table_lists_every_aggregation_and_client_field_with_its_default() -> None:
+    """README's run-config table (`aggregation`, `client` rows) and docs/aggregation.md's table of
+    rules name every rule and every field the config has, each field with its default."""
+    from pathlib import Path
+
+    from hierfed.config import ClientConfig
+
+    row = _readme_row("aggregation")
+    for name in STRATEGIES:
+        assert f"`{name}`" in row, name
+    assert "`fedavg` (default)" in row
+    for field, info in AggregatorConfig.model_fields.items():
+        if field != "name":
+            assert f"`{field}: {_shown(info.default)}`" in row, field
+    row = _readme_row("client")
+    assert "`algorithm: none`" in row
+    for algorithm in typing.get_args(ClientConfig.model_fields["algorithm"].annotation)[1:]:
+        assert f"`{algorithm}`" in row, algorithm
+    for field, info in ClientConfig.model_fields.items():
+        if field != "algorithm":
+            assert f"`{field}: {_shown(info.default)}`" in row, field
+    rules = (Path(__file__).resolve().parents[2] / "docs" / "aggregation.md").read_text()
+    assert {name for name in STRATEGIES if f"\n| `{name}` |" in rules} == set(STRATEGIES)
