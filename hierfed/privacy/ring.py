@@ -19,11 +19,13 @@ little-endian words of the ring's width.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
 _LIMIT = 2**31 - 1
-_RINGS = {16: np.dtype(np.uint16), 32: np.dtype(np.uint32)}
+_RINGS: dict[int, np.dtype[Any]] = {16: np.dtype(np.uint16), 32: np.dtype(np.uint32)}
 
 
 def ring_bits(levels: int, fan_out: int) -> int:
