@@ -1,16 +1,18 @@
 """Secure aggregation's cost per aggregation against plain aggregation, as clients per edge grow.
 
-    .venv/bin/python bench/privacy.py --dim 75268 --clients 2,4,8,16 --repeats 3 [--json out.json]
+    .venv/bin/python bench/privacy.py --dim 75268 --clients 2,4,8,16 --repeats 3 [--encodings fixed,int8] [--json out.json]
 
 Runs the protocol hierfed runs at an edge (hierfed.privacy.secagg: X25519 adverts, Shamir shares
-sealed with ChaCha20-Poly1305, ChaCha20 masks in Z_2^32, unmasking) in one process, for n clients
-with updates of `dim` values (75,268: the default MiniLM + LoRA job's vector), without and with one
-client dropping after masking. Bytes are the messages' sizes as hierfed.privacy.secagg_link counts
-them (pickled, + 8 bytes a message) per client and direction, against plain aggregation's one
-float32 [w·Δ, w] vector up. Time: the mean client's work (advertise, share, mask, reveal) and the
-edge's (route, unmask), single-threaded on this machine; clients work in parallel in a deployment,
-so a round costs about one client's time plus the edge's. The unmasked sum is checked against the
-plaintext fixed-point sum every repetition, outside the timing.
+sealed with ChaCha20-Poly1305, ChaCha20 masks, unmasking) in one process, for n clients with updates
+of `dim` values (75,268: the default MiniLM + LoRA job's vector), without and with one client
+dropping after masking, per encoding: `fixed` (fixed point in Z_2^32, identity/fp32 uplinks) and
+`int8` (the int8 codec's codes on the shared grid, in the ring the n clients' sum fits: Z_2^16 up to
+258 clients). Bytes are the messages' sizes as hierfed.privacy.secagg_link counts them (pickled, + 8
+bytes a message) per client and direction, against plain aggregation's one float32 [w·Δ, w] vector
+up and the plain int8 codec's payload (no SecAgg). Time: the mean client's work (advertise, share,
+mask, reveal) and the edge's (route, unmask), single-threaded on this machine; clients work in
+parallel in a deployment, so a round costs about one client's time plus the edge's. The unmasked sum
+is checked against the plaintext sum of the encodings every repetition, outside the timing.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ import time
 import numpy as np
 
 from common import git_state
-from hierfed.privacy.ring import FixedPoint
+from hierfed.comm.codecs import parse_codec
+from hierfed.privacy.ring import FixedPoint, SharedGrid
 from hierfed.privacy.secagg import Client, Server
 
 
@@ -32,10 +35,15 @@ def _size(obj) -> int:
     return len(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)) + 8
 
 
-def one(n: int, dim: int, drop: int, seed: int) -> dict:
-    fp = FixedPoint(bound=1.0, fan_out=n)
+def one(n: int, dim: int, drop: int, seed: int, encoding: str = "fixed") -> dict:
     rng = np.random.default_rng(seed)
-    xs = {c: fp.encode(rng.uniform(-1, 1, dim), 1.0)[0] for c in range(n)}
+    if encoding == "fixed":
+        fp = FixedPoint(bound=1.0, fan_out=n)
+        xs = {c: fp.encode(rng.uniform(-1, 1, dim), 1.0)[0] for c in range(n)}
+    else:
+        grid = SharedGrid(1.0, 8, fan_out=n)
+        xs = {c: grid.encode(rng.uniform(-1, 1, dim), 1.0, rng)[0] for c in range(n)}
+    ring = 8 * xs[0].itemsize
     tag = b"bench"
     up = {c: 0 for c in xs}
     down = {c: 0 for c in xs}
@@ -74,7 +82,7 @@ def one(n: int, dim: int, drop: int, seed: int) -> dict:
         up[c] += ys[c].nbytes
     survivors = [c for c in server.members if c >= drop]
     dropped = [c for c in server.members if c < drop]
-    total = np.zeros(dim + 1, dtype=np.uint32)
+    total = np.zeros(xs[0].size, dtype=xs[0].dtype)
     for c in survivors:
         total += ys[c]
         up[c] += _size(([c], 0))
@@ -88,13 +96,13 @@ def one(n: int, dim: int, drop: int, seed: int) -> dict:
     t = time.perf_counter()
     got = server.unmask(total, survivors, reveals)
     edge_s += time.perf_counter() - t
-    want = np.zeros(dim + 1, dtype=np.uint32)
+    want = np.zeros(xs[0].size, dtype=xs[0].dtype)
     for c in survivors:
         want += xs[c]
     assert np.array_equal(got, want), "unmasked sum differs from the plaintext sum"
-    return {"client_s": statistics.mean(client_s.values()), "edge_s": edge_s,
+    return {"ring": ring, "client_s": statistics.mean(client_s.values()), "edge_s": edge_s,
             "up_per_client": statistics.mean(up.values()), "down_per_client": statistics.mean(down.values()),
-            "plain_up_per_client": 4 * (dim + 1)}
+            "plain_up_per_client": 4 * (dim + 1), "plain_int8_up_per_client": parse_codec("int8").encoded_size(dim) + 16 + 8}  # + (weight, length), + size
 
 
 def main() -> None:
@@ -102,19 +110,22 @@ def main() -> None:
     p.add_argument("--dim", type=int, default=75268)
     p.add_argument("--clients", default="2,4,8,16")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--encodings", default="fixed,int8", help="fixed (Z_2^32) and/or int8 (shared grid, Z_2^16 when it fits)")
     p.add_argument("--json")
     a = p.parse_args()
     rows = []
-    for n in (int(x) for x in a.clients.split(",")):
-        for drop in (0, 1):
-            if drop and n < 3:
-                continue  # t = 2 of 2: one dropout fails the round
-            runs = [one(n, a.dim, drop, r) for r in range(a.repeats)]
-            row = {"clients": n, "dropped": drop, **{k: statistics.median(r[k] for r in runs) for k in runs[0]}}
-            rows.append(row)
-            print(f"n={n:3d} dropped={drop}  client {row['client_s'] * 1e3:8.1f} ms  edge {row['edge_s'] * 1e3:8.1f} ms  "
-                  f"up/client {row['up_per_client'] / 1e3:8.1f} kB (plain {row['plain_up_per_client'] / 1e3:.1f})  "
-                  f"down/client {row['down_per_client'] / 1e3:6.1f} kB", flush=True)
+    for encoding in a.encodings.split(","):
+        for n in (int(x) for x in a.clients.split(",")):
+            for drop in (0, 1):
+                if drop and n < 3:
+                    continue  # t = 2 of 2: one dropout fails the round
+                runs = [one(n, a.dim, drop, r, encoding) for r in range(a.repeats)]
+                row = {"encoding": encoding, "clients": n, "dropped": drop, **{k: statistics.median(r[k] for r in runs) for k in runs[0]}}
+                rows.append(row)
+                print(f"{encoding:5s} Z_2^{row['ring']:.0f} n={n:3d} dropped={drop}  client {row['client_s'] * 1e3:8.1f} ms  "
+                      f"edge {row['edge_s'] * 1e3:8.1f} ms  up/client {row['up_per_client'] / 1e3:8.1f} kB "
+                      f"(plain fp32 {row['plain_up_per_client'] / 1e3:.1f}, plain int8 {row['plain_int8_up_per_client'] / 1e3:.1f})  "
+                      f"down/client {row['down_per_client'] / 1e3:6.1f} kB", flush=True)
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"commit": git_state(), "dim": a.dim, "rows": rows}, f, indent=2)

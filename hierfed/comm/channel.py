@@ -111,17 +111,18 @@ class Channel:
             self.ledger.record(self.link, "down", buf.nbytes * n, raw=None if raw is None else raw * n)
         wait_all([self.comm.Ibcast(piece, root=0) for piece in _chunks(buf)], self.poll)
 
-    def reduce_sum(self, buf: np.ndarray, senders: int = 1) -> None:
+    def reduce_sum(self, buf: np.ndarray, senders: int = 1, raw: int | None = None) -> None:
         """Children -> parent: the parent's `buf` becomes the element-wise sum of the children's.
 
         The parent contributes nothing (its buf is zeroed first). Counted at each child, once per
-        logical sender it stands for (a rank's virtual clients each send their own update).
+        logical sender it stands for (a rank's virtual clients each send their own update); `raw`:
+        one sender's uncompressed float32 size when `buf` is narrower (default: buf's own size).
         """
         if self.is_parent:
             buf[...] = 0
             wait_all([self.comm.Ireduce(MPI.IN_PLACE, piece, op=MPI.SUM, root=0) for piece in _chunks(buf)], self.poll)
         else:
-            self.ledger.record(self.link, "up", buf.nbytes * senders)
+            self.ledger.record(self.link, "up", buf.nbytes * senders, raw=None if raw is None else raw * senders)
             wait_all([self.comm.Ireduce(piece, None, op=MPI.SUM, root=0) for piece in _chunks(buf)], self.poll)
 
     def gather_bytes(self, payload: np.ndarray, raw: int = 0) -> list[np.ndarray] | None:

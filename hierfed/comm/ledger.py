@@ -49,12 +49,14 @@ def merge(counts: list[dict[Key, int]]) -> dict[Key, int]:
     return dict(out)
 
 
-def by_link(counts: dict[Key, int], raw: bool = False) -> dict[str, dict[str, int]]:
+def by_link(counts: dict[Key, int], raw: bool = False, only: str | None = None) -> dict[str, dict[str, int]]:
     """{(link, dir, kind): n} -> {"device-edge": {"up": n, "down": n}}: bytes sent (all kinds), or
-    with raw=True what they would have been uncompressed (raw + control)."""
+    with raw=True what they would have been uncompressed (raw + control); `only`: that kind's alone."""
     out: dict[str, dict[str, int]] = {}
     for (link, direction, kind), n in sorted(counts.items()):
-        if (kind == "raw") != raw and kind != "control":
+        if only is not None and kind != only:
+            continue
+        if only is None and (kind == "raw") != raw and kind != "control":
             continue
         out.setdefault(link, {"up": 0, "down": 0})[direction] += n
     return out

@@ -5,7 +5,8 @@ Privacy-Preserving Machine Learning"), one aggregation of the clients under one 
   1 share       u: a self-mask seed b_u; t-of-n Shamir shares of b_u and of s_sk_u, each encrypted
                 for its holder v with ChaCha20-Poly1305 under HKDF(X25519(c_sk_u, c_pk_v)); and a
                 commitment SHA-256(b_u). The server routes the ciphertexts.
-  2 mask        u: y_u = x_u + PRG(b_u) + Σ_{v>u} PRG(s_uv) − Σ_{v<u} PRG(s_uv)  (mod 2^32),
+  2 mask        u: y_u = x_u + PRG(b_u) + Σ_{v>u} PRG(s_uv) − Σ_{v<u} PRG(s_uv)  (mod 2^r: the ring
+                of x_u's words, r = 32 for uint32, 16 for uint16; PRG's words have that width),
                 s_uv = HKDF(X25519(s_sk_u, s_pk_v)); the pairwise masks cancel in Σ y.
   3 unmask      the server names the survivors; each survivor v reveals its shares of b_u for
                 survivors u and of s_sk_u for clients that dropped after step 1. With t shares the
@@ -68,8 +69,8 @@ def pair_seed(s_sk: bytes, s_pk_other: bytes, tag: bytes) -> bytes:
     return _kdf(shared, b"hierfed/secagg/mask/" + tag)
 
 
-def pair_mask(seed: bytes, words: int) -> np.ndarray:
-    return prg(seed, words)
+def pair_mask(seed: bytes, words: int, dtype: np.dtype | type = np.uint32) -> np.ndarray:
+    return prg(seed, words, dtype=dtype)
 
 
 @dataclass
@@ -127,12 +128,12 @@ class Client:
             self.held[owner] = (plain[:66], plain[66:])
 
     def mask(self, x: np.ndarray, members: list[int]) -> np.ndarray:
-        """y_u = x_u + PRG(b_u) + Σ ±PRG(s_uv) over the other members (mod 2^32)."""
-        y = x + prg(self._b, x.size)
+        """y_u = x_u + PRG(b_u) + Σ ±PRG(s_uv) over the other members, in x's ring (uint32: mod 2^32, uint16: mod 2^16)."""
+        y = x + prg(self._b, x.size, dtype=x.dtype)  # prg refuses any dtype but uint16/uint32
         for v in members:
             if v == self.cid:
                 continue
-            m = pair_mask(pair_seed(_priv(self._s), self.adverts[v].s_pk, self.tag), x.size)
+            m = pair_mask(pair_seed(_priv(self._s), self.adverts[v].s_pk, self.tag), x.size, x.dtype)
             y = y + m if self.cid < v else y - m
         return y
 
@@ -176,7 +177,7 @@ class Server:
         return sorted(self.commit)
 
     def unmask(self, total: np.ndarray, survivors: list[int], reveals: dict[int, dict]) -> np.ndarray:
-        """Σ_{survivors} x_u from Σ_{survivors} y_u (uint32), given the survivors' reveals."""
+        """Σ_{survivors} x_u from Σ_{survivors} y_u (uint32 or uint16: the ring the clients masked in), given the survivors' reveals."""
         dropped = [u for u in self.members if u not in survivors]
         if len(survivors) < self.t:
             raise SecAggError(f"{len(survivors)} of {len(self.members)} clients survived, fewer than the threshold t={self.t}")
@@ -184,12 +185,12 @@ class Server:
         if corrupt:
             raise SecAggError(f"shares of client(s) {corrupt} failed authentication (tampered or corrupt)")
         xs = {v: i + 1 for i, v in enumerate(sorted(self.adverts))}
-        out = total.astype(np.uint32, copy=True)
+        out = total.copy()
         for u in survivors:
             b = self._recover(u, "b", reveals, xs)
             if hashlib.sha256(b).digest() != self.commit[u]:
                 raise SecAggError(f"client {u}'s self-mask seed, rebuilt from its shares, does not match its commitment (corrupt share)")
-            out -= prg(b, out.size)
+            out -= prg(b, out.size, dtype=out.dtype)
         for u in dropped:
             s_sk = self._recover(u, "s", reveals, xs)
             try:
@@ -199,7 +200,7 @@ class Server:
             if not ok:
                 raise SecAggError(f"dropped client {u}'s key, rebuilt from its shares, does not match its public key (corrupt share)")
             for v in survivors:  # v added +PRG(s_vu) if v < u, else −PRG(s_vu): take it back out
-                m = pair_mask(pair_seed(s_sk, self.adverts[v].s_pk, self.tag), out.size)
+                m = pair_mask(pair_seed(s_sk, self.adverts[v].s_pk, self.tag), out.size, out.dtype)
                 out = out - m if v < u else out + m
         return out
 

@@ -4,10 +4,10 @@ devices' Child (hierfed.comm.links): the strategy above and the channel below do
 Per edge round (one aggregation), over the edge's communicator, every device rank taking part
 whether or not it has sampled clients (a rank's virtual clients each run their own protocol):
   devices --adverts--> edge --all adverts--> devices --sealed shares--> edge --routed--> devices
-  devices: Σ_c masked y_c (uint32) --Reduce(SUM), wrapping mod 2^32--> edge
+  devices: Σ_c masked y_c (uint32, or uint16 for int8/int4 codes whose sum fits) --Reduce(SUM), wrapping--> edge
   devices --who was sent--> edge --survivors/dropped--> devices --revealed shares--> edge: unmask
-Every message is counted in the ledger on the device-edge link: the ring elements as payload (4 bytes
-a word, as float32), keys and shares as kind "secagg".
+Every message is counted in the ledger on the device-edge link: the ring elements as payload (4 or 2
+bytes a word, as they travel; their float32 size as raw), keys and shares as kind "secagg".
 
 Clients drop after masking in two ways: the behaviour model's `dropout` (hierfed.sim.behaviour: a
 sampled, reachable client that vanishes mid-round has advertised its keys and shared its seeds, then
@@ -15,8 +15,8 @@ never sends its masked update nor reveals anything), and the `HIERFED_SECAGG_DRO
 test hook (those clients trained and masked, and drop in that cloud round). Either way the edge
 removes their masks from the Shamir shares, or fails that edge round below t survivors.
 
-The encoding is fixed point (identity/fp32 uplinks) or the int8/int4 codec's codes on a shared grid
-(hierfed.privacy.ring.SharedGrid); with error feedback each client's residual (what its codes did
+The encoding is fixed point in Z_2^32 (identity/fp32 uplinks) or the int8/int4 codec's codes on a
+shared grid (hierfed.privacy.ring.SharedGrid), in Z_2^16 when the edge's fan-out allows; with error feedback each client's residual (what its codes did
 not carry) stays on its device, unmasked, and is checkpointed with the device's state.
 """
 
@@ -85,8 +85,8 @@ def forced_drops() -> dict[int, set[int]]:
 
 
 class SecAggChild:
-    """A device's uplink under secure aggregation: each client's [w·Δ, w] is encoded in Z_2^32 and
-    masked; only the rank's masked sum travels."""
+    """A device's uplink under secure aggregation: each client's [w·Δ, w] is encoded in the ring
+    (Z_2^32, or Z_2^16 for codes whose sum fits) and masked; only the rank's masked sum travels."""
 
     def __init__(self, child, fixed: FixedPoint | SharedGrid, fraction: float, edge: int, start_round: int, edge_rounds: int,
                  error_feedback: bool = False, dropouts: Callable[[int, int], set[int]] | None = None) -> None:
@@ -131,7 +131,7 @@ class SecAggChild:
         routed, members = _scatter(ch, None)
         for c, cl in clients.items():
             cl.receive(routed.get(c, {}))
-        acc = np.zeros(self.fixed_size, dtype=np.uint32)
+        acc = np.zeros(self.fixed_size, dtype=self.fixed.dtype)
         drop = self._drop.get(t_round, set()) | vanished
         sent = [c for c in clients if c not in drop]
         if self.residual is not None:  # a client that dropped after encoding delivered nothing: all of it is owed
@@ -139,7 +139,7 @@ class SecAggChild:
                 self.residual[c] = self._queued[c][3]
         for c in sent:
             acc += clients[c].mask(self._queued[c][0], members)
-        ch.reduce_sum(acc, senders=len(sent))
+        ch.reduce_sum(acc, senders=len(sent), raw=4 * (self.child.dim + 1))  # raw: [w·Δ, w] as float32
         _up(ch, (sent, sum(self._queued[c][2] for c in sent)))
         survivors, dropped = _down(ch, None, 0)
         _up(ch, {c: clients[c].reveal(survivors, dropped) for c in sent})
@@ -149,7 +149,7 @@ class SecAggChild:
 
     @property
     def fixed_size(self) -> int:
-        return self.child.dim + 1
+        return self.fixed.words(self.child.dim)
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """The clients' error-feedback residuals (shared grid), else the wrapped Child's state."""
@@ -172,7 +172,7 @@ class SecAggParent:
     clients' fixed-point updates; a failed aggregation (too few survivors or shares, a corrupt
     share) contributes nothing and is reported in the edge's row."""
 
-    def __init__(self, parent, fixed: FixedPoint, fraction: float, edge: int, start_round: int, edge_rounds: int) -> None:
+    def __init__(self, parent, fixed: FixedPoint | SharedGrid, fraction: float, edge: int, start_round: int, edge_rounds: int) -> None:
         self.parent, self.fixed, self.fraction, self.edge = parent, fixed, fraction, edge
         self._count = (start_round - 1) * edge_rounds
         self.decode_s = 0.0
@@ -194,7 +194,7 @@ class SecAggParent:
         routed = server.route(sealed, commits)
         members = server.members
         _scatter(ch, [({c: routed[c] for c in part}, members) for part in self._owners(adverts, parts)])
-        total = np.zeros(self.parent.dim + 1, dtype=np.uint32)
+        total = np.zeros(self.fixed.words(self.parent.dim), dtype=self.fixed.dtype)
         ch.reduce_sum(total)
         sent = _up(ch, None)
         survivors = sorted(c for part, _ in sent for c in part)
@@ -202,7 +202,7 @@ class SecAggParent:
         _down(ch, (survivors, dropped), len(survivors))
         reveals = {c: r for part in _up(ch, None) for c, r in part.items()}
         started = time.perf_counter()
-        self.last = {"members": len(members), "survivors": len(survivors), "t": server.t, "failed": None,
+        self.last = {"members": len(members), "survivors": len(survivors), "t": server.t, "failed": None, "ring": self.fixed.ring,
                      "saturated": sum(n for _, n in sent)}  # coordinates beyond ±secagg_bound (clipped there)
         out = np.zeros(self.parent.dim + 1, dtype=np.float64)
         if members:

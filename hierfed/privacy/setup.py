@@ -49,7 +49,7 @@ def check_secagg(placement, cfg) -> None:
         raise HierfedError(f"privacy.secagg with compression.device_up {up!r}: top-k keeps a different set of coordinates per "
                            "client and masked sums need one shared pattern; top-k is refused under secure aggregation")
     if up not in _LOSSLESS and _grid_bits(up) is None:
-        raise HierfedError(f"privacy.secagg with compression.device_up {up!r}: masked updates are integers in Z_2^32 (fixed "
+        raise HierfedError(f"privacy.secagg with compression.device_up {up!r}: masked updates are integers in a ring (fixed "
                            "point, or the int8/int4 codec's codes on a shared grid); use identity, fp32, int8 or int4")
     if _grid_bits(up) is not None and cfg.schedule.edge_mode == "fedbuff":
         raise HierfedError("privacy.secagg with an int8/int4 device_up and FedBuff edges is not supported (staleness "
@@ -127,16 +127,19 @@ def _grid_bits(spec: str) -> int | None:
     return None
 
 
-def fixed_point(cfg, placement) -> FixedPoint | SharedGrid:
+def fixed_point(cfg, placement, edge: int | None = None) -> FixedPoint | SharedGrid:
     """Secure aggregation's encoding: fixed point over its range for the largest edge's clients, or
-    the int8/int4 codec's codes on one shared grid over the same range (compression.device_up)."""
+    the int8/int4 codec's codes on one shared grid over the same range (compression.device_up), in
+    the ring that edge `edge`'s clients' sum of codes fits (Z_2^16 or Z_2^32; the largest edge's
+    when None). Every device of the edge and the edge compute it from the topology alike."""
     p = cfg.privacy
     bound = p.secagg_bound
     if bound is None:  # a clipped client's coordinate is at most C; its share of distributed noise has std <= σC
         bound = p.clip * (1 + (6 * p.noise_multiplier if p.noise_at == "distributed" else 0))
     bits = _grid_bits(cfg.compression.device_up)
     if bits is not None:
-        return SharedGrid(bound, bits)
+        clients = [placement.edges[edge]] if edge is not None else placement.edges
+        return SharedGrid(bound, bits, fan_out=max(len(e.all_clients) for e in clients))
     return FixedPoint(bound, max(len(e.all_clients) for e in placement.edges))
 
 
@@ -164,7 +167,7 @@ def wrap_child(link, cfg, placement, edge: int | None, start_round: int, agg_siz
     edge_rounds = 1 if placement.flat else cfg.schedule.tau2
     if p.secagg:
         drops = behaviour_dropouts(cfg, device, sampled) if device is not None and sampled is not None else None
-        link = SecAggChild(link, fixed_point(cfg, placement), p.secagg_threshold, edge, start_round, edge_rounds,
+        link = SecAggChild(link, fixed_point(cfg, placement, edge), p.secagg_threshold, edge, start_round, edge_rounds,
                            error_feedback=cfg.compression.error_feedback, dropouts=drops)
     if not p.dp:
         return link
@@ -179,7 +182,7 @@ def wrap_parent(link, cfg, placement, edge: int | None, start_round: int, strate
     when privacy.adaptive_clip is on and `strategy` (this tier's, wrapped) adds the noise."""
     p = cfg.privacy
     if p.secagg:
-        link = SecAggParent(link, fixed_point(cfg, placement), p.secagg_threshold, edge, start_round, cfg.schedule.tau2)
+        link = SecAggParent(link, fixed_point(cfg, placement, edge), p.secagg_threshold, edge, start_round, cfg.schedule.tau2)
     if p.adaptive_clip is not None and isinstance(strategy, NoisySum):
         link = AdaptiveParent(link, strategy)
     return link

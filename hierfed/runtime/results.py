@@ -50,6 +50,9 @@ class RunLog:
         """The row's bytes per link, as sent (compressed) and before compression."""
         row["bytes"] = by_link(raw_bytes)
         row["bytes_uncompressed"] = by_link(raw_bytes, raw=True)
+        secagg = by_link(raw_bytes, only="secagg")  # SecAgg's keys, shares and reveals (included in "bytes")
+        if secagg:
+            row["bytes_secagg"] = secagg
 
     def write(self, row: dict[str, Any], raw_bytes: dict[Key, int] | None = None) -> None:
         if raw_bytes is not None:
@@ -100,6 +103,8 @@ class RunLog:
             "seconds": secs,
             "sim_seconds": last.get("sim_clock_s"),  # the simulated clock at the end (hierfed.sim.clock)
         }
+        if any("bytes_secagg" in r for r in self.cloud_rows()):
+            summary["bytes_secagg"] = _sum_links(self.cloud_rows(), "bytes_secagg")
         participation = self._participation()
         if participation:
             summary["participation"] = participation

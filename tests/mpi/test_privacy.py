@@ -13,6 +13,7 @@ import pytest
 from conftest import job_env, mpirun
 from hierfed.config import load_config
 from hierfed.privacy import Accountant
+from hierfed.topology import load_topology
 from test_jobs import _tiny_config, check_ok, final_params, rows
 
 pytestmark = pytest.mark.mpi
@@ -50,7 +51,9 @@ def test_secagg_of_int8_codes_at_the_edges_matches_the_plain_run(plain, tmp_path
     the edge unmasks their sum. Over 2 rounds the run stays within int8's error of the plain run (the
     fixed-point path is run end to end by the dropout job below and checked bit for bit in
     tests/unit/test_privacy_secagg.py); the residuals are the devices' checkpointed state, not the
-    edges'; masks and keys are counted."""
+    edges'; masks and keys are counted. Each edge sums 2 clients' codes in [-127, 127]: |Σq| <= 254
+    fits int16, so the codes travel as 2-byte words of Z_2^16 (with the weight in limbs), and the
+    device-edge uplink's ring payload is exactly 2 bytes x (D + weight words) per client update."""
     cfg = _tiny_config(tmp_path, schedule=SCHEDULE, train=SGD, privacy={"secagg": True, "secagg_bound": 10.0},
                        compression={"device_up": "int8"})
     out = tmp_path / "secagg"
@@ -59,7 +62,7 @@ def test_secagg_of_int8_codes_at_the_edges_matches_the_plain_run(plain, tmp_path
     moved, off = np.abs(b - _round_one(plain)).max(), np.abs(a - b).max()  # round 2's step; int8's error after 2 rounds
     assert 0 < off < 0.1 * moved, (off, moved)  # quantised (not equal), and well within what one round moves
     edge = [r for r in rows(out) if r["tier"] == "edge"]
-    assert all(r["secagg"] == {"members": 2, "survivors": 2, "t": 2, "failed": None, "saturated": 0} for r in edge)
+    assert all(r["secagg"] == {"members": 2, "survivors": 2, "t": 2, "failed": None, "saturated": 0, "ring": 16} for r in edge)
     ranks = out / "checkpoints" / "ranks" / "round-0002"
     with np.load(ranks / "rank-00003.npz") as z:  # a device of edge0: its clients' residuals, float64, bounded by a step
         res = [z[k] for k in z.files if k.startswith("residual/")]
@@ -67,7 +70,18 @@ def test_secagg_of_int8_codes_at_the_edges_matches_the_plain_run(plain, tmp_path
     with np.load(ranks / "rank-00001.npz") as z:  # an edge's own state file: no residual of its devices
         assert not [k for k in z.files if "residual" in k]
     s, p = (json.loads((d / "summary.json").read_text()) for d in (out, plain))
-    assert s["bytes"]["device-edge"]["up"] > p["bytes"]["device-edge"]["up"]  # keys, shares on top of the ring elements
+    # the ring payload as it travelled: all device-edge bytes up less SecAgg's keys, shares and reveals
+    ring = s["bytes"]["device-edge"]["up"] - s["bytes_secagg"]["device-edge"]["up"]
+    n = max(len(e.all_clients) for e in load_topology("default").placement().edges)
+    assert n * 127 <= 2**15 - 1  # the rule, written out: every sum of n int8 codes lies in int16
+    limb = max(b for b in range(1, 17) if n * (2**b - 1) <= 2**16 - 1)  # a weight limb's sum cannot wrap
+    dim, updates = a.size, sum(r["secagg"]["survivors"] for r in edge)
+    assert updates == 2 * 2 * 2 * 2  # rounds x edge rounds x edges x clients
+    assert ring == 2 * (dim + -(-32 // limb)) * updates, (ring, dim, updates)
+    assert ring < 0.51 * 4 * (dim + 1) * updates  # about half of the Z_2^32 words' bytes
+    assert s["bytes_uncompressed"]["device-edge"]["up"] >= 4 * (dim + 1) * updates  # raw: [w·Δ, w] as float32
+    assert s["bytes_secagg"]["device-edge"]["up"] > 0  # keys, shares and reveals are counted
+    assert "bytes_secagg" not in p  # only SecAgg runs report them
     assert s["bytes"]["edge-cloud"]["up"] == p["bytes"]["edge-cloud"]["up"]  # the cloud link is untouched
 
 

@@ -316,3 +316,99 @@ def test_behaviour_dropouts_are_removed_by_shares_and_below_t_fail():
     t_bad = next(t for t in range(1, 30) if len(many(t, 1)) > 3)  # 7 members, t = 4: fewer than 4 survive
     with pytest.raises(SecAggError, match="fewer than the threshold t=4"):
         run(xs, drop=many(t_bad, 1))
+
+
+# --- the narrower ring: int8/int4 codes in Z_2^16 when the edge's sum fits ---------------------------
+
+
+def test_int8_codes_in_z16_unmask_to_the_plaintext_sum_bit_for_bit_through_wrap_around():
+    """An edge of 258 clients (the most whose int8 code sums stay in int16: 258·127 = 32766) masks
+    in Z_2^16; 4 of them take part, with codes at the extremes (±127, so negative codes are words
+    near 2^16 and the plain sum wraps) and large sample counts (the weight's limbs). The running
+    masked sum overflows 16 bits, yet the unmasked sum is the uint16 sum of the plaintext words,
+    bit for bit, and decodes to step·Σq and Σw exactly (the oracle: int64 arithmetic)."""
+    grid = SharedGrid(2.0, 8, fan_out=258)
+    assert grid.ring == 16 and grid.dtype == np.uint16
+    assert grid.limb == 7 and grid.words(1000) == 1000 + 5  # 258·(2^7 − 1) <= 65535 < 258·(2^8 − 1)
+    rng = np.random.default_rng(3)
+    raw = {c: rng.choice([-2.5, 2.5, -1.99, 0.0], 1000) for c in range(30, 34)}
+    weights = {30: 70_000.0, 31: 123_456.0, 32: 1.0, 33: 2**31 - 300_000.0}  # far past 16 bits; Σ < 2^31 + 2^17
+    xs, codes = {}, {}
+    for c, v in raw.items():
+        xs[c], _, _ = grid.encode(v, weights[c], np.random.default_rng(c))
+        codes[c] = _int8_oracle(v, 2.0, np.random.default_rng(c).random(v.size))
+        assert xs[c].dtype == np.uint16 and xs[c].size == 1005
+    assert min(c.min() for c in codes.values()) == -127 and max(c.max() for c in codes.values()) == 127
+    got, ys = run(xs)
+    assert got.dtype == np.uint16 and all(y.dtype == np.uint16 for y in ys.values())
+    want = np.zeros(1005, dtype=np.uint16)
+    for x in xs.values():
+        want += x  # wraps mod 2^16
+    np.testing.assert_array_equal(got, want)
+    assert (sum(y.astype(np.int64) for y in ys.values()) >= 2**16).mean() > 0.5  # masked sums did wrap
+    assert all(not np.array_equal(ys[c], xs[c]) for c in xs)
+    decoded = grid.decode(got)
+    np.testing.assert_array_equal(decoded[:-1], sum(codes.values()).astype(np.float64) * (2.0 / 127))
+    total_w = int(sum(weights.values()))
+    assert decoded[-1] == (total_w - 2**32 if total_w >= 2**31 else total_w)  # as one int32 word would read it
+
+
+@pytest.mark.parametrize("bits, levels", [(8, 127), (4, 7)])
+def test_the_largest_fan_out_in_z16_cannot_overflow(bits, levels):
+    """At the largest 16-bit fan-out n (n·L <= 2^15 − 1), n clients all at +L or all at −L, each
+    with weight 2^31 // n (the weight limbs' worst case), sum and decode exactly."""
+    n = (2**15 - 1) // levels
+    grid = SharedGrid(1.0, bits, fan_out=n)
+    assert grid.ring == 16
+    for sign in (1.0, -1.0):
+        words = grid.encode(np.full(3, sign), 2**31 // n - 1, np.random.default_rng(0))[0]  # every client's alike
+        total = np.zeros(grid.words(3), dtype=np.uint16)
+        for _ in range(n):
+            total += words  # uint16: wraps mod 2^16 at every step, as the Reduce does
+        got = grid.decode(total)
+        np.testing.assert_array_equal(got[:-1], np.full(3, sign * n * levels) * grid.step)
+        assert got[-1] == n * (2**31 // n - 1)
+
+
+def test_a_fan_out_too_large_for_16_bits_falls_back_to_32():
+    """int8: 258 clients fit Z_2^16, 259 do not (259·127 > 32767): Z_2^32 words, one weight word;
+    int4 up to 4681. setup.fixed_point picks the width from the edge's clients in the topology, per
+    edge, and a 32-bit grid still unmasks to the plaintext sum."""
+    from types import SimpleNamespace
+
+    from hierfed.config import load_config
+    from hierfed.privacy.setup import fixed_point
+
+    for bits, fits in ((8, 258), (4, 4681)):
+        assert SharedGrid(1.0, bits, fan_out=fits).ring == 16
+        wide = SharedGrid(1.0, bits, fan_out=fits + 1)
+        assert wide.ring == 32 and wide.dtype == np.uint32 and wide.words(10) == 11
+    assert SharedGrid(1.0, 8).ring == 32  # no fan-out known: the ring that fits any
+    assert FixedPoint(1.0, 2).ring == 32  # fixed point never narrows (its resolution would be n·B/2^15)
+
+    edges = [SimpleNamespace(all_clients=set(range(0, 300))), SimpleNamespace(all_clients=set(range(300, 310)))]
+    placement = SimpleNamespace(edges=edges)
+    cfg = load_config(None, ["privacy.secagg=true", "privacy.secagg_bound=1.0", "compression.device_up=int8"])
+    assert [fixed_point(cfg, placement, e).ring for e in (0, 1)] == [32, 16]
+    assert fixed_point(cfg, placement).ring == 32  # the largest edge's
+
+    grid = fixed_point(cfg, placement, 0)
+    rng = np.random.default_rng(5)
+    xs = {c: grid.encode(rng.uniform(-1.2, 1.2, 500), 9.0, np.random.default_rng(c))[0] for c in (1, 2, 3)}
+    got, ys = run(xs)
+    assert got.dtype == np.uint32 and ys[1].nbytes == 4 * 501
+    np.testing.assert_array_equal(got, sum(xs.values()).astype(np.uint32))
+    assert grid.decode(got)[-1] == 27
+
+
+def test_a_masked_update_in_z16_looks_uniform():
+    """The chi-square test of 32-bit masks, for 16-bit masked words (ChaCha20 read as uint16): the
+    256 byte values of one client's 20,000 masked words (40,000 bytes) stay below the 0.1% critical
+    value (330.5); its plaintext int8 codes do not."""
+    grid = SharedGrid(1.0, 8, fan_out=3)
+    rng = np.random.default_rng(2)
+    xs = {c: grid.encode(rng.normal(0, 0.1, 20_000), 1.0, np.random.default_rng(c))[0] for c in (7, 8, 9)}
+    _, ys = run(xs)
+    assert ys[7].dtype == np.uint16 and ys[7].nbytes == 2 * grid.words(20_000)
+    assert _chi2_bytes(ys[7]) < 330.5
+    assert _chi2_bytes(xs[7]) > 330.5
