@@ -63,6 +63,7 @@ def _hf(model: nn.Module) -> PreTrainedModel:
     """The transformers model inside a PeftModel (or the model itself)."""
     get_base_model = getattr(model, "get_base_model", None)
     hf = get_base_model() if callable(get_base_model) else model
+    _check_arch(getattr(getattr(hf, "config", None), "model_type", None))  # an unsupported architecture says which
     if not isinstance(hf, PreTrainedModel):
         raise HierfedError(f"split placement needs a transformers model (optionally PEFT-wrapped); got {type(hf).__name__}")
     return hf
