@@ -16,9 +16,20 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 
+def torch_extensions_dir() -> Path:
+    """Where the jobs' DeepSpeed JIT-builds its op (docs/deepspeed.md, "The JIT-built op and its build
+    lock"): inside this venv, so each venv keeps its own build. torch's default cache
+    (~/.cache/torch_extensions) is shared by every venv of the user, and each venv rebuilds over the
+    others (the build is keyed by the venv's paths) and can leave a lock the next start waits on.
+    Outside a venv: .torch_extensions/ in the checkout (gitignored)."""
+    in_venv = sys.prefix != sys.base_prefix
+    return Path(sys.prefix) / "torch_extensions" if in_venv else ROOT / ".torch_extensions"
+
+
 def job_env() -> dict[str, str]:
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(torch_extensions_dir()))  # a TORCH_EXTENSIONS_DIR already set wins
     env.pop("HIERFED_INJECT_FAILURE", None)
     env.pop("HIERFED_INJECT_ATTACK", None)
     return env

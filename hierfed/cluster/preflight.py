@@ -54,6 +54,7 @@ def check_aggregation(placement, cfg) -> None:
     lora, without ffa_lora). DP noise and secure aggregation with a gathered rule:
     hierfed.privacy.setup."""
     from hierfed.strategy import build_strategy
+    from hierfed.strategy.gathered import GatheredStrategy
 
     src = placement.topology.source
     for tier in ["cloud"] if placement.flat else ["edge", "cloud"]:
@@ -70,6 +71,7 @@ def check_aggregation(placement, cfg) -> None:
             if split is not None:
                 raise HierfedError(f"{src}: edge '{split.name}' has split devices, whose upper blocks it trains once for all of them, "
                                    f"so aggregation.edge.name={agg.name} has no per-client update to compare; use a reducible rule there")
+        assert isinstance(rule, GatheredStrategy)  # every rule that is not reducible gathers (hierfed.strategy.gathered)
         need = rule.min_children()
         if need <= 1:
             continue

@@ -17,12 +17,14 @@ from __future__ import annotations
 import os
 import pickle
 import time
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from mpi4py import MPI
 
 from hierfed.comm.ledger import Ledger
+
+T = TypeVar("T")
 
 _POLL_SPIN_S = 100e-6  # test in a tight loop this long first: short waits stay short
 _POLL_FIRST_S = 20e-6
@@ -151,6 +153,14 @@ class Channel:
         parts = gather_varying(self.comm, data, self.is_parent, self.poll)
         # numpy's stubs give ndarray the buffer protocol (__buffer__) only from Python 3.12
         return None if parts is None else [pickle.loads(p) for p in parts]  # type: ignore[arg-type]
+
+
+def at_parent(parts: list[T] | None) -> list[T]:
+    """A gather's result where it is read: at the parent, which always receives the list (the
+    children get None and never read it)."""
+    if parts is None:
+        raise RuntimeError("a gather's result was read at a child rank; only the parent receives it")
+    return parts
 
 
 def gather_varying(comm: MPI.Comm, payload: np.ndarray, root: bool, poll: bool) -> list[np.ndarray] | None:

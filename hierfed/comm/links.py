@@ -24,7 +24,7 @@ import time
 
 import numpy as np
 
-from hierfed.comm.channel import Channel
+from hierfed.comm.channel import Channel, at_parent
 from hierfed.comm.codecs import Codec, CodecError, ErrorFeedback
 from hierfed.strategy import Strategy
 
@@ -97,6 +97,7 @@ class Parent:
 
     def send(self, params: np.ndarray, receivers: int | None = None, rng: np.random.Generator | None = None) -> None:
         if self._resync:  # resumed: first put the children back on the held copy, then carry on
+            assert self.held is not None  # _resync is set only with held (load_state_dict)
             self.channel.bcast(self.held, receivers)
             self._resync = False
         if self.down.is_identity or self.held is None:
@@ -117,7 +118,7 @@ class Parent:
             return self._buf32
         total = self._scratch.get(np.float64, self.dim + 1, "total")  # valid until the next receive
         total[...] = 0
-        blobs = self.channel.gather_bytes(np.empty(0, dtype=np.uint8))
+        blobs = at_parent(self.channel.gather_bytes(np.empty(0, dtype=np.uint8)))
         started = time.perf_counter()
         for blob in blobs:
             for weight, payload in _unpack(blob):
@@ -130,7 +131,7 @@ class Parent:
         """The gathered path: every update the children sent this round, decoded, as (updates (n, dim)
         float32, weights (n,) float64), children in rank order and each child's senders in its order.
         `updates` is valid until the next receive_updates."""
-        blobs = self.channel.gather_bytes(np.empty(0, dtype=np.uint8))
+        blobs = at_parent(self.channel.gather_bytes(np.empty(0, dtype=np.uint8)))
         started = time.perf_counter()
         parts = [part for blob in blobs for part in _unpack(blob)]
         updates = self._scratch.get(np.float32, len(parts) * self.dim, "rows").reshape(len(parts), self.dim)

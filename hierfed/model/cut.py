@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import inspect
 import re
-from typing import Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 from transformers.loss.loss_utils import ForSequenceClassificationLoss
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 
@@ -57,9 +59,14 @@ class Pruned(nn.Module):
         return self.what
 
 
-def _hf(model: nn.Module) -> nn.Module:
+def _hf(model: nn.Module) -> PreTrainedModel:
     """The transformers model inside a PeftModel (or the model itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+    get_base_model = getattr(model, "get_base_model", None)
+    hf = get_base_model() if callable(get_base_model) else model
+    _check_arch(getattr(getattr(hf, "config", None), "model_type", None))  # an unsupported architecture says which
+    if not isinstance(hf, PreTrainedModel):
+        raise HierfedError(f"split placement needs a transformers model (optionally PEFT-wrapped); got {type(hf).__name__}")
+    return hf
 
 
 def _arch(model: nn.Module) -> str:
@@ -90,7 +97,10 @@ def _has(hf: nn.Module, path: str) -> bool:
 
 
 def _blocks(hf: nn.Module, arch: str) -> nn.ModuleList:
-    return _get(hf, _BLOCKS[arch])
+    blocks = _get(hf, _BLOCKS[arch])
+    if not isinstance(blocks, nn.ModuleList):
+        raise TypeError(f"{_BLOCKS[arch]} of a {arch} model is a {type(blocks).__name__}, not the ModuleList of its blocks")
+    return blocks
 
 
 def _present(module: nn.Module, what: str) -> nn.Module:
@@ -158,6 +168,13 @@ def _last_token(mask: torch.Tensor) -> torch.Tensor:
 class DeviceStage(nn.Module):
     """Embeddings and blocks [0, k): `forward(input_ids, attention_mask)` -> hidden states [B, T, H]."""
 
+    # The embeddings, registered under their names in the whole model (_DEVICE_ONLY): one set per arch.
+    wte: nn.Module  # gpt2
+    wpe: nn.Module  # gpt2
+    embed_tokens: nn.Module  # llama
+    embeddings: nn.Module  # bert
+    config: Any  # the transformers config: its fields depend on the architecture
+
     def __init__(self, model: nn.Module, k: int) -> None:
         super().__init__()
         hf = _hf(model)
@@ -168,16 +185,16 @@ class DeviceStage(nn.Module):
         for path in _DEVICE_ONLY[self.arch]:
             self.add_module(path.rpartition(".")[2], _present(_get(hf, path), path))
         if self.arch == "gpt2":
-            self.drop = hf.transformer.drop
+            self.drop = _get(hf, "transformer.drop")
         elif self.arch == "llama":
-            self.rotary_emb = hf.model.rotary_emb
+            self.rotary_emb = _get(hf, "model.rotary_emb")
         # GPT-2/Llama classifiers pool the rightmost token that is not pad_token_id; the edge finds it
         # from the attention mask, so the device checks that both agree (see _check_pooling).
         self.pad_token_id = hf.config.pad_token_id if type(hf).__name__.endswith("ForSequenceClassification") and self.arch != "bert" else None
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if self.pad_token_id is not None:
-            self._check_pooling(input_ids, attention_mask)
+            self._check_pooling(input_ids, attention_mask, self.pad_token_id)
         if self.arch == "bert":
             # token_type_ids and positions default as in BertModel (zeros, arange)
             hidden = self.embeddings(input_ids=input_ids)
@@ -188,12 +205,12 @@ class DeviceStage(nn.Module):
         hidden = self.embed_tokens(input_ids)
         return _run_blocks("llama", self.config, self.blocks, hidden, attention_mask, self.rotary_emb)
 
-    def _check_pooling(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+    def _check_pooling(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pad: int) -> None:
         # Equal whenever pad tokens sit exactly where the mask is 0 (our tokenizers); a text that
         # ends in pad_token_id (e.g. pad = eos) would be pooled differently by HF: refuse it.
-        if not torch.equal(_last_token((input_ids != self.pad_token_id).long()), _last_token(attention_mask)):
+        if not torch.equal(_last_token((input_ids != pad).long()), _last_token(attention_mask)):
             raise HierfedError(
-                f"split placement: a text ends in the pad token (id {self.pad_token_id}), so the classifier would pool "
+                f"split placement: a text ends in the pad token (id {pad}), so the classifier would pool "
                 "a different token than the attention mask marks last; use a tokenizer whose pad token is not in the text"
             )
 
@@ -204,6 +221,8 @@ class EdgeStage(nn.Module):
     Logits are what the whole model returns (pooled [B, C] for classification, [B, T, V] for causal
     LM); loss is None when labels is None.
     """
+
+    config: Any  # the transformers config: its fields depend on the architecture
 
     def __init__(self, model: nn.Module, kind: str, k: int) -> None:
         super().__init__()
@@ -219,17 +238,17 @@ class EdgeStage(nn.Module):
         head = next((h for h in _HEADS[kind] if hasattr(hf, h)), None)
         if head is None:
             raise ValueError(f"a {kind} model needs one of {_HEADS[kind]}; {type(hf).__name__} has none")
-        self.head = _present(getattr(hf, head), head)  # a PEFT ModulesToSaveWrapper for classifiers
+        self.head = _present(_get(hf, head), head)  # a PEFT ModulesToSaveWrapper for classifiers
         if self.arch == "gpt2":
-            self.norm = _present(hf.transformer.ln_f, "transformer.ln_f")
+            self.norm = _present(_get(hf, "transformer.ln_f"), "transformer.ln_f")
         elif self.arch == "llama":
-            self.norm = _present(hf.model.norm, "model.norm")
-            self.rotary_emb = hf.model.rotary_emb
+            self.norm = _present(_get(hf, "model.norm"), "model.norm")
+            self.rotary_emb = _get(hf, "model.rotary_emb")
         else:
-            self.pooler = _present(hf.bert.pooler, "bert.pooler")
-            self.dropout = hf.dropout
+            self.pooler = _present(_get(hf, "bert.pooler"), "bert.pooler")
+            self.dropout = _get(hf, "dropout")
         # GPT-2 / Llama causal LM: the model's own loss (ForCausalLMLoss: shift, ignore -100, mean).
-        self._lm_loss = hf.loss_function if kind == "causal_lm" else None
+        self._lm_loss: Callable[..., torch.Tensor] | None = hf.loss_function if kind == "causal_lm" else None
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None):
         hidden = _run_blocks(self.arch, self.config, self.blocks, hidden, attention_mask, getattr(self, "rotary_emb", None))
@@ -239,9 +258,11 @@ class EdgeStage(nn.Module):
         hidden = self.norm(hidden)
         logits = self.head(hidden)
         if self.kind == "causal_lm":
+            assert self._lm_loss is not None  # set in __init__ for kind "causal_lm"
             loss = None if labels is None else self._lm_loss(logits=logits, labels=labels, vocab_size=self.config.vocab_size)
             return loss, logits
         batch = logits.shape[0]
+        last: int | torch.Tensor
         if self.config.pad_token_id is None:  # as HF: no pad token, the last position
             if batch != 1:
                 raise ValueError("Cannot handle batch sizes > 1 if no padding token is defined.")

@@ -53,19 +53,23 @@ class TensorWire:
         self.cast = _CASTS.get(name)
         self.codec: Codec | None = None if self.cast else parse_codec(name)
 
+    def _codec(self) -> Codec:
+        assert self.codec is not None  # every wire that is not a cast has its codec (__init__)
+        return self.codec
+
     def nbytes(self, numel: int) -> int:
-        return numel * self.cast.itemsize if self.cast else self.codec.encoded_size(numel)
+        return numel * self.cast.itemsize if self.cast else self._codec().encoded_size(numel)
 
     def encode(self, t: torch.Tensor, seed: int) -> np.ndarray:
         if self.cast:
             return t.detach().to(self.cast).contiguous().reshape(-1).view(torch.uint8).cpu().numpy()
-        return self.codec.encode(t.detach().reshape(-1).to("cpu", torch.float32).numpy(), np.random.default_rng(seed))
+        return self._codec().encode(t.detach().reshape(-1).to("cpu", torch.float32).numpy(), np.random.default_rng(seed))
 
     def decode(self, buf: np.ndarray, shape: tuple[int, ...], device, dtype) -> torch.Tensor:
         if self.cast:
             return torch.from_numpy(buf).view(self.cast).view(shape).to(device, dtype)
         n = int(np.prod(shape))
-        return torch.from_numpy(self.codec.decode(buf, n)).view(shape).to(device, dtype)
+        return torch.from_numpy(self._codec().decode(buf, n)).view(shape).to(device, dtype)
 
 
 class Phases:
@@ -436,6 +440,8 @@ class SplitServer:
     def reply(self, d: int, wire: torch.Tensor, loss: float, seed: int, scale: float = 1.0) -> None:
         """Send a micro-batch's boundary gradient (of a loss that was multiplied by `scale`) and its
         loss back; the device posted the receives."""
+        if wire.grad is None:
+            raise RuntimeError("split placement: no gradient reached the cut (reply before the edge's backward)")
         grad = self.grad.encode(wire.grad if scale == 1.0 else wire.grad / scale, seed)
         out = np.array([loss], dtype=np.float64)
         self.phases.mark("encode")

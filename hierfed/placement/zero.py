@@ -280,14 +280,14 @@ class DeepSpeedServer(SplitServer):
         """The global upper parameters into the engine: module parameters and fp32 master shards;
         the optimiser state cleared too unless split.optimizer_state is persistent."""
         load_params(self.flat, vec, self.zero3)
-        self.start = np.array(vec, dtype=np.float32)
+        self.start_host = np.array(vec, dtype=np.float32)  # on the host (SplitServer.start: a tensor on its device)
         if self.cfg.split.optimizer_state == "fresh":
             clear_optimizer_state(self.opt)
 
     def update(self, weights: dict[int, float]) -> np.ndarray:
         """The shared stage's update weighted by all its active devices' samples (every rank of the
         group calls this: the parameters are gathered from the shards)."""
-        return sum(weights.values()) * (gather_params(self.flat).astype(np.float64) - self.start)
+        return sum(weights.values()) * (gather_params(self.flat).astype(np.float64) - self.start_host)
 
     def serve(self, devices: dict[int, int], steps: int, shares: dict[int, float]) -> None:
         """`steps` optimiser steps in lockstep with the group, on this rank's devices' micro-batches;

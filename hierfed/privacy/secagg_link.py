@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from mpi4py import MPI
 
-from hierfed.comm.channel import Channel, bcast_object, wait
+from hierfed.comm.channel import Channel, at_parent, bcast_object, wait
 from hierfed.privacy.ring import FixedPoint, SharedGrid
 from hierfed.privacy.secagg import Client, SecAggError, Server, threshold
 
@@ -49,6 +49,11 @@ def _up(ch: Channel, obj: Any) -> list[Any] | None:
     return ch.gather_obj(obj)
 
 
+def _collect(ch: Channel) -> list[Any]:
+    """The parent's side of `_up`: every child's message, in child order."""
+    return at_parent(_up(ch, None))
+
+
 def _down(ch: Channel, obj: Any, receivers: int) -> Any:
     """The same protocol message to every child, counted at the parent once per receiving client."""
     if ch.is_parent:
@@ -59,6 +64,7 @@ def _down(ch: Channel, obj: Any, receivers: int) -> Any:
 def _scatter(ch: Channel, objs: list[Any] | None) -> Any:
     """One protocol message per child (the parent's `objs`, in child order), counted at the parent."""
     if ch.is_parent:
+        assert objs is not None  # the parent scatters its objs; children pass None
         blobs = [b""] + [pickle.dumps(o, protocol=pickle.HIGHEST_PROTOCOL) for o in objs]
         sizes = np.array([len(b) for b in blobs], dtype=np.int64)
         ch.ledger.record(ch.link, "down", int(sizes.sum()) + 8 * len(objs), kind=_KIND, raw=0)
@@ -88,7 +94,7 @@ class SecAggChild:
     """A device's uplink under secure aggregation: each client's [w·Δ, w] is encoded in the ring
     (Z_2^32, or Z_2^16 for codes whose sum fits) and masked; only the rank's masked sum travels."""
 
-    def __init__(self, child, fixed: FixedPoint | SharedGrid, fraction: float, edge: int, start_round: int, edge_rounds: int,
+    def __init__(self, child, fixed: FixedPoint | SharedGrid, fraction: float, edge: int | None, start_round: int, edge_rounds: int,
                  error_feedback: bool = False, dropouts: Callable[[int, int], set[int]] | None = None) -> None:
         self.child, self.fixed, self.fraction, self.edge = child, fixed, fraction, edge
         self._count = (start_round - 1) * edge_rounds  # aggregations so far (both ends count alike)
@@ -136,7 +142,9 @@ class SecAggChild:
         sent = [c for c in clients if c not in drop]
         if self.residual is not None:  # a client that dropped after encoding delivered nothing: all of it is owed
             for c in set(self._queued) & drop:
-                self.residual[c] = self._queued[c][3]
+                owed = self._queued[c][3]
+                assert owed is not None  # residuals exist only on a shared grid, whose add() keeps w·Δ
+                self.residual[c] = owed
         for c in sent:
             acc += clients[c].mask(self._queued[c][0], members)
         ch.reduce_sum(acc, senders=len(sent), raw=4 * (self.child.dim + 1))  # raw: [w·Δ, w] as float32
@@ -172,7 +180,7 @@ class SecAggParent:
     clients' fixed-point updates; a failed aggregation (too few survivors or shares, a corrupt
     share) contributes nothing and is reported in the edge's row."""
 
-    def __init__(self, parent, fixed: FixedPoint | SharedGrid, fraction: float, edge: int, start_round: int, edge_rounds: int) -> None:
+    def __init__(self, parent, fixed: FixedPoint | SharedGrid, fraction: float, edge: int | None, start_round: int, edge_rounds: int) -> None:
         self.parent, self.fixed, self.fraction, self.edge = parent, fixed, fraction, edge
         self._count = (start_round - 1) * edge_rounds
         self.decode_s = 0.0
@@ -185,10 +193,10 @@ class SecAggParent:
         ch = self.parent.channel
         self._count += 1
         server = Server(f"edge{self.edge}/agg{self._count}".encode(), self.fraction)
-        adverts = {c: a for part in _up(ch, None) for c, a in part.items()}
+        adverts = {c: a for part in _collect(ch) for c, a in part.items()}
         n = len(adverts)
         _down(ch, server.collect_adverts(adverts), n)
-        parts = _up(ch, None)
+        parts = _collect(ch)
         sealed = {c: s for part, _ in parts for c, s in part.items()}
         commits = {c: h for _, part in parts for c, h in part.items()}
         routed = server.route(sealed, commits)
@@ -196,11 +204,11 @@ class SecAggParent:
         _scatter(ch, [({c: routed[c] for c in part}, members) for part in self._owners(adverts, parts)])
         total = np.zeros(self.fixed.words(self.parent.dim), dtype=self.fixed.dtype)
         ch.reduce_sum(total)
-        sent = _up(ch, None)
+        sent = _collect(ch)
         survivors = sorted(c for part, _ in sent for c in part)
         dropped = [c for c in members if c not in survivors]
         _down(ch, (survivors, dropped), len(survivors))
-        reveals = {c: r for part in _up(ch, None) for c, r in part.items()}
+        reveals = {c: r for part in _collect(ch) for c, r in part.items()}
         started = time.perf_counter()
         self.last = {"members": len(members), "survivors": len(survivors), "t": server.t, "failed": None, "ring": self.fixed.ring,
                      "saturated": sum(n for _, n in sent)}  # coordinates beyond ±secagg_bound (clipped there)

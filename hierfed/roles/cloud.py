@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -113,7 +114,7 @@ def run(rt, cfg) -> None:
         log.write(row)
 
     unconfirmed: list[int] = []  # checkpoints written here whose rank states may still be on their way to disk
-    pending = None
+    pending: tuple[dict, dict, np.ndarray, dict] | None = None  # the last round's finish(*pending), run during the next
     if start == 1:  # round 0: the untrained model, so the log shows where learning starts
         pending = ({"round": 0, "edge_round": None, "tier": "cloud", "loss": None, "seconds": {}}, rt.ledger.take_round(), params, {})
     for t in range(start, cfg.schedule.rounds + 1):
@@ -124,7 +125,7 @@ def run(rt, cfg) -> None:
         tier.fraction = _fraction(cfg, rt.placement, t)
         # Updates params in place: by then finish(*job) has evaluated and saved the last round's model.
         params, _weight, telemetry, agg_s = aggregation_round(
-            link, params, strategy, receivers, codec_rng(cfg.seed, t, 0, rt.role.rank, 1), while_children_work=(lambda job=job: finish(*job)) if job else None,
+            link, params, strategy, receivers, codec_rng(cfg.seed, t, 0, rt.role.rank, 1), while_children_work=partial(finish, *job) if job else None,
             tier=tier,
         )
         # Round t's contributions came from every rank after it had saved its state of every earlier

@@ -32,7 +32,7 @@ def run(rt, cfg) -> None:
     spec = rt.role.device
     task = load_data(cfg.data)
     shards = partition(task.train, rt.placement.num_clients, cfg.data.partition, alpha=cfg.data.alpha, seed=cfg.data.seed)
-    ks = {}  # split device rank -> its k (None: its `auto` resolved to the whole model)
+    ks: dict[int, int | None] = {}  # split device rank -> its k (None: its `auto` resolved to the whole model)
     if spec.split_layers is not None:
         from hierfed.placement.plan import split_plan
 
@@ -43,9 +43,11 @@ def run(rt, cfg) -> None:
     data = {c: tokenize(built.tokenizer, take(task.train, shards[c]), task.kind, cfg.model.max_length) for c in spec.clients}
 
     layout_model = None
+    split = None  # a split device's client end of the cut (the trainer too)
     if k is None:
         layout = flat = FlatView(built.model)  # the whole model's trainable parameters: the vector that travels
-        trainer, mine_idx = LocalTrainer(built.model, cfg.train), None
+        trainer: LocalTrainer | SplitClient = LocalTrainer(built.model, cfg.train)
+        mine_idx = None
     else:
         from hierfed.placement.dsconfig import use_deepspeed
         from hierfed.placement.link import SplitClient, global_index
@@ -56,14 +58,14 @@ def run(rt, cfg) -> None:
         server = rt.placement.edges[spec.edge].servers(ks)[spec.rank]
         # the client's global grad norm across the cut, unless the edge is a DeepSpeed group (docs/split.md)
         global_clip = not use_deepspeed(cfg, len(rt.placement.edges[spec.edge].ranks))
-        trainer = SplitClient(rt.split_comm, server, built.model, k, cfg, rt.ledger, rt.poll, global_clip)
-        flat, mine_idx = trainer.flat, global_index(layout, trainer.flat)
+        trainer = split = SplitClient(rt.split_comm, server, built.model, k, cfg, rt.ledger, rt.poll, global_clip)
+        flat, mine_idx = split.flat, global_index(layout, split.flat)
 
     plan = rt.up.bcast_obj()
     # the frozen weights this rank holds (a split device: its part) must be the cloud's
     check_plan(plan, layout.dim, layout.fingerprint(), FlatView(built.model).base_hashes(), rt.role.name, part=k is not None)
-    if k is not None:
-        trainer.handshake(data[spec.clients[0]], task.kind == "causal_lm")
+    if split is not None:
+        split.handshake(data[spec.clients[0]], task.kind == "causal_lm")
     algo = build_client(cfg)  # the client side of the run's algorithm (FedProx, SCAFFOLD, FedNova; none: FedAvg's)
     link = child_link(rt.up, cfg, rt.placement.flat, "cloud" if rt.placement.flat else "edge", plan.dim, plan.start_round > 1,
                       algo.up_size(plan.dim, True))
@@ -72,14 +74,14 @@ def run(rt, cfg) -> None:
                       spec, lambda t: round_clients(cfg, rt.placement.num_clients, t))
     saved = RankState(Path(plan.out), rt.role.rank, cfg.checkpoint.keep)
     # state kept across rounds: error-feedback residuals, SCAFFOLD's c_i, a split device's persistent optimiser
-    persistent = k is not None and cfg.split.optimizer_state == "persistent"
+    persistent = split is not None and cfg.split.optimizer_state == "persistent"
     has_state = link.feedback is not None or algo.stateful or persistent
     if plan.start_round > 1 and has_state:
         resumed = saved.load(plan.start_round - 1)
         link.load_state_dict({n: v for n, v in resumed.items() if not n.startswith(("client/", "split/"))})
         algo.load_state_dict(unprefixed("client", resumed))
-        if persistent:
-            trainer.load_state_dict(unprefixed("split", resumed))
+        if split is not None and persistent:
+            split.load_state_dict(unprefixed("split", resumed))
     down = np.empty(algo.down_size(plan.dim), dtype=np.float32)  # what the parent sends once per cloud round
 
     edge_rounds = 1 if rt.placement.flat else cfg.schedule.tau2
@@ -100,7 +102,8 @@ def run(rt, cfg) -> None:
                 algo.receive_down(down)
             link.receive(params)
             own = params if mine_idx is None else params[mine_idx]  # the part of the model this rank holds
-            loss_sum, started, work = 0.0, time.perf_counter(), []
+            loss_sum, started = 0.0, time.perf_counter()
+            work: list[dict] = []
 
             def contribute(c: int, key: tuple[int, int], delta: np.ndarray, scale: float, loss: float, done: dict,
                            t: int = t, s: int = s, work: list = work) -> None:
@@ -135,7 +138,7 @@ def run(rt, cfg) -> None:
                 contribute(key[0], key, held[key][0], scale, *held.pop(key)[1:])
             compute_s = time.perf_counter() - started
             weight = link.send()
-            phases = trainer.phases.take() if k is not None else {}  # split devices: time per phase of the cut
+            phases = split.phases.take() if split is not None else {}  # split devices: time per phase of the cut
             sent = rt.ledger.take_round()
             share_of_uplink(work, sent)
             rt.up.gather_obj({"loss_sum": loss_sum, "weight": weight, "clients": len(work), "compute_s": compute_s, "phases": phases,
@@ -145,7 +148,7 @@ def run(rt, cfg) -> None:
                 time.sleep(8)  # meanwhile the cloud writes its own checkpoint of round t
                 raise RuntimeError(f"injected failure before saving round {t}")
             saved.save(t, {**link.state_dict(), **prefixed("client", algo.state_dict()),
-                           **(prefixed("split", trainer.state_dict()) if persistent else {})})
+                           **(prefixed("split", split.state_dict()) if split is not None and persistent else {})})
 
 
 def _agg_size(placement, spec, cfg, t: int) -> int:

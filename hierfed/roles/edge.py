@@ -6,6 +6,7 @@ on its own rank or sharded over its ranks with DeepSpeed ZeRO."""
 from __future__ import annotations
 
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -75,7 +76,7 @@ def run(rt, cfg) -> None:
                 start = local.astype(np.float32)
                 local, weight, telemetry, agg_s = aggregation_round(
                     down, local, strategy, receivers=receivers, rng=rng,
-                    while_children_work=lambda start=start, t=t, s=s, sampled=sampled: trainer.round(start, t, s, sampled), add_own=trainer.add_own,
+                    while_children_work=partial(trainer.round, start, t, s, sampled), add_own=trainer.add_own,
                 )
                 telemetry = telemetry + trainer.telemetry()
             weight_sum += weight
@@ -225,7 +226,7 @@ class EdgeSplit:
         task, shards, device, built, whole = _build_model(rt, cfg, plan)
         me = rt.placement.edges[rt.role.edge]
         split_devices = me.served(ks)
-        k = min(ks[d.rank] for d in split_devices)  # one upper stage: split_plan gave them all the same k
+        k = min(c for c in (ks[d.rank] for d in split_devices) if c is not None)  # one upper stage: split_plan gave them all the same k (served: none is None)
         # split device rank -> (client, weight); the ones this rank serves (EdgeSpec.servers)
         self.devices = {d.rank: (d.clients[0], len(shards[d.clients[0]])) for d in split_devices}
         self.mine = {d for d, r in me.servers(ks).items() if r == rt.role.rank}
@@ -235,7 +236,7 @@ class EdgeSplit:
             from hierfed.placement.zero import DeepSpeedServer
 
             _join_deepspeed_group(rt, cfg, device)
-            self.server = DeepSpeedServer(rt.split_comm, built.model, task.kind, k, cfg, rt.ledger, poll,
+            self.server: SplitServer = DeepSpeedServer(rt.split_comm, built.model, task.kind, k, cfg, rt.ledger, poll,
                                           rt.edge_group, rt.role.group_index == 0, len(split_devices), me.name, device)
         else:
             self.server = SplitServer(rt.split_comm, built.model, task.kind, k, cfg, rt.ledger, poll)
@@ -304,7 +305,7 @@ class EdgeLocal:
             from hierfed.placement.zero import DeepSpeedLocal
 
             _join_deepspeed_group(rt, cfg, device)
-            self.trainer = DeepSpeedLocal(built.model, cfg, rt.edge_group, me.name, device)
+            self.trainer: DeepSpeedLocal | LocalTrainer = DeepSpeedLocal(built.model, cfg, rt.edge_group, me.name, device)
             self.load, self.get = self.trainer.load, self.trainer.get
         else:
             self.trainer = LocalTrainer(built.model, cfg.train)
@@ -345,6 +346,7 @@ class EdgeLocal:
         if self.weight:
             from hierfed.strategy import Strategy
 
+            assert self.new is not None and self.start is not None  # round() set both when it set the weight
             reduced += Strategy.contribution(self.new - self.start, self.weight)
 
     def save(self, t: int) -> None:

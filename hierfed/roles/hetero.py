@@ -73,7 +73,7 @@ class ClientSchedule:
         self.timed = step_flops is not None
         self.weights: dict[int, float] = {}
         self.timing: dict[int, Timing] = {}
-        if self.timed:
+        if step_flops is not None:  # timed
             rates = Rates.from_config(cfg.sim)
             c = cfg.compression
             down, up = parse_codec(c.cloud_down if edge is None else c.edge_down), parse_codec(c.device_up)
@@ -118,9 +118,10 @@ class ClientSchedule:
         if self.plain:
             return [Job(c, steps, derive_seed(seed, t, s, c), (c, 0), True) for c in mine]
         if self.s.edge_mode == "fedbuff":
-            plan, out, seen = self.fedbuff(t, sampled), [], {}
-            arriving = {(a.client, a.attempt): a.weight for a in (plan.steps[s - 1] if s <= len(plan.steps) else [])}
-            for c, attempt in plan.trains.get(s - 1, []):
+            buf, out = self.fedbuff(t, sampled), []
+            seen: dict[int, int] = {}
+            arriving = {(a.client, a.attempt): a.weight for a in (buf.steps[s - 1] if s <= len(buf.steps) else [])}
+            for c, attempt in buf.trains.get(s - 1, []):
                 if c not in mine:
                     continue
                 n = seen[c] = seen.get(c, -1) + 1  # a client's n-th start from this version: its own seed

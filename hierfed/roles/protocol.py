@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from hierfed.comm.channel import Channel
+from hierfed.comm.channel import Channel, at_parent
 from hierfed.comm.codecs import parse_codec
 from hierfed.comm.links import Child, Parent
 from hierfed.errors import HierfedError
@@ -163,7 +163,7 @@ def aggregation_round(
         while_children_work()
     if not strategy.reducible:
         new, weight, agg_s = gathered_round(link, params, strategy, add_own)
-        return new, weight, link.channel.gather_obj(None), agg_s
+        return new, weight, at_parent(link.channel.gather_obj(None)), agg_s
     reduced = link.receive()
     t = time.perf_counter()
     if add_own is not None:
@@ -179,7 +179,7 @@ def aggregation_round(
         new, _ = strategy.aggregate(params, reduced, out=params)
         tier.absorb(extras, weight)
     agg_s = time.perf_counter() - t + link.decode_s
-    telemetry = link.channel.gather_obj(None)
+    telemetry = at_parent(link.channel.gather_obj(None))
     return new, weight, telemetry, agg_s
 
 

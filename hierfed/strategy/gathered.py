@@ -13,12 +13,15 @@ children with updates; `min_children` says the bound so the wiring can check a t
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from hierfed.strategy import robust
 from hierfed.strategy.base import Strategy, check_updates, unchanged
+
+if TYPE_CHECKING:
+    from hierfed.strategy.lora import LoraAggregate
 
 
 class GatheredStrategy(Strategy):
@@ -184,7 +187,7 @@ class LoraExact(GatheredStrategy):
     def __init__(self, server_lr: float = 1.0) -> None:
         super().__init__(server_lr)
         self.manifest: list[tuple[str, tuple[int, ...]]] | None = None
-        self.last = None
+        self.last: LoraAggregate | None = None
 
     def set_layout(self, manifest: list[tuple[str, tuple[int, ...]]]) -> None:
         from hierfed.strategy.lora import lora_modules

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,7 +27,7 @@ class Tokenized:
         return {"input_ids": self.input_ids[i].to(device), "attention_mask": self.attention_mask[i].to(device), "labels": self.labels[i].to(device)}
 
 
-def tokenize(tokenizer, examples: list[Example] | tuple[Example, ...], kind: str, max_length: int) -> Tokenized:
+def tokenize(tokenizer, examples: Sequence[Example], kind: str, max_length: int) -> Tokenized:
     if kind == "causal_lm" and examples and examples[0].messages is not None:  # instruction tuning: loss on responses
         from hierfed.training.instruct import tokenize_conversations
 

@@ -63,9 +63,15 @@ def encode(tokenizer, messages: Sequence[tuple[str, str]], max_length: int) -> t
     return ids, labels, cut
 
 
+def _conversation(e: Example) -> tuple[tuple[str, str], ...]:
+    if e.messages is None:
+        raise HierfedError("an instruction task's record has no conversation (messages); every record of a chat-format task needs one")
+    return e.messages
+
+
 def tokenize_conversations(tokenizer, examples: Sequence[Example], max_length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(input ids, attention mask, labels) of conversations, right-padded to the longest (at most max_length)."""
-    encoded = [encode(tokenizer, e.messages, max_length) for e in examples]
+    encoded = [encode(tokenizer, _conversation(e), max_length) for e in examples]
     width = max(len(ids) for ids, _, _ in encoded)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     input_ids = torch.full((len(encoded), width), pad, dtype=torch.long)
@@ -80,5 +86,5 @@ def tokenize_conversations(tokenizer, examples: Sequence[Example], max_length: i
 
 def truncation(tokenizer, examples: Sequence[Example], max_length: int) -> dict[str, int]:
     """How many conversations truncation shortened: records, prompt_truncated, response_truncated."""
-    cuts = [encode(tokenizer, e.messages, max_length)[2] for e in examples]
+    cuts = [encode(tokenizer, _conversation(e), max_length)[2] for e in examples]
     return {"records": len(cuts), "prompt_truncated": cuts.count("prompt"), "response_truncated": cuts.count("response")}

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from peft import PeftModel
+from transformers import GenerationMixin
 
 from hierfed.data import Example
 from hierfed.training.instruct import render
@@ -30,6 +32,8 @@ def pick(examples: Sequence[Example], n: int) -> list[Example]:
 def write_samples(model: torch.nn.Module, tokenizer, examples: Sequence[Example], path: Path, n: int = 4) -> None:
     """Per sample: the prompt (an instruction record's rendered prompt, or a record's first
     PROMPT_TOKENS tokens), the model's greedy continuation and the reference (response or rest)."""
+    if not isinstance(model, (PeftModel, GenerationMixin)):
+        raise TypeError(f"write_samples needs a generative model (a causal LM, optionally PEFT-wrapped); got {type(model).__name__}")
     model.eval()
     device = next(model.parameters()).device
     blocks = []

@@ -165,6 +165,8 @@ def test_classifier_pooling_refuses_a_text_ending_in_the_pad_token():
 def test_bad_model_and_cut_are_rejected():
     with pytest.raises(HierfedError, match="got t5"):
         split_model(SimpleNamespace(config=SimpleNamespace(model_type="t5")), "classification", 1)
+    with pytest.raises(HierfedError, match="needs a transformers model"):  # a gpt2 config on something else
+        split_model(SimpleNamespace(config=SimpleNamespace(model_type="gpt2")), "classification", 1)
     model, _ = build("gpt2", "classification")
     for k in (0, num_blocks(model)):
         with pytest.raises(HierfedError, match="split_layers"):
