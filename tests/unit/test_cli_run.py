@@ -2,24 +2,21 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from conftest import hierfed
 
 
 def one_line_error(*args: str) -> str:
-    t = time.monotonic()
+    """No timing bound here (it flaked on a loaded 2-core machine): "launching" not printed says it
+    failed before mpiexec started, and the 60 s timeout turns a hang into a failure."""
     res = hierfed("run", *args, timeout=60)
-    elapsed = time.monotonic() - t
     lines = [line for line in res.stderr.splitlines() if line.strip()]
     assert res.returncode == 2, (res.returncode, res.stdout, res.stderr)
     assert len(lines) == 1, res.stderr
     assert lines[0].startswith("hierfed: error: ")
     assert "Traceback" not in res.stderr + res.stdout
     assert "launching" not in res.stdout  # failed before mpiexec
-    assert elapsed < 20, f"took {elapsed:.1f}s"
     return lines[0]
 
 
