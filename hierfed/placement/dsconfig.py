@@ -25,10 +25,15 @@ SPLIT_FACTORS = ("the micro-batch is train.batch_size / split.micro_batches, rou
 LOCAL_FACTORS = "the micro-batch is train.batch_size / edge ranks, rounded up; accumulation is 1"
 
 
-def ds_config(cfg, micro_batch: int, accumulation: int, group: int, where: str, factors: str = SPLIT_FACTORS) -> dict:
+def ds_config(cfg, micro_batch: int, accumulation: int, group: int, where: str, factors: str = SPLIT_FACTORS,
+              clipping: bool = True) -> dict:
     """The DeepSpeed config of one edge group, checked with DeepSpeed's batch arithmetic:
-    train_batch_size = micro-batch per rank x gradient accumulation x group size."""
+    train_batch_size = micro-batch per rank x gradient accumulation x group size. `clipping`: DeepSpeed
+    clips by train.max_grad_norm (False: hierfed clips, by the global norm across the cut)."""
     ds = cfg.deepspeed
+    if not clipping and "gradient_clipping" in ds.config:
+        raise HierfedError(f"deepspeed ({where}): gradient_clipping in deepspeed.config: an edge with split devices clips by "
+                           f"train.max_grad_norm, across the cut (docs/split.md); set that instead")
     zero = {"stage": ds.zero_stage}
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
@@ -37,7 +42,7 @@ def ds_config(cfg, micro_batch: int, accumulation: int, group: int, where: str, 
         "gradient_accumulation_steps": accumulation,
         "train_batch_size": micro_batch * accumulation * group,
         "zero_optimization": zero,
-        "gradient_clipping": cfg.train.max_grad_norm or 0.0,
+        "gradient_clipping": (cfg.train.max_grad_norm or 0.0) if clipping else 0.0,
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
     }, ds.config)
@@ -57,9 +62,10 @@ def ds_config(cfg, micro_batch: int, accumulation: int, group: int, where: str, 
 
 def split_config(cfg, group: int, split_devices: int, where: str) -> dict:
     """An edge serving `split_devices` split devices on `group` ranks (device i -> rank i mod G):
-    every rank of the group builds this same config (DeepSpeed's counts are per group)."""
+    every rank of the group builds this same config (DeepSpeed's counts are per group). DeepSpeed's
+    own clipping is off: the edge clips by the norm across the cut (`zero.DeepSpeedServer`)."""
     m = cfg.split.micro_batches
-    return ds_config(cfg, -(-cfg.train.batch_size // m), m * -(-split_devices // group), group, where)
+    return ds_config(cfg, -(-cfg.train.batch_size // m), m * -(-split_devices // group), group, where, clipping=False)
 
 
 def local_config(cfg, group: int, where: str) -> dict:

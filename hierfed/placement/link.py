@@ -16,7 +16,9 @@ copy of the upper stage's trainable values and one optimiser per device for the 
 each copy on its own device's gradients (summed in micro-batch order), and the edge adds the
 copies' updates weighted by the devices' samples, as FedAvg weights every client. With
 train.max_grad_norm both sides clip by the client's global gradient norm: they exchange their
-squared partial norms (8 bytes each way, counted as `clip_norm`) before each step. Optimiser state
+squared partial norms (8 bytes each way, counted as `clip_norm`) before each step (a DeepSpeed edge,
+which trains one stage shared by its devices, answers with the squared norm of the whole step
+instead: `shared_squared_norm`, hierfed/placement/zero.py). Optimiser state
 is fresh every edge round (as every client's), or kept across rounds (`split.optimizer_state:
 persistent`, checkpointed on both sides). Message sizes are agreed once at start-up (a handshake).
 """
@@ -164,6 +166,16 @@ def clip_coefficient(squared_parts: tuple[float, float], max_norm: float) -> flo
     return min(1.0, max_norm / (total + 1e-6))
 
 
+def shared_squared_norm(stage: float, devices: dict[int, float], shares: dict[int, float]) -> float:
+    """The squared norm a DeepSpeed edge clips one step by (docs/split.md, DeepSpeed edges): the
+    shared upper stage's squared gradient norm plus its devices' squared partial norms weighted by
+    their shares of the samples (shares sum to 1), i.e. sum_d share_d (|g_d|^2 + |G|^2): the
+    sample-weighted mean over the devices of the squared global norm of what the step applies for
+    each (its own blocks' gradient and the shared stage's). One device: its global norm across the cut.
+    Summed in device order, so every rank of the group gets the same number."""
+    return stage + sum(shares[d] * devices[d] for d in sorted(devices))
+
+
 def scale_grads(flat: FlatView, coef: float) -> None:
     if coef < 1.0:
         with torch.no_grad():
@@ -187,10 +199,11 @@ def _step(flat: FlatView, opt: torch.optim.Optimizer) -> None:
 class SplitClient:
     """Device side: the embeddings and blocks [0, k) of a device-pruned model."""
 
-    def __init__(self, comm, server: int, model, k: int, cfg, ledger: Ledger, poll: bool, global_clip: bool = True) -> None:
+    def __init__(self, comm, server: int, model, k: int, cfg, ledger: Ledger, poll: bool, shared_stage: bool = False) -> None:
         self.comm, self.server, self.cfg, self.ledger, self.poll = comm, server, cfg, ledger, poll
-        # False: the edge is a DeepSpeed group, which clips the upper stage by its own norm (docs/split.md)
-        self.global_clip = global_clip
+        # True: the edge is a DeepSpeed group training one upper stage for all its split devices; it
+        # answers this device's squared partial norm with the squared norm the whole step is clipped by
+        self.shared_stage = shared_stage
         self.stage = DeviceStage(model, k)
         self.flat = FlatView(model)
         self.device = next(model.parameters()).device
@@ -248,18 +261,17 @@ class SplitClient:
         return total / steps, steps * bs
 
     def _clip(self) -> None:
-        """Clip by the client's global gradient norm: this side's squared norm for the edge's."""
+        """Clip by the global gradient norm across the cut: this side's squared norm for the edge's
+        (or, from a DeepSpeed edge, for the squared norm of the whole shared step)."""
         max_norm = self.cfg.train.max_grad_norm
         if max_norm is None:
             return
         mine = squared_norm(self.flat)
-        if self.global_clip:
-            requests, _out, got = exchange_norm(self.comm, self.server, mine, self.ledger, "up", self.poll)
-            wait_all(requests, self.poll)
-            self.phases.mark("wait_gradient")
-            scale_grads(self.flat, clip_coefficient((mine, float(got[0])), max_norm))
-        else:
-            scale_grads(self.flat, clip_coefficient((mine, 0.0), max_norm))
+        requests, _out, got = exchange_norm(self.comm, self.server, mine, self.ledger, "up", self.poll)
+        wait_all(requests, self.poll)
+        self.phases.mark("wait_gradient")
+        parts = (float(got[0]), 0.0) if self.shared_stage else (mine, float(got[0]))
+        scale_grads(self.flat, clip_coefficient(parts, max_norm))
 
     def _send(self, h: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, seed: int) -> tuple:
         """Send a micro-batch across the cut and post the receives of its gradient and loss."""

@@ -12,7 +12,10 @@ number of micro-steps per local step ("slots"): a rank with fewer micro-batches 
 runs zero-weight dummy micro-steps. Unlike the plain edge (one copy of the upper stage per split
 device, docs/split.md), the group trains one shared copy: each rank weights a device's losses by
 G x (the device's share of the active devices' samples), so ZeRO's mean over the group is the
-sample-weighted mean of the devices' gradients, and DeepSpeed clips the upper stage by its own norm.
+sample-weighted mean of the devices' gradients. With train.max_grad_norm the group clips by the
+norm across the cut (DeepSpeed's own clipping is off): the devices' squared partial norms, weighted
+by their shares, plus the shared stage's (`link.shared_squared_norm`); every device gets that number
+back and scales by the same factor.
 Federation across ZeRO: parameters are read with `safe_get_full_fp32_param` (gathered from the
 shards) and written to both the fp32 master shards and the module's (possibly partitioned)
 parameters; the optimiser state stays on the edge and is saved with DeepSpeed's own checkpoints.
@@ -36,9 +39,10 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
+from hierfed.comm.channel import wait_all
 from hierfed.errors import HierfedError
 from hierfed.placement.dsconfig import local_config, split_config
-from hierfed.placement.link import Phases, SplitServer
+from hierfed.placement.link import LINK, TAG_NORM, Phases, SplitServer, clip_coefficient, shared_squared_norm
 from hierfed.seeding import derive_seed
 from hierfed.training import local_rank
 
@@ -314,8 +318,40 @@ class DeepSpeedServer(SplitServer):
                     self.phases.mark("compute")
                     # The device's gradient is of its own loss: undo the group weighting.
                     self.reply(d, wire, weighted, derive_seed(devices[d], j, i, 3), scale)
+                if slot == slots - 1 and self.cfg.train.max_grad_norm is not None:
+                    self._clip(devices, shares)
                 self.engine.step()
                 self.phases.mark("step")
+
+    def _clip(self, devices: dict[int, int], shares: dict[int, float]) -> None:
+        """After the step's last backward, before engine.step(): clip the shared stage's gradient and
+        every active device's blocks by one factor, from `shared_squared_norm` of the shared stage's
+        squared gradient norm (gathered from the shards) and the devices' squared partial norms
+        (each device sends its own to its edge rank; this number goes back to it: 8 bytes each way,
+        `clip_norm`). The leader's number is every rank's, so the shards scale alike."""
+        from deepspeed.utils import safe_get_full_grad, safe_get_local_grad, safe_set_full_grad, safe_set_local_grad
+
+        got = {d: np.zeros(1, dtype=np.float64) for d in sorted(devices)}
+        wait_all([self.comm.Irecv(got[d], source=d, tag=TAG_NORM) for d in got], self.poll)
+        parts = {d: v for mine in self.group.allgather({d: float(g[0]) for d, g in got.items()}) for d, v in mine.items()}
+        params = [p for _, p in self.flat.params]
+        full = [safe_get_full_grad(p) for p in params]  # collective: every rank of the group, in the same order
+        stage = float(sum(float(g.double().pow(2).sum()) for g in full if g is not None))
+        total = self.group.bcast(shared_squared_norm(stage, parts, shares) if self.leader else None, root=0)
+        out = {d: np.array([total], dtype=np.float64) for d in got}
+        for d in out:
+            self.ledger.record(LINK, "down", out[d].nbytes, kind="clip_norm")
+        requests = [self.comm.Isend(out[d], dest=d, tag=TAG_NORM) for d in out]
+        coef = clip_coefficient((total, 0.0), self.cfg.train.max_grad_norm)
+        if coef < 1.0:
+            for p, g in zip(params, full):
+                if g is None:
+                    continue
+                if hasattr(p, "ds_id"):  # ZeRO-3: this rank's partition (safe_set_full_grad mis-cuts a padded one)
+                    safe_set_local_grad(p, safe_get_local_grad(p) * coef)
+                else:
+                    safe_set_full_grad(p, g * coef)  # ZeRO-1/2: writes this rank's shard
+        wait_all(requests, self.poll)
 
     def _dummy(self) -> None:
         """A zero-weight micro-step: keeps ZeRO's collectives in step when this rank has no micro-batch."""

@@ -56,9 +56,9 @@ def run(rt, cfg) -> None:
         layout_model = skeleton(cfg, task.kind, task.num_labels)
         layout = FlatView(layout_model)  # the whole model's, from its meta skeleton
         server = rt.placement.edges[spec.edge].servers(ks)[spec.rank]
-        # the client's global grad norm across the cut, unless the edge is a DeepSpeed group (docs/split.md)
-        global_clip = not use_deepspeed(cfg, len(rt.placement.edges[spec.edge].ranks))
-        trainer = split = SplitClient(rt.split_comm, server, built.model, k, cfg, rt.ledger, rt.poll, global_clip)
+        # a DeepSpeed edge trains one upper stage shared by its split devices (docs/split.md)
+        shared = use_deepspeed(cfg, len(rt.placement.edges[spec.edge].ranks))
+        trainer = split = SplitClient(rt.split_comm, server, built.model, k, cfg, rt.ledger, rt.poll, shared)
         flat, mine_idx = split.flat, global_index(layout, split.flat)
 
     plan = rt.up.bcast_obj()

@@ -33,10 +33,11 @@ def _topology(tmp_path, edge_ranks: int) -> str:
 
 
 def _config(tmp_path, **extra) -> str:
-    # Clipping off: under ZeRO, DeepSpeed clips the upper stage by its own norm, the plain edge by
-    # the client's global norm across the cut. Optimiser state kept across rounds: the resume test
-    # must restore it.
-    return _tiny_config(tmp_path, model={"source": "llama", "size": "tiny", "max_length": 24}, train={"max_grad_norm": None},
+    # Clipping on and binding (max_grad_norm 0.01): the ZeRO group must clip by the client's global
+    # norm across the cut, as the plain edge does (DeepSpeed's own clipping, by the upper stage's norm
+    # alone, and the device's by its blocks' alone, would not match). Optimiser state kept across
+    # rounds: the resume test must restore it.
+    return _tiny_config(tmp_path, model={"source": "llama", "size": "tiny", "max_length": 24}, train={"max_grad_norm": 0.01},
                         schedule={"rounds": 2, "tau1": 2, "tau2": 1}, split={"micro_batches": 2, "optimizer_state": "persistent"}, **extra)
 
 
@@ -53,11 +54,16 @@ def edge_losses(out) -> list[float]:
     return [r["loss"] for r in rows(out) if r["tier"] == "edge"]
 
 
-def _trained_like_plain(out, plain) -> None:
+def _trained_like_plain(out, plain, handshakes: int = 1) -> None:
     """A ZeRO run on 2 edges x 2 ranks against the single-rank reference: adapter, losses, and each
     group's own update, ZeRO state and memory."""
     np.testing.assert_allclose(final_params(out), final_params(plain), rtol=0, atol=ATOL)
     np.testing.assert_allclose(edge_losses(out), edge_losses(plain), rtol=1e-5)
+    # The devices send what they send to a plain edge: activations and, for clipping across the cut,
+    # their squared partial norms (8 bytes per step); a resumed job repeats the handshake (64 bytes
+    # per split device, 2 split devices).
+    up = [json.loads((o / "summary.json").read_text())["bytes"]["device-edge"]["up"] for o in (out, plain)]
+    assert up[0] == up[1] + (handshakes - 1) * 2 * 64
     # Both groups trained side by side and sent their own update; each saved its own ZeRO state.
     busy = {r["edge"]: r["seconds"]["edge_busy"] for r in rows(out) if r["tier"] == "edge"}
     assert set(busy) == {"edge0", "edge1"} and all(v > 0 for v in busy.values())
@@ -84,6 +90,6 @@ def test_resume_restores_zero_optimizer_state(plain, tmp_path):
     check_ok(mpirun(9, "run", topo, "--config", cfg, "--out", str(tmp_path / "parts"), "--resume"))
     # Equal to the uninterrupted run (the plain reference, to ATOL): with a fresh Adam state on the
     # edges the second round's upper-block steps would be ~lr-sized and differ far beyond ATOL.
-    _trained_like_plain(tmp_path / "parts", plain)
+    _trained_like_plain(tmp_path / "parts", plain, handshakes=2)
     summary = json.loads((tmp_path / "parts" / "summary.json").read_text())
     assert summary["rounds"] == 2

@@ -91,6 +91,14 @@ def test_deepspeed_batch_arithmetic_is_checked_before_launch() -> None:
     assert "deepspeed (edge0): train_batch_size 7 != micro-batch per rank" in msg
 
 
+def test_deepspeed_clipping_of_a_split_edge_is_train_max_grad_norm() -> None:
+    """A split edge clips across the cut itself (docs/split.md): DeepSpeed's own gradient_clipping
+    would clip the upper stage a second time, by its own norm."""
+    msg = one_line_error("zero-edges", "--set", "deepspeed.config.gradient_clipping=1.0")
+    assert msg == ("hierfed: error: deepspeed (edge0): gradient_clipping in deepspeed.config: an edge with split devices clips "
+                   "by train.max_grad_norm, across the cut (docs/split.md); set that instead")
+
+
 def test_an_edge_client_smaller_than_its_edge_group(write_yaml) -> None:
     topo = write_yaml("edges.yaml", {"name": "e", "edges": [{"name": "e0", "ranks": 3, "train_locally": True, "devices": [{"ranks": 1}]}]})
     run = write_yaml("run.yaml", {"data": {"train_samples": 4}, "train": {"batch_size": 8}})  # 2 clients of 2 examples

@@ -8,7 +8,7 @@ import pytest
 
 from hierfed.config import RunConfig
 from hierfed.errors import HierfedError
-from hierfed.placement.dsconfig import check_edges, ds_config, use_deepspeed
+from hierfed.placement.dsconfig import check_edges, ds_config, local_config, split_config, use_deepspeed
 from hierfed.topology import load_topology
 
 TOPOS = Path(__file__).resolve().parents[2] / "topologies"
@@ -23,6 +23,20 @@ def test_generated_config_satisfies_the_arithmetic() -> None:
     assert (conf["train_micro_batch_size_per_gpu"], conf["gradient_accumulation_steps"], conf["train_batch_size"]) == (4, 6, 48)
     assert conf["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu"}}
     assert conf["gradient_clipping"] == 1.0  # train.max_grad_norm
+
+
+def test_split_edges_clip_across_the_cut_not_in_deepspeed() -> None:
+    """An edge's own client is the whole model: DeepSpeed clips it by train.max_grad_norm. An edge
+    with split devices clips by the norm across the cut itself (zero.DeepSpeedServer), so DeepSpeed's
+    clipping is off there, and a gradient_clipping in deepspeed.config is refused."""
+    c = cfg(train={"max_grad_norm": 0.5})
+    assert local_config(c, 2, "edge0")["gradient_clipping"] == 0.5
+    assert split_config(c, 2, 2, "edge0")["gradient_clipping"] == 0.0
+    bad = cfg(deepspeed={"config": {"gradient_clipping": 0.5}})
+    assert local_config(bad, 2, "edge0")["gradient_clipping"] == 0.5
+    with pytest.raises(HierfedError, match=r"^deepspeed \(edge0\): gradient_clipping in deepspeed.config: an edge with split "
+                                           r"devices clips by train.max_grad_norm"):
+        split_config(bad, 2, 2, "edge0")
 
 
 def test_user_config_is_merged_and_checked() -> None:

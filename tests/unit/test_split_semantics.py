@@ -194,3 +194,175 @@ def test_memory_plan_counts_a_copy_and_an_optimiser_per_split_device():
     assert three.total - one.total == three.optimizer - one.optimizer
     zero = [memory.edge_estimate(cfg, "causal_lm", None, 1, 2, (1, False), n)[0].total for n in (1, 3)]
     assert zero[0] == zero[1]
+
+
+# --- DeepSpeed edges: one upper stage shared by the split devices (docs/split.md) ---------------
+
+class FakeLink:
+    """The devices' side of the norm exchange with a DeepSpeed edge, played in this process: `Irecv`
+    hands the edge a device's squared partial norm; `Isend` gives it the number the step is clipped
+    by, and the device clips by it and steps."""
+
+    def __init__(self, devices: dict) -> None:
+        self.devices, self.clipped = devices, []
+
+    def Irecv(self, buf, source, tag):  # noqa: N802 (mpi4py's name)
+        buf[0] = sum(float(p.grad.double().pow(2).sum()) for p in self.devices[source]["params"])
+        return Done()
+
+    def Isend(self, buf, dest, tag):  # noqa: N802
+        dev = self.devices[dest]
+        coef = link.clip_coefficient((float(buf[0]), 0.0), MAX_NORM)
+        self.clipped.append(coef < 1)
+        with torch.no_grad():
+            for p in dev["params"]:
+                p.grad.mul_(coef)
+        dev["opt"].step()
+        dev["opt"].zero_grad(set_to_none=True)
+        return Done()
+
+
+def _shared_reference(model0, batches: dict, up_idx: np.ndarray, optimizer_state: str, cfg) -> np.ndarray:
+    """Plain torch, the shared-stage semantics: per step every device computes its loss on the uncut
+    model through the one shared upper stage; the shared stage steps on the sample-weighted mean of the
+    devices' upper gradients, each device on its own blocks' gradient; all are scaled by one factor
+    from sqrt(|G|^2 + sum_d w_d |g_d|^2) (torch's clip_grad_norm_ arithmetic over [G, sqrt(w_d) g_d]).
+    The round's result: the shared stage, and the sample-weighted mean of the devices' blocks."""
+    total_n = sum(SIZES.values())
+    w = {d: n / total_n for d, n in SIZES.items()}
+    models = {d: copy.deepcopy(model0) for d in SIZES}
+    shared = copy.deepcopy(model0)
+    x = FlatView(model0).get().astype(np.float64)
+    upper = np.zeros(len(x), dtype=bool)
+    upper[up_idx] = True
+
+    def split_params(m):
+        flat = FlatView(m)
+        idx = [np.arange(a, b) for a, b in zip(flat.offsets[:-1], flat.offsets[1:])]
+        return ([p for (_, p), i in zip(flat.params, idx) if upper[i].all()], [p for (_, p), i in zip(flat.params, idx) if not upper[i].any()])
+
+    shared_up, _ = split_params(shared)
+    opts: dict = {}
+    for r in range(ROUNDS):
+        for m in [*models.values(), shared]:
+            FlatView(m).set(x.astype(np.float32))
+        if optimizer_state == "fresh" or not opts:
+            opts = {"shared": make_optimizer(shared_up, cfg.train), **{d: make_optimizer(split_params(m)[1], cfg.train) for d, m in models.items()}}
+        for j in range(STEPS):
+            grads_up = [torch.zeros_like(p) for p in shared_up]
+            sq_lower = {}
+            for d, m in models.items():
+                up, low = split_params(m)
+                with torch.no_grad():
+                    for p, s in zip(up, shared_up):
+                        p.copy_(s)
+                m(**batches[r][d][j]).loss.backward()
+                for acc, p in zip(grads_up, up):
+                    acc += w[d] * p.grad
+                sq_lower[d] = sum(float(p.grad.double().pow(2).sum()) for p in low)
+                for p in up:
+                    p.grad = None
+            total = sum(float(g.double().pow(2).sum()) for g in grads_up) + sum(w[d] * sq_lower[d] for d in SIZES)
+            coef = min(1.0, MAX_NORM / (total**0.5 + 1e-6))
+            for p, g in zip(shared_up, grads_up):
+                p.grad = g * coef
+            for m in models.values():
+                for p in split_params(m)[1]:
+                    p.grad.mul_(coef)
+            for opt in opts.values():
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        new = x.copy()
+        new[upper] = FlatView(shared).get().astype(np.float64)[upper]
+        new[~upper] = sum(w[d] * FlatView(m).get().astype(np.float64)[~upper] for d, m in models.items())
+        x = new
+    return x
+
+
+class InProcessDeepSpeed:
+    """The real DeepSpeedServer on a group of one (gloo, COMM_SELF), its wire replaced as above."""
+
+    @staticmethod
+    def make(cfg, edge_model, monkeypatch):
+        from deepspeed.utils import groups
+        from mpi4py import MPI
+
+        from hierfed.placement import zero
+
+        # DeepSpeed caches the groups it made from the process group of an earlier test in this process
+        for name in ("_WORLD_GROUP", "_DATA_PARALLEL_GROUP", "_ZERO_PARAM_INTRA_PARALLEL_GROUP"):
+            monkeypatch.setattr(groups, name, None)
+
+        class Server(zero.DeepSpeedServer):
+            attach, arrivals = InProcessServer.attach, InProcessServer.arrivals
+
+            def reply(self, d, wire, loss, seed, scale=1.0):
+                self.pending[d].pop(0).backward(wire.grad / scale)
+
+        zero.init_group(MPI.COMM_SELF, True, "gloo", torch.device("cpu"))
+        return Server(None, edge_model, "classification", K, cfg, Ledger(), False, MPI.COMM_SELF, True, len(SIZES), "edge0", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("stage, optimizer_state", [(2, "fresh"), (3, "persistent")])
+def test_deepspeed_edge_trains_one_shared_stage(stage, optimizer_state, monkeypatch):
+    """A DeepSpeed edge serving two split devices of different sizes (docs/split.md, DeepSpeed edges):
+    one upper stage on the sample-weighted mean gradient, clipping on and binding by the norm across
+    the cut, optimiser state fresh or kept, 2 rounds of 3 steps, against `_shared_reference`. Fails
+    with DeepSpeed's own clipping (by the upper stage's norm), an unweighted mean, or state that is
+    kept when it should be fresh."""
+    import torch.distributed as dist
+
+    cfg = RunConfig(train={"optimizer": "sgd", "momentum": 0.9, "lr": 0.05, "batch_size": 4, "max_grad_norm": MAX_NORM},
+                    split={"optimizer_state": optimizer_state, "micro_batches": 2}, deepspeed={"zero_stage": stage})
+    built = build_model(cfg.model.model_copy(update={"source": "llama", "size": "tiny"}), cfg.peft, "classification", 3, seed=0)
+    model0 = built.model
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _, p in model0.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    model0.eval()
+    data = {d: _data(built.tokenizer, n, 3 * d) for d, n in SIZES.items()}
+    batches = [{d: _batches(data[d], 100 * r + d) for d in SIZES} for r in range(ROUNDS)]
+    whole = FlatView(model0)
+    edge_model = copy.deepcopy(model0)
+    prune_for_edge(edge_model, K)
+    up_idx = link.global_index(whole, FlatView(edge_model))
+    devices = {}
+    for d in SIZES:
+        m = copy.deepcopy(model0)
+        stage_d = DeviceStage(m, K)
+        params = [p for p in stage_d.parameters() if p.requires_grad]
+        low = np.setdiff1d(np.arange(whole.dim), up_idx)
+        devices[d] = {"stage": stage_d, "params": params, "flat": FlatView(m), "idx": low, "opt": None}
+
+    server = InProcessDeepSpeed.make(cfg, edge_model, monkeypatch)
+    try:
+        server.shapes = {d: link.Shapes(16, model0.config.hidden_size, (2, 2), False) for d in SIZES}
+        server.comm = fake = FakeLink(devices)
+        server.make_optimizer()
+        x = whole.get().astype(np.float64)
+        shares = {d: n / sum(SIZES.values()) for d, n in SIZES.items()}
+        for r in range(ROUNDS):
+            server.attach(devices, batches[r])
+            server.load(x[up_idx].astype(np.float32))
+            total = np.zeros_like(x)
+            for dev in devices.values():
+                dev["flat"].set(x.astype(np.float32))
+                if optimizer_state == "fresh" or dev["opt"] is None:
+                    dev["opt"] = make_optimizer(dev["params"], cfg.train)
+            server.serve({d: 0 for d in SIZES}, STEPS, shares)
+            for d, dev in devices.items():
+                total[dev["idx"]] += SIZES[d] * (dev["flat"].get()[dev["idx"]].astype(np.float64) - x[dev["idx"]])
+            total[up_idx] += server.update({d: float(n) for d, n in SIZES.items()})
+            x = x + total / sum(SIZES.values())
+        norm_bytes = server.ledger.total[(link.LINK, "down", "clip_norm")]
+    finally:
+        server.engine.destroy()
+        dist.destroy_process_group()
+
+    assert any(fake.clipped) and len(fake.clipped) == ROUNDS * STEPS * len(SIZES)
+    ref = _shared_reference(model0, batches, up_idx, optimizer_state, cfg)
+    assert np.abs(ref - whole.get()).max() > 1e-3
+    np.testing.assert_allclose(x, ref, rtol=0, atol=1e-6)
+    assert norm_bytes == 8 * ROUNDS * STEPS * len(SIZES)  # one float64 back to each device per step
