@@ -94,20 +94,48 @@ def _whole_reference(model0, batches: dict, optimizer_state: str, cfg) -> np.nda
     return x
 
 
+def _model_and_batches(cfg):
+    """The tiny Llama both split tests start from, with randomised adapters (LoRA B starts at 0:
+    every gradient non-zero) and no dropout (the comparison is deterministic), and each round's
+    batches per device."""
+    built = build_model(cfg.model.model_copy(update={"source": "llama", "size": "tiny"}), cfg.peft, "classification", 3, seed=0)
+    model0 = built.model
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _, p in model0.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    model0.eval()
+    data = {d: _data(built.tokenizer, n, 3 * d) for d, n in SIZES.items()}
+    return model0, [{d: _batches(data[d], 100 * r + d) for d in SIZES} for r in range(ROUNDS)]
+
+
+def _federate(server, devices, batches, start, up_idx, optimizer_state, cfg, shares) -> np.ndarray:
+    """ROUNDS edge rounds of the split devices under `server`, from the whole model's values `start`:
+    each device's update covers its own blocks, the server's its upper stage; the edge's FedAvg
+    weights them by samples. Returns the whole model's values after the last round."""
+    x = start.astype(np.float64)
+    for r in range(ROUNDS):
+        server.attach(devices, batches[r])
+        server.load(x[up_idx].astype(np.float32))
+        total = np.zeros_like(x)
+        for dev in devices.values():
+            dev["flat"].set(x.astype(np.float32))
+            if optimizer_state == "fresh" or dev["opt"] is None:
+                dev["opt"] = make_optimizer(dev["params"], cfg.train)
+        server.serve({d: 0 for d in SIZES}, STEPS, shares)
+        for d, dev in devices.items():
+            total[dev["idx"]] += SIZES[d] * (dev["flat"].get()[dev["idx"]].astype(np.float64) - x[dev["idx"]])
+        total[up_idx] += server.update({d: float(n) for d, n in SIZES.items()})
+        x = x + total / sum(SIZES.values())
+    return x
+
+
 @pytest.mark.parametrize("optimizer_state", ["fresh", "persistent"])
 def test_split_server_trains_like_whole_model_clients(optimizer_state, monkeypatch):
     cfg = RunConfig(train={"optimizer": "sgd", "momentum": 0.9, "lr": 0.05, "batch_size": 4, "max_grad_norm": MAX_NORM},
                     split={"optimizer_state": optimizer_state})
-    built = build_model(cfg.model.model_copy(update={"source": "llama", "size": "tiny"}), cfg.peft, "classification", 3, seed=0)
-    model0 = built.model
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # LoRA B starts at 0: randomise the adapters so every gradient is non-zero
-        for _, p in model0.named_parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=gen) * 0.05)
-    model0.eval()  # no dropout: the comparison is deterministic
-    data = {d: _data(built.tokenizer, n, 3 * d) for d, n in SIZES.items()}
-    batches = [{d: _batches(data[d], 100 * r + d) for d in SIZES} for r in range(ROUNDS)]
+    model0, batches = _model_and_batches(cfg)
 
     whole = FlatView(model0)
     edge_model = copy.deepcopy(model0)
@@ -142,20 +170,7 @@ def test_split_server_trains_like_whole_model_clients(optimizer_state, monkeypat
         return [Done(), Done()], None, np.array([sq])
 
     monkeypatch.setattr(link, "exchange_norm", exchange)
-    x = whole.get().astype(np.float64)
-    for r in range(ROUNDS):
-        server.attach(devices, batches[r])
-        server.load(x[up_idx].astype(np.float32))
-        total = np.zeros_like(x)
-        for dev in devices.values():
-            dev["flat"].set(x.astype(np.float32))
-            if optimizer_state == "fresh" or dev["opt"] is None:
-                dev["opt"] = make_optimizer(dev["params"], cfg.train)
-        server.serve({d: 0 for d in SIZES}, STEPS, {})
-        for d, dev in devices.items():  # each device's update covers its own blocks
-            total[dev["idx"]] += SIZES[d] * (dev["flat"].get()[dev["idx"]].astype(np.float64) - x[dev["idx"]])
-        total[up_idx] += server.update({d: float(n) for d, n in SIZES.items()})
-        x = x + total / sum(SIZES.values())
+    x = _federate(server, devices, batches, whole.get(), up_idx, optimizer_state, cfg, {})
 
     assert any(clipped) and len(clipped) == ROUNDS * STEPS * len(SIZES)
     ref = _whole_reference(model0, batches, optimizer_state, cfg)
@@ -314,16 +329,7 @@ def test_deepspeed_edge_trains_one_shared_stage(stage, optimizer_state, monkeypa
 
     cfg = RunConfig(train={"optimizer": "sgd", "momentum": 0.9, "lr": 0.05, "batch_size": 4, "max_grad_norm": MAX_NORM},
                     split={"optimizer_state": optimizer_state, "micro_batches": 2}, deepspeed={"zero_stage": stage})
-    built = build_model(cfg.model.model_copy(update={"source": "llama", "size": "tiny"}), cfg.peft, "classification", 3, seed=0)
-    model0 = built.model
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for _, p in model0.named_parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=gen) * 0.05)
-    model0.eval()
-    data = {d: _data(built.tokenizer, n, 3 * d) for d, n in SIZES.items()}
-    batches = [{d: _batches(data[d], 100 * r + d) for d in SIZES} for r in range(ROUNDS)]
+    model0, batches = _model_and_batches(cfg)
     whole = FlatView(model0)
     edge_model = copy.deepcopy(model0)
     prune_for_edge(edge_model, K)
@@ -341,21 +347,8 @@ def test_deepspeed_edge_trains_one_shared_stage(stage, optimizer_state, monkeypa
         server.shapes = {d: link.Shapes(16, model0.config.hidden_size, (2, 2), False) for d in SIZES}
         server.comm = fake = FakeLink(devices)
         server.make_optimizer()
-        x = whole.get().astype(np.float64)
         shares = {d: n / sum(SIZES.values()) for d, n in SIZES.items()}
-        for r in range(ROUNDS):
-            server.attach(devices, batches[r])
-            server.load(x[up_idx].astype(np.float32))
-            total = np.zeros_like(x)
-            for dev in devices.values():
-                dev["flat"].set(x.astype(np.float32))
-                if optimizer_state == "fresh" or dev["opt"] is None:
-                    dev["opt"] = make_optimizer(dev["params"], cfg.train)
-            server.serve({d: 0 for d in SIZES}, STEPS, shares)
-            for d, dev in devices.items():
-                total[dev["idx"]] += SIZES[d] * (dev["flat"].get()[dev["idx"]].astype(np.float64) - x[dev["idx"]])
-            total[up_idx] += server.update({d: float(n) for d, n in SIZES.items()})
-            x = x + total / sum(SIZES.values())
+        x = _federate(server, devices, batches, whole.get(), up_idx, optimizer_state, cfg, shares)
         norm_bytes = server.ledger.total[(link.LINK, "down", "clip_norm")]
     finally:
         server.engine.destroy()
