@@ -26,10 +26,14 @@ def torch_extensions_dir() -> Path:
     return Path(sys.prefix) / "torch_extensions" if in_venv else ROOT / ".torch_extensions"
 
 
+# The jobs and the tests that start DeepSpeed in this process (tests/unit/test_split_semantics.py)
+# load the one build; a TORCH_EXTENSIONS_DIR already set wins.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(torch_extensions_dir()))
+
+
 def job_env() -> dict[str, str]:
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(torch_extensions_dir()))  # a TORCH_EXTENSIONS_DIR already set wins
     env.pop("HIERFED_INJECT_FAILURE", None)
     env.pop("HIERFED_INJECT_ATTACK", None)
     return env
@@ -77,3 +81,38 @@ def default_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("default") / "run"
     proc = mpirun(7, "run", "topologies/default.yaml", "--out", str(out))
     return out, proc
+
+
+# The multilingual LM job: causal LM on three languages' fortunes (Debian's packages), clients by
+# language (4 clients, 3 languages: de has two), a tiny GPT-2 fully fine-tuned. Its loss falls from
+# ~ln|V| all along, so it tells a codec that learns less from one that does not (the topics task
+# saturates near 0.99 accuracy with MiniLM, and a tiny GPT-2 does not learn the fortunes categories
+# in a CI budget). tests/mpi/test_compression.py runs it by uplink compression, test_workloads.py
+# reads its per-language metrics.
+LM_DATA = {"source": "fortunes", "task": "lm", "languages": ["en", "de", "zh"], "partition": "shelves", "eval_samples": 48}
+LM_ROUNDS = 3
+
+
+@pytest.fixture(scope="session")
+def lm_job(tmp_path_factory):
+    """`lm_job(compression)`: the LM job's output directory with that `compression` section (same
+    seed every time), each distinct job run once per session."""
+    import json
+
+    done: dict[str, Path] = {}
+
+    def run(compression: dict) -> Path:
+        key = json.dumps(compression, sort_keys=True)
+        if key not in done:
+            tmp = tmp_path_factory.mktemp("lm")
+            cfg = {"model": {"source": "gpt2", "size": "tiny", "max_length": 32}, "peft": {"method": "none"}, "data": LM_DATA,
+                   "train": {"lr": 0.01, "batch_size": 8}, "schedule": {"rounds": LM_ROUNDS, "tau1": 2, "tau2": 1},
+                   "compression": compression, "runtime": {"progress": False}}
+            (tmp / "run.yaml").write_text(yaml.safe_dump(cfg))
+            proc = mpirun(7, "run", "--config", str(tmp / "run.yaml"), "--out", str(tmp / "out"))
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            done[key] = tmp / "out"
+        return done[key]
+
+    return run
+

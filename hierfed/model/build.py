@@ -163,13 +163,12 @@ def peft_config(cfg: PeftConfig, kind: str):
     task = TaskType.SEQ_CLS if kind == "classification" else TaskType.CAUSAL_LM
     common: dict[str, Any] = dict(task_type=task, target_modules=cfg.target_modules)
     conf: LoraConfig | LoHaConfig | LoKrConfig | IA3Config
-    # peft annotates alpha as int; it is a float scale (alpha / r), and peft computes with it as one
     if cfg.method == "lora":
-        conf = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, **common, **cfg.options)  # type: ignore[arg-type]
+        conf = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, **common, **cfg.options)
     elif cfg.method == "loha":
-        conf = LoHaConfig(r=cfg.r, alpha=cfg.alpha, module_dropout=cfg.dropout, **common, **cfg.options)  # type: ignore[arg-type]
+        conf = LoHaConfig(r=cfg.r, alpha=cfg.alpha, module_dropout=cfg.dropout, **common, **cfg.options)
     elif cfg.method == "lokr":
-        conf = LoKrConfig(r=cfg.r, alpha=cfg.alpha, module_dropout=cfg.dropout, **common, **cfg.options)  # type: ignore[arg-type]
+        conf = LoKrConfig(r=cfg.r, alpha=cfg.alpha, module_dropout=cfg.dropout, **common, **cfg.options)
     else:
         conf = IA3Config(**common, **cfg.options)
     return conf

@@ -140,7 +140,10 @@ def test_job_script_sizes_itself_and_a_killed_requeued_job_equals_an_uninterrupt
         assert _wait_state(job, {"FAILED", "COMPLETED", "CANCELLED", "NODE_FAIL"}, 120) == "FAILED"
         assert (out / "checkpoints" / "latest").read_text().strip() != "round-0004"  # it did not finish
         check_ok(run(["scontrol", "requeue", job], timeout=60))
-        check_ok(run(["scontrol", "update", f"jobid={job}", "StartTime=now"], timeout=60))  # Slurm holds a requeued job ~2 min
+        # Slurm holds a requeued job ~2 min; start it in a few seconds instead, not at once: slurmd
+        # revoked the killed run's job credential, to the second, and a run started within that second
+        # gets a credential it takes for revoked ("Killing non-startable batch job": FAILED again).
+        check_ok(run(["scontrol", "update", f"jobid={job}", "StartTime=now+3"], timeout=60))
         _wait_state(job, {"PENDING", "CONFIGURING", "RUNNING", "COMPLETED"}, 60)  # requeued: no longer the old FAILED
         assert _wait_state(job, {"FAILED", "COMPLETED", "CANCELLED"}, 300) == "COMPLETED", log.read_text()[-3000:]
     finally:

@@ -17,8 +17,8 @@ def test_ruff_is_clean() -> None:
 
 
 def test_mypy_is_clean() -> None:
-    # The repository's .mypy_cache (gitignored): a fresh clone pays the cold run once (about a minute
-    # of one core, most of it reading torch's and transformers' types), later runs take seconds.
+    # The repository's .mypy_cache (gitignored): a fresh clone pays the cold run once (about 20 s of
+    # one core, most of it reading torch's types), later runs take seconds.
     mypy = Path(sys.executable).parent / "mypy"
     proc = subprocess.run([str(mypy)], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
