@@ -69,3 +69,36 @@ def read_run(out: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     summary = json.loads((out / "summary.json").read_text())
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return summary, rows
+
+
+def sweep_points(spec: str, out: str | None, sets: list[str] | None, script: str):
+    """A finished (or partly finished) sweep read back for a benchmark table: the Sweep, its
+    resolved points, the cloud rows grouped {condition: {point: rows}}, and the accuracy target."""
+    from hierfed.experiments.report import collect, target_for
+    from hierfed.experiments.sweep import load_sweep, plan
+
+    sweep = load_sweep(spec, out, sets)
+    resolved = plan(sweep)
+    rows = collect(sweep, resolved)
+    if not rows:
+        raise SystemExit(f"{script}: no finished point under {sweep.out} (run `hierfed sweep {spec}` first)")
+    conditions: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for r in rows:
+        conditions.setdefault(r["condition"], {}).setdefault(r["point"], []).append(r)
+    target, _ = target_for(sweep, conditions, "eval_accuracy")
+    return sweep, resolved, conditions, target
+
+
+def sweep_table_main(doc: str, spec: str, table, argv: list[str] | None = None) -> int:
+    """The command line of a script that tabulates a sweep: [SPEC] [--out DIR] [--set KEY=VALUE]."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("spec", nargs="?", default=str(ROOT / "launch" / "sweeps" / spec))
+    p.add_argument("--out", help=f"the sweep's directory (default: the spec's, sweeps/{Path(spec).stem})")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="as given to `hierfed sweep` (a point is read only if its run config still matches)")
+    args = p.parse_args(argv)
+    _, md = table(args.spec, args.out, args.overrides)
+    print(md)
+    return 0

@@ -19,16 +19,13 @@ hetero.json. Values are mean ± standard deviation over the seeds.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
 from pathlib import Path
 from typing import Any
 
-from common import ROOT
-from hierfed.experiments.report import collect, target_for
-from hierfed.experiments.sweep import load_sweep, plan
+from common import sweep_points, sweep_table_main
 
 
 def _stat(values: list[float], digits: int = 2) -> str:
@@ -51,15 +48,7 @@ def participation(point_dir: Path) -> dict[str, float]:
 
 
 def table(spec: str, out: str | None, sets: list[str] | None = None) -> tuple[list[dict[str, Any]], str]:
-    sweep = load_sweep(spec, out, sets)
-    resolved = plan(sweep)
-    rows = collect(sweep, resolved)
-    if not rows:
-        raise SystemExit(f"bench/hetero.py: no finished point under {sweep.out} (run `hierfed sweep {spec}` first)")
-    conditions: dict[str, dict[str, list[dict[str, Any]]]] = {}
-    for r in rows:
-        conditions.setdefault(r["condition"], {}).setdefault(r["point"], []).append(r)
-    target, _ = target_for(sweep, conditions, "eval_accuracy")
+    sweep, resolved, conditions, target = sweep_points(spec, out, sets, "bench/hetero.py")
     dirs = {r.point.slug: r.point.dir for r in resolved}
     result = []
     for cond, pts in conditions.items():
@@ -103,15 +92,7 @@ def table(spec: str, out: str | None, sets: list[str] | None = None) -> tuple[li
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("spec", nargs="?", default=str(ROOT / "launch" / "sweeps" / "hetero.yaml"))
-    p.add_argument("--out", help="the sweep's directory (default: the spec's, sweeps/hetero)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="as given to `hierfed sweep` (a point is read only if its run config still matches)")
-    args = p.parse_args(argv)
-    _, md = table(args.spec, args.out, args.overrides)
-    print(md)
-    return 0
+    return sweep_table_main(__doc__, "hetero.yaml", table, argv)
 
 
 if __name__ == "__main__":
