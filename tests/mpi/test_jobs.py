@@ -286,7 +286,10 @@ def test_a_rank_killed_with_sigkill_ends_the_job_naming_it(tmp_path):
             os.killpg(job.pid, signal.SIGKILL)
     assert job.returncode != 0
     roles = {r["rank"]: r["role"] for r in json.loads((out / "ranks.json").read_text())}
-    assert f"hierfed: error: rank 4 ({roles[4]}, pid {victim} on node" in output and "first rank to end" in output, output[-2000:]
+    # named first: alone, or with a rank that mpiexec ended within the same poll of the launcher
+    named = f"rank 4 ({roles[4]}, pid {victim} on node"
+    assert f"hierfed: error: {named}" in output and "first rank to end" in output \
+        or named in output and "were the first ranks to end (seen together)" in output, output[-2000:]
     print(f"the job ended {ended:.1f} s after rank 4 was killed")  # pytest -s shows it
     assert ended < 60, f"the job took {ended:.1f} s to end after rank 4 was killed"
 
