@@ -29,15 +29,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from common import sweep_points, sweep_table_main
-
-
-def _stat(values: list[float], digits: int = 3) -> str:
-    if not values:
-        return "–"
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.fmean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+from common import mean_sd, sweep_points, sweep_table_main
 
 
 def findings(point_dir: Path) -> dict[str, list[float]]:
@@ -94,8 +86,8 @@ def table(spec: str, out: str | None, sets: list[str] | None = None) -> tuple[li
             notes.append(f"clipped {100 * r['clipped_share']:.0f}% of updates")
         if r["residual_energy"] is not None:
             notes.append(f"residual energy {r['residual_energy']:.3g}")
-        lines.append(f"| {r['condition'].split('=', 1)[-1]} | {r['seeds']} | {_stat(r['accuracy_final'])} (R = {r['rounds']}) | "
-                     f"{r['reached']} | {_stat(r['rounds_to_target'], 1) if r['rounds_to_target'] else 'not reached'} | "
+        lines.append(f"| {r['condition'].split('=', 1)[-1]} | {r['seeds']} | {mean_sd(r['accuracy_final'])} (R = {r['rounds']}) | "
+                     f"{r['reached']} | {mean_sd(r['rounds_to_target'], 1) if r['rounds_to_target'] else 'not reached'} | "
                      f"{r['bytes_device_edge_up'] / 1e3:.1f} | {r['bytes_device_edge_down'] / 1e3:.1f} | "
                      f"{r['bytes_edge_cloud_up'] / 1e3:.1f} | {r['bytes_edge_cloud_down'] / 1e3:.1f} | "
                      f"{'–' if ratio is None else f'{ratio:.2f}'} | {'; '.join(notes)} |")

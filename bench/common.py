@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -69,6 +70,15 @@ def read_run(out: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     summary = json.loads((out / "summary.json").read_text())
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return summary, rows
+
+
+def mean_sd(values: list[float], digits: int = 3) -> str:
+    """Values over seeds as "mean ± standard deviation" (one value as itself, none as "–")."""
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.fmean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def sweep_points(spec: str, out: str | None, sets: list[str] | None, script: str):

@@ -25,15 +25,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from common import sweep_points, sweep_table_main
-
-
-def _stat(values: list[float], digits: int = 2) -> str:
-    if not values:
-        return "–"
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.fmean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+from common import mean_sd, sweep_points, sweep_table_main
 
 
 def participation(point_dir: Path) -> dict[str, float]:
@@ -78,9 +70,9 @@ def table(spec: str, out: str | None, sets: list[str] | None = None) -> tuple[li
         sampled, available, dropped = mean("sampled") or 0.0, mean("available") or 0.0, mean("dropped") or 0.0
         late, partial = mean("late") or 0.0, mean("partial") or 0.0
         full = mean("arrivals") if fedbuff else available - dropped - late
-        cells = [r["condition"].split("=")[-1], str(r["seeds"]), f"{_stat(r['accuracy_final'], 3)} (R = {r['rounds']})",
-                 _stat(r["accuracy_best"], 3), r["reached"], _stat(r.get("sim_s_to_target", []), 1),
-                 _stat(r["sim_s_per_round"], 2), f"{full:.1f}", f"{partial:.1f}", f"{late - partial:.1f}",
+        cells = [r["condition"].split("=")[-1], str(r["seeds"]), f"{mean_sd(r['accuracy_final'], 3)} (R = {r['rounds']})",
+                 mean_sd(r["accuracy_best"], 3), r["reached"], mean_sd(r.get("sim_s_to_target", []), 1),
+                 mean_sd(r["sim_s_per_round"], 2), f"{full:.1f}", f"{partial:.1f}", f"{late - partial:.1f}",
                  f"{dropped:.1f}", f"{sampled - available:.1f}",
                  f"{mean('discarded'):.1f}" if fedbuff else "–",
                  f"{mean('staleness_mean'):.2f}" if mean("staleness_mean") is not None else "–"]
