@@ -302,8 +302,9 @@ class PrivacyConfig(_Section):
             if self.noise_multiplier <= 0:
                 raise ValueError("privacy.adaptive_clip needs privacy.noise_multiplier > 0 (the clip norm is kept by the tier that adds the noise)")
             if self.noise_at == "distributed":
-                raise ValueError("privacy.adaptive_clip with noise_at: distributed is not supported (the clipped-count would need "
-                                 "its own distributed noise); use noise_at: edge, or cloud on a flat topology")
+                raise ValueError("privacy.adaptive_clip with noise_at: distributed is not supported: the edge is not trusted, so each "
+                                 "client would add its share of the count's noise N(0, σ_b²) to its b − ½ and mask it with its update "
+                                 "under SecAgg, which is not implemented; use noise_at: edge or cloud")
             if 2 * self.adaptive_clip.count_stddev <= self.noise_multiplier:
                 raise ValueError(f"privacy.adaptive_clip.count_stddev {self.adaptive_clip.count_stddev:g} must exceed noise_multiplier/2 "
                                  f"= {self.noise_multiplier / 2:g}: the count's noise is paid from noise_multiplier (docs/privacy.md)")

@@ -13,8 +13,9 @@ from hierfed.privacy.setup import (
            wrap_child,
            wrap_parent,
            wrap_strategy,
+           wrap_up,
 )
 from hierfed.privacy.transport import PrivateChild
 
 __all__ = ["Accountant", "NoisySum", "PrivateChild", "budget", "check_privacy", "clip_to_norm", "noise_tier", "wrap_child", "wrap_parent",
-           "wrap_strategy"]
+           "wrap_strategy", "wrap_up"]

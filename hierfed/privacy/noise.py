@@ -4,9 +4,10 @@ added to Σ Δ_c once, before the wrapped strategy divides by n — so the mean 
 σC/n, and whatever the strategy does after (server momentum, Adam) is post-processing.
 
 With adaptive clipping (Andrew et al. 2021) the wrapper also keeps the clip norm C: the parent's
-link (hierfed.privacy.transport.AdaptiveParent) sends C to the devices before each aggregation and
-hands back Σ_c (b_c − ½), b_c = 1[‖Δ_c‖ <= C]; here that sum gets N(0, σ_b²) and
-C <- C·exp(−η(b̄ − γ)), b̄ = (Σ(b_c − ½) + noise)/n + ½ (`adapt`).
+link (hierfed.privacy.transport.AdaptiveParent) sends C to the devices before each aggregation (via
+the edges when this is the cloud over edges) and hands back Σ_c (b_c − ½) over all the
+aggregation's clients, b_c = 1[‖Δ_c‖ <= C]; here that sum gets N(0, σ_b²) and
+C <- C·exp(−η(b̄ − γ)), b̄ = (Σ(b_c − ½) + noise)/n + ½ (`noised_fraction`, `adapt`).
 
 The noise is drawn from (seed, tier, rank, aggregation count): reproducible, and exact across a
 resume (the count and C are part of the strategy's checkpointed state). A real deployment draws it from the
@@ -25,11 +26,15 @@ def gaussian(shape: int, std: float, *seed: int) -> np.ndarray:
     return np.random.default_rng([*seed, 0xD1FF]).standard_normal(shape) * std
 
 
-def adapt(clip: float, centered: float, n: float, noise: float, quantile: float, lr: float) -> float:
-    """Andrew et al. 2021's geometric update of the clip norm: b̄ = (Σ(b − ½) + noise)/n + ½ is the
-    noised fraction of the n clients whose update norm was <= clip; C·exp(−lr·(b̄ − quantile))."""
-    frac = (centered + noise) / n + 0.5
-    return float(clip * np.exp(-lr * (frac - quantile)))
+def noised_fraction(centered: float, n: float, noise: float) -> float:
+    """b̄ = (Σ(b − ½) + noise)/n + ½: the noised fraction of the n clients whose update norm was <= C."""
+    return (centered + noise) / n + 0.5
+
+
+def adapt(clip: float, fraction: float, quantile: float, lr: float) -> float:
+    """Andrew et al. 2021's geometric update of the clip norm from the noised fraction b̄:
+    C·exp(−lr·(b̄ − quantile))."""
+    return float(clip * np.exp(-lr * (fraction - quantile)))
 
 
 class NoisySum(Strategy):
@@ -44,6 +49,7 @@ class NoisySum(Strategy):
         self.calls = 0  # aggregations so far: the noise's seed
         self.adaptive = adaptive
         self.bits: float | None = None  # Σ(b_c − ½) of this aggregation's clients, from AdaptiveParent
+        self.fraction: float | None = None  # b̄ of the last aggregation (its row's `unclipped`)
 
     @property
     def std(self) -> float:
@@ -61,13 +67,22 @@ class NoisySum(Strategy):
             if n > 0:
                 a = self.adaptive
                 count_noise = float(gaussian(1, a.count_stddev, self.seed, self.who, self.calls, 0xB17)[0])
-                self.clip = adapt(self.clip, self.bits, n, count_noise, a.quantile, a.lr)
+                self.fraction = noised_fraction(self.bits, n, count_noise)
+                self.clip = adapt(self.clip, self.fraction, a.quantile, a.lr)
+            else:  # no client: C stays, and no fraction was released
+                self.fraction = None
             self.bits = None
         self.calls += 1
         return self.inner.aggregate(params, reduced, out)
 
     def step(self, params: np.ndarray, mean_delta: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         return self.inner.step(params, mean_delta, out)
+
+    def report(self) -> dict:
+        """The row's account, with adaptive clipping: `unclipped`, the noised fraction b̄ that moved
+        C in this aggregation (a function of the noised count, so it reveals nothing C does not)."""
+        own = {} if self.adaptive is None else {"unclipped": self.fraction}
+        return {**getattr(self.inner, "report", dict)(), **own}
 
     def state_dict(self) -> dict[str, np.ndarray]:
         extra = {} if self.adaptive is None else {"dp_clip": np.array([self.clip], dtype=np.float64)}

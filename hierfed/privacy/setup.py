@@ -4,6 +4,10 @@ and the wrappers each role puts around its strategy or its uplink.
     noise_at: edge         devices clip; each edge adds N(0,(σC)²) to its devices' sum every edge round
     noise_at: cloud        devices clip; the cloud adds it to the sum over all clients (edges pass sums on)
     noise_at: distributed  devices clip and each adds N(0,(σC)²/n), n = clients of its edge's sum
+
+Adaptive clipping (privacy.adaptive_clip): the noising tier's NoisySum keeps C; its link to its
+children carries C down and the clipped-count up (AdaptiveParent), and with the noise at the cloud
+over edges each edge relays both (RelayChild up, ClipRelay under its AdaptiveParent down).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from hierfed.errors import HierfedError
 from hierfed.privacy.noise import NoisySum
 from hierfed.privacy.ring import FixedPoint, SharedGrid
 from hierfed.privacy.secagg_link import SecAggChild, SecAggParent
-from hierfed.privacy.transport import AdaptiveParent, PrivateChild
+from hierfed.privacy.transport import AdaptiveParent, ClipRelay, PrivateChild, RelayChild
 from hierfed.sim.behaviour import drops_out, is_available
 from hierfed.strategy import STRATEGIES, Strategy
 
@@ -84,9 +88,6 @@ def check_privacy(placement, cfg) -> None:
         raise HierfedError(f"{src}: privacy.noise_multiplier > 0 with unreliable devices (availability, dropout), a straggler "
                            "policy, over-selection or FedBuff edges is not supported: the accountant assumes every sampled client contributes")
     tier = noise_tier(cfg, placement.flat)
-    if p.adaptive_clip is not None and tier == "cloud" and not placement.flat:
-        raise HierfedError(f"{src}: privacy.adaptive_clip with noise_at: cloud over edges is not supported (the clip norm is "
-                           "kept by the tier that sums the devices' updates); use noise_at: edge, or a flat topology")
     if p.noisy and not placement.flat and p.noise_at != "cloud":
         if not STRATEGIES[cfg.aggregation.edge.name].reducible:
             raise HierfedError(f"privacy: noise is added to the edges' sums, but aggregation.edge.name={cfg.aggregation.edge.name} "
@@ -176,13 +177,26 @@ def wrap_child(link, cfg, placement, edge: int | None, start_round: int, agg_siz
                         adaptive=p.adaptive_clip is not None)
 
 
-def wrap_parent(link, cfg, placement, edge: int | None, start_round: int, strategy: Strategy | None = None):
-    """The link from a parent to its devices (an edge's; the cloud's when flat): under secure
-    aggregation when privacy.secagg is on, and carrying the adaptive clip norm and clipped-count
-    when privacy.adaptive_clip is on and `strategy` (this tier's, wrapped) adds the noise."""
+def wrap_up(link, cfg, placement):
+    """An edge's link to the cloud, and the ClipRelay its link to the devices must share (None when
+    there is nothing to relay): with adaptive clipping and the noise at the cloud, the cloud's C
+    comes down it after the parameters and the devices' clipped-count goes up it after the edge's
+    update (RelayChild). Returns (link, relay)."""
+    if cfg.privacy.adaptive_clip is None or noise_tier(cfg, placement.flat) != "cloud":
+        return link, None
+    relay = ClipRelay()
+    return RelayChild(link, relay), relay
+
+
+def wrap_parent(link, cfg, placement, edge: int | None, start_round: int, keeper: Strategy | ClipRelay | None = None):
+    """A parent's link to its children: an edge's (`edge`: its index) under secure aggregation when
+    privacy.secagg is on; any parent's carrying adaptive clipping's C down and the clipped-count up
+    when `keeper` keeps C — this tier's strategy, wrapped, when it adds the noise (a NoisySum), or
+    an edge's ClipRelay (`wrap_up`) when the cloud does. The cloud's link (`edge` None) is never
+    masked: secure aggregation runs at the edges, and a flat topology with it is refused."""
     p = cfg.privacy
-    if p.secagg:
+    if p.secagg and edge is not None:
         link = SecAggParent(link, fixed_point(cfg, placement, edge), p.secagg_threshold, edge, start_round, cfg.schedule.tau2)
-    if p.adaptive_clip is not None and isinstance(strategy, NoisySum):
-        link = AdaptiveParent(link, strategy)
+    if p.adaptive_clip is not None and isinstance(keeper, NoisySum | ClipRelay):
+        link = AdaptiveParent(link, keeper)
     return link

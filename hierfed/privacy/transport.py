@@ -4,21 +4,51 @@ client's update is clipped to L2 norm C before it is queued, its weight becomes 
 its share N(0, (σC)²/n) of the noise, n being the clients of its aggregation — so only the sum
 carries the full σC, which is what secure aggregation lets the parent see.
 
-With adaptive clipping (privacy.adaptive_clip) C is the parent's: each round the device receives it
-after the parameters (one float64 broadcast) and, after its update, sends Σ_c (b_c − ½) over its
-clients, b_c = 1[‖Δ_c‖ <= C] (one float64 Reduce); `AdaptiveParent` is the parent's end, and the
-parent's NoisySum noises the count and moves C (hierfed.privacy.noise.adapt).
+With adaptive clipping (privacy.adaptive_clip) C is kept by the tier that adds the noise, in its
+NoisySum, and two float64 collectives travel on every link between it and the devices, the same
+at every tier: C after the parameters (a broadcast), Σ_c (b_c − ½) over the clients below after the
+update (a Reduce), b_c = 1[‖Δ_c‖ <= C]. `AdaptiveParent` is a parent's end, `PrivateChild` the
+device's. When the cloud adds the noise over edges, each edge passes both on (`RelayChild` on its
+uplink, a `ClipRelay` in place of the NoisySum under its AdaptiveParent): C down to its devices, the
+devices' sum up to the cloud, where the sums of all edges arrive summed. The noising tier's NoisySum
+noises the count and moves C (hierfed.privacy.noise).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from typing import Protocol
 
 import numpy as np
 
 from hierfed.comm.links import Child
 from hierfed.privacy.clip import clip_to_norm
 from hierfed.privacy.noise import gaussian
+
+
+def send_clip(channel, clip: float, receivers: int | None = None) -> None:
+    """A parent's C to its children, after the parameters (one float64, counted like them)."""
+    channel.bcast(np.array([clip], dtype=np.float64), receivers)
+
+
+def receive_clip(channel) -> float:
+    """A child's end of `send_clip`."""
+    buf = np.zeros(1, dtype=np.float64)
+    channel.bcast(buf)
+    return float(buf[0])
+
+
+def send_count(channel, centered: float) -> None:
+    """A child's Σ(b_c − ½) to its parent, after its update (one float64 Reduce: the parent gets the sum)."""
+    channel.reduce_sum(np.array([centered], dtype=np.float64))
+
+
+def receive_count(channel) -> float:
+    """A parent's end of `send_count`: the children's Σ(b_c − ½), summed."""
+    buf = np.zeros(1, dtype=np.float64)
+    channel.reduce_sum(buf)
+    return float(buf[0])
 
 
 class PrivateChild:
@@ -56,15 +86,13 @@ class PrivateChild:
         """The parent's parameters into `out`; with adaptive clipping, then this round's C."""
         self.child.receive(out)
         if self.adaptive:
-            buf = np.zeros(1, dtype=np.float64)
-            self.child.channel.bcast(buf)
-            self.clip = float(buf[0])
+            self.clip = receive_clip(self.child.channel)
 
     def send(self) -> float:
         """Send this edge round's updates; returns their total sample count (telemetry, as Child's)."""
         sent = self.child.send()
         if self.adaptive:
-            self.child.channel.reduce_sum(np.array([self._bits], dtype=np.float64))
+            send_count(self.child.channel, self._bits)
             self._bits = 0.0
         samples = self._samples if self.uniform else sent
         self._sends += 1
@@ -75,25 +103,68 @@ class PrivateChild:
         return getattr(self.child, name)
 
 
-class AdaptiveParent:
-    """The parent's end of adaptive clipping, around its Parent link: after the parameters it
-    broadcasts the clip norm C its NoisySum keeps; after the updates it receives the devices'
-    Σ(b_c − ½) and hands it to the NoisySum, which noises it and moves C when it aggregates."""
+class ClipKeeper(Protocol):
+    """What keeps adaptive clipping's C above a parent's link: the noising tier's NoisySum, or an
+    edge's ClipRelay when the cloud adds the noise."""
 
-    def __init__(self, parent, strategy) -> None:
-        self.parent, self.strategy = parent, strategy
-        self.used = strategy.clip  # C of the last aggregation (for its row)
+    clip: float  # C for this aggregation's clients
+    bits: float | None  # Σ(b_c − ½) of this aggregation's clients, once their updates are in
+
+
+class ClipRelay:
+    """An edge's part in adaptive clipping when the cloud adds the noise (noise_at: cloud over
+    edges, where the edges are trusted and pass their devices' sum on unchanged): the C the cloud
+    sent this round, which the edge's AdaptiveParent passes to its devices, and the devices'
+    Σ(b_c − ½) it hands back, which the edge's RelayChild passes to the cloud. No noise here."""
+
+    def __init__(self) -> None:
+        self.clip = math.nan  # until the cloud's first C arrives
+        self.bits: float | None = None
+
+
+class RelayChild:
+    """An edge's uplink to the cloud under adaptive clipping with the noise at the cloud: the
+    cloud's C arrives after the parameters (into the ClipRelay), and the edge's devices' Σ(b_c − ½)
+    leaves after the edge's update — the same two collectives as a device's PrivateChild, so the
+    cloud's AdaptiveParent receives the sum over all edges' clients."""
+
+    def __init__(self, child, relay: ClipRelay) -> None:
+        self.child, self.relay = child, relay
+
+    def receive(self, out: np.ndarray) -> None:
+        self.child.receive(out)
+        self.relay.clip = receive_clip(self.child.channel)
+
+    def send(self) -> float:
+        sent = self.child.send()
+        if self.relay.bits is None:
+            raise RuntimeError("adaptive clipping: the edge's devices' clipped-count never arrived (AdaptiveParent)")
+        send_count(self.child.channel, self.relay.bits)
+        self.relay.bits = None
+        return sent
+
+    def __getattr__(self, name: str):  # add, state_dict, channel, ...: the wrapped Child's
+        return getattr(self.child, name)
+
+
+class AdaptiveParent:
+    """A parent's end of adaptive clipping, around its Parent link: after the parameters it
+    broadcasts the clip norm C its keeper holds (the NoisySum of the tier that adds the noise, or an
+    edge's ClipRelay); after the updates it receives the children's Σ(b_c − ½) and hands it to the
+    keeper (a NoisySum noises it and moves C when it aggregates; a relay passes it up)."""
+
+    def __init__(self, parent, keeper: ClipKeeper) -> None:
+        self.parent, self.keeper = parent, keeper
+        self.used = keeper.clip  # C of the last aggregation (for its row)
 
     def send(self, params: np.ndarray, receivers: int | None = None, rng: np.random.Generator | None = None) -> None:
         self.parent.send(params, receivers, rng)
-        self.used = self.strategy.clip
-        self.parent.channel.bcast(np.array([self.used], dtype=np.float64), receivers)
+        self.used = self.keeper.clip
+        send_clip(self.parent.channel, self.used, receivers)
 
     def receive(self) -> np.ndarray:
         total = self.parent.receive()
-        bits = np.zeros(1, dtype=np.float64)
-        self.parent.channel.reduce_sum(bits)
-        self.strategy.bits = float(bits[0])
+        self.keeper.bits = receive_count(self.parent.channel)
         return total
 
     def report(self) -> dict:

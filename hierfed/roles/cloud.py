@@ -88,9 +88,9 @@ def run(rt, cfg) -> None:
     rt.down.bcast_obj(Plan(start, flat.dim, flat.fingerprint(), flat.base_hashes(), str(out), step_flops, manifest=flat.manifest()))
     bind_layout(strategy, flat.manifest())  # lora_exact: where the LoRA factors are
     schedule = ClientSchedule(cfg, rt.placement, step_flops, None, flat.dim) if rt.placement.flat else None
-    link = parent_link(rt.down, cfg, rt.placement.flat, "cloud", flat.dim, algo.up_size(flat.dim, rt.placement.flat))
-    if rt.placement.flat:  # the cloud is its devices' parent: adaptive clipping's link (privacy.adaptive_clip)
-        link = wrap_parent(link, cfg, rt.placement, None, start, strategy)
+    # adaptive clipping with the noise here: C down to the children and their clipped-count up (edges relay their devices')
+    link = wrap_parent(parent_link(rt.down, cfg, rt.placement.flat, "cloud", flat.dim, algo.up_size(flat.dim, rt.placement.flat)), cfg,
+                       rt.placement, None, start, strategy)
     if rt.resume:
         link.load_state_dict(unprefixed("link", state.cloud_state))
     began = time.perf_counter()
@@ -139,7 +139,7 @@ def run(rt, cfg) -> None:
         row.update(getattr(strategy, "report", dict)())  # a gathered rule: what it saw and kept ("aggregation")
         if accountant is not None:
             row["epsilon"] = accountant.epsilon(t)  # at privacy.delta, after this round
-            row.update(getattr(link, "report", dict)())  # flat, adaptive clipping: the clip norm C of this round
+            row.update(getattr(link, "report", dict)())  # adaptive clipping at the cloud: the clip norm C of this round
         if schedule is not None:  # flat: what the clients did (sampled, available, dropped, late, ...)
             row.update(schedule.row(t, 1, round_clients(cfg, rt.placement.num_clients, t)))
         raw = merge([raw, rt.ledger.take_round()])  # the cloud's own sends this round

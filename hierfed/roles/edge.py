@@ -14,7 +14,7 @@ import numpy as np
 from hierfed.comm.channel import bcast_object, wait
 from hierfed.comm.ledger import merge
 from hierfed.placement.dsconfig import use_deepspeed
-from hierfed.privacy import wrap_parent, wrap_strategy
+from hierfed.privacy import wrap_parent, wrap_strategy, wrap_up
 from hierfed.roles.hetero import ClientSchedule
 from hierfed.roles.protocol import aggregation_round, bind_layout, child_link, codec_rng, parent_link, prefixed, round_clients, unprefixed
 from hierfed.runtime.checkpoint import RankState
@@ -33,9 +33,10 @@ def run(rt, cfg) -> None:
     algo = build_client(cfg)
     tier = algo.tier(plan.dim, True)  # the edge's side of the client algorithm (SCAFFOLD: its control variate)
     bind_layout(strategy, plan.manifest)  # lora_exact: where the LoRA factors are
-    up = child_link(rt.up, cfg, False, "cloud", plan.dim, plan.start_round > 1, algo.up_size(plan.dim, False))
+    # adaptive clipping with the noise at the cloud: the cloud's C comes down `up`, the devices' count goes up it (a relay)
+    up, relay = wrap_up(child_link(rt.up, cfg, False, "cloud", plan.dim, plan.start_round > 1, algo.up_size(plan.dim, False)), cfg, rt.placement)
     down = wrap_parent(parent_link(rt.down, cfg, False, "edge", plan.dim, algo.up_size(plan.dim, True)), cfg, rt.placement,
-                       rt.role.edge, plan.start_round, strategy)  # SecAgg, adaptive clip
+                       rt.role.edge, plan.start_round, relay or strategy)  # SecAgg; adaptive clip: C (the edge's, or the cloud's relayed)
     from_cloud = np.empty(algo.down_size(plan.dim), dtype=np.float32)  # SCAFFOLD: the cloud's control variate
     # The edge's own state, in its rank state file (never through the cloud: FedAvgM's velocity is
     # model-sized): its strategy's, its client-algorithm tier's (SCAFFOLD's c_e), the uplink's

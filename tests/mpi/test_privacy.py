@@ -1,7 +1,8 @@
 """Privacy end to end over MPI (tiny GPT-2 job): the DP wrappers with nothing to do are plain FedAvg
 bit for bit; secure aggregation at the edges ends within fixed-point error of the plain run; DP noise
 with secure aggregation and forced dropouts reports ε per round as the accountant computes it, stops
-at privacy.target_epsilon, and fails an edge's round cleanly below t survivors."""
+at privacy.target_epsilon, and fails an edge's round cleanly below t survivors; the noise at the cloud
+over edges with adaptive clipping resumes exactly and moves C as the paper says."""
 
 from __future__ import annotations
 
@@ -114,29 +115,45 @@ def test_noise_with_secagg_and_dropouts_reports_epsilon_and_stops_at_the_target(
     assert s["epsilon"] == pytest.approx(acc.epsilon(2), rel=1e-12)
 
 
-def test_flat_dp_with_adaptive_clipping_killed_and_resumed_equals_the_uninterrupted_run(tmp_path):
-    """DP on a flat topology (noise at the cloud, which is the devices' parent), Poisson sampling,
-    adaptive clipping. The same run killed in round 2 (the cloud fails after round 1's checkpoint is
-    complete; mpiexec ends the rest) and resumed ends on the uninterrupted run's parameters bit for
-    bit, with the same clip norms and ε per round: the noise's seed (the aggregation count), the clip
-    norm C and the accountant resume exactly. ε per round is the accountant's for the split noise."""
-    sets = {"privacy": {"clip": 0.05, "noise_multiplier": 0.8, "noise_at": "cloud",
-                        "adaptive_clip": {"quantile": 0.5, "lr": 0.5, "count_stddev": 1.0}},
+def test_dp_at_the_cloud_over_edges_with_adaptive_clipping_killed_and_resumed_equals_the_uninterrupted_run(tmp_path):
+    """DP with the noise at the cloud over two edges (the edges pass their devices' sums on: τ2 = 1,
+    FedAvg), Poisson sampling, adaptive clipping: the cloud keeps C, sends it through the edges to
+    the devices, and the edges pass their devices' clipped-counts up. The same run killed in round 2
+    (the cloud fails after round 1's checkpoint is complete; mpiexec ends the rest) and resumed ends
+    on the uninterrupted run's parameters bit for bit, with the same clip norms and ε per round: the
+    noise's seed (the aggregation count), C and the accountant resume exactly. ε per round is the
+    accountant's for the split noise. C starts at 1e-4, far below any client's update norm after two
+    SGD steps, so every client is clipped: the cloud's count is −n/2 over the clients of both edges
+    (−1 from each edge's two), and C moves as the paper says from the logged noised fraction,
+    b̄ = noise/n with the count noise's seeded draw written out here. The C and the count travel as
+    one float64 each way per edge and round on the edge-cloud link, counted in its bytes."""
+    start, quantile, lr, count_stddev = 1e-4, 0.5, 0.5, 1.0
+    sets = {"privacy": {"clip": start, "noise_multiplier": 0.8, "noise_at": "cloud",
+                        "adaptive_clip": {"quantile": quantile, "lr": lr, "count_stddev": count_stddev}},
             "schedule": {"rounds": 2, "tau1": 2, "tau2": 1, "sampling": "poisson", "client_fraction": 0.99}}
     cfg = _tiny_config(tmp_path, train=SGD, **sets)
     whole, parts = tmp_path / "whole", tmp_path / "parts"
-    check_ok(mpirun(5, "run", "flat", "--config", cfg, "--out", str(whole)))
-    proc = mpirun(5, "run", "flat", "--config", cfg, "--out", str(parts), env={**job_env(), "HIERFED_INJECT_FAILURE": "cloud:2"})
+    check_ok(mpirun(7, "run", "default", "--config", cfg, "--out", str(whole)))
+    proc = mpirun(7, "run", "default", "--config", cfg, "--out", str(parts), env={**job_env(), "HIERFED_INJECT_FAILURE": "cloud:2"})
     assert proc.returncode != 0 and "injected failure in round 2" in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[-3000:]
     assert (parts / "checkpoints" / "latest").read_text().strip() == "round-0001"
-    check_ok(mpirun(5, "run", "flat", "--config", cfg, "--out", str(parts), "--resume"))
+    check_ok(mpirun(7, "run", "default", "--config", cfg, "--out", str(parts), "--resume"))
     np.testing.assert_array_equal(final_params(parts), final_params(whole))
-    acc = Accountant(load_config(cfg), flat=True, num_clients=4)
+    run = load_config(cfg)
+    acc = Accountant(run, flat=False, num_clients=4)
     got = {d.name: [r for r in rows(d) if r["tier"] == "cloud" and r["round"] > 0] for d in (whole, parts)}
     for cloud in got.values():
         assert [r["round"] for r in cloud] == [1, 2]
         assert [r["epsilon"] for r in cloud] == pytest.approx([acc.epsilon(1), acc.epsilon(2)], rel=1e-12)
-        assert cloud[0]["clip"] == 0.05 and cloud[1]["clip"] != 0.05  # C moved after round 1
-    assert [r["clip"] for r in got["whole"]] == [r["clip"] for r in got["parts"]]
-    s = {d.name: json.loads((d / "summary.json").read_text())["privacy"] for d in (whole, parts)}
-    assert s["whole"]["epsilon"] == s["parts"]["epsilon"] == pytest.approx(acc.epsilon(2), rel=1e-12)
+        assert cloud[0]["clip"] == start
+        for t, r in enumerate(cloud, 1):  # the cloud's rank 0 draws the count noise of its aggregation t − 1
+            noise = np.random.default_rng([run.seed, 0, t - 1, 0xB17, 0xD1FF]).standard_normal(1)[0] * count_stddev
+            assert r["unclipped"] == pytest.approx(noise / r["clients"], rel=1e-12, abs=1e-15)  # Σ(b − ½) = −n/2: all clipped
+        assert cloud[1]["clip"] == pytest.approx(start * np.exp(-lr * (cloud[0]["unclipped"] - quantile)), rel=1e-12)
+    assert [(r["clip"], r["unclipped"]) for r in got["whole"]] == [(r["clip"], r["unclipped"]) for r in got["parts"]]
+    edge = [r for r in rows(whole) if r["tier"] == "edge"]
+    assert len(edge) == 4 and all(r["clip"] == got["whole"][r["round"] - 1]["clip"] for r in edge)  # the cloud's C, relayed
+    s = {d.name: json.loads((d / "summary.json").read_text()) for d in (whole, parts)}
+    assert s["whole"]["privacy"]["epsilon"] == s["parts"]["privacy"]["epsilon"] == pytest.approx(acc.epsilon(2), rel=1e-12)
+    dim = final_params(whole).size
+    assert s["whole"]["bytes"]["edge-cloud"]["up"] == 2 * 2 * (4 * (dim + 1) + 8)  # rounds x edges x ([Δ, w] float32 + the count)

@@ -1,22 +1,28 @@
 """Adaptive clipping (Andrew et al. 2021, "Differentially Private Learning with Adaptive Clipping")
 against the paper's formulas written out here, and its noise split against dp-accounting composed
-independently: the update sum and the clipped-count are two Gaussian mechanisms."""
+independently: the update sum and the clipped-count are two Gaussian mechanisms. With the noise at
+the cloud over edges, a cloud, two edges and their devices run in one process over in-process
+channels, wired as the roles wire them, against the paper's server written out in numpy."""
 
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import dp_accounting
 import numpy as np
 import pytest
 from dp_accounting import rdp
 
+from hierfed.comm.codecs import parse_codec
+from hierfed.comm.links import Child, Parent
 from hierfed.config import load_config
 from hierfed.errors import HierfedError
-from hierfed.privacy import Accountant, NoisySum, PrivateChild, check_privacy
+from hierfed.privacy import Accountant, NoisySum, PrivateChild, check_privacy, wrap_child, wrap_parent, wrap_strategy, wrap_up
 from hierfed.privacy.noise import gaussian
 from hierfed.privacy.transport import AdaptiveParent
-from hierfed.strategy import FedAvg
+from hierfed.roles.protocol import aggregation_round
+from hierfed.strategy import FedAvg, build_strategy
 from hierfed.topology import load_topology
 
 
@@ -203,8 +209,154 @@ def test_adaptive_clip_config_refusals(sets, message):
     assert "\n" not in str(e.value)
 
 
-def test_adaptive_clip_refused_at_a_cloud_over_edges_and_allowed_flat():
-    with pytest.raises(HierfedError, match="noise_at: cloud over edges is not supported"):
-        check_privacy(load_topology("default").placement(), _cfg(**{**ADAPTIVE, "privacy.noise_at": "cloud", "schedule.tau2": 1}))
+def test_adaptive_clip_allowed_at_a_cloud_over_edges_at_the_edges_and_flat():
+    cloud = {**ADAPTIVE, "privacy.noise_at": "cloud", "schedule.tau2": 1}
+    check_privacy(load_topology("default").placement(), _cfg(**cloud))
     check_privacy(load_topology("flat").placement(), _cfg(**{**ADAPTIVE, "privacy.noise_at": "cloud"}))
     check_privacy(load_topology("default").placement(), _cfg(**ADAPTIVE))
+    # what noise at the cloud needs anyway still holds: one edge round (an edge passes on its devices' sum)
+    with pytest.raises(HierfedError, match="noise_at: cloud needs schedule.tau2: 1") as e:
+        check_privacy(load_topology("default").placement(), _cfg(**{**cloud, "schedule.tau2": 2}))
+    assert "\n" not in str(e.value)
+
+
+class _Wire:
+    """A parent-children channel inside one process, used in the order the ranks use it: a child's
+    k-th bcast reads the parent's k-th; the parent's k-th reduce_sum is the sum of its children's
+    k-th (each child's contributions are kept: `sent[child]`). Bytes counted as the Channel counts
+    them: a broadcast once per child at the parent, a reduce at each child."""
+
+    def __init__(self, children: int) -> None:
+        self.down: list[np.ndarray] = []
+        self.read = [0] * children
+        self.sent: list[list[np.ndarray]] = [[] for _ in range(children)]
+        self.reduced = 0
+        self.bytes = {"down": 0, "up": 0}
+
+    def end(self, child: int | None = None) -> _End:
+        return _End(self, child)
+
+
+class _End:
+    def __init__(self, wire: _Wire, child: int | None) -> None:
+        self.wire, self.child = wire, child
+
+    def bcast(self, buf, receivers=None, raw=None):
+        w = self.wire
+        if self.child is None:
+            w.down.append(buf.copy())
+            w.bytes["down"] += buf.nbytes * len(w.read)
+        else:
+            buf[...] = w.down[w.read[self.child]]
+            w.read[self.child] += 1
+
+    def reduce_sum(self, buf, senders=1, raw=None):
+        w = self.wire
+        if self.child is None:
+            buf[...] = np.sum([s[w.reduced] for s in w.sent], axis=0)
+            w.reduced += 1
+        else:
+            w.sent[self.child].append(buf.copy())
+            w.bytes["up"] += buf.nbytes
+
+    def gather_obj(self, obj):  # telemetry: none here
+        return [] if self.child is None else None
+
+
+def _device_rounds(devices, links, sampled, deltas, start, clip):
+    """One edge round of an edge's devices: receive the edge's parameters and C, then clip and send
+    their sampled clients' updates (weight 10: uniform under noise)."""
+    for clients, link in zip(devices, links):
+        got = np.empty(start.size, dtype=np.float32)
+        link.receive(got)
+        assert link.clip == clip and np.array_equal(got, start)  # the cloud's C and parameters, through the edge
+        for c in sorted(set(clients) & sampled):
+            link.add(c, 10.0, deltas[c])
+        link.send()
+
+
+def _edge_rounds(edges, sampled, deltas, clip):
+    """Each edge's cloud round as roles/edge.py runs it with τ2 = 1: receive, one aggregation of its
+    devices, its change up (weighted by its clients: their sum) and then the count."""
+    for e, (up, down, strategy, devices, links) in enumerate(edges):
+        start = np.empty(down.dim, dtype=np.float32)
+        up.receive(start)
+        work = partial(_device_rounds, devices, links, sampled, deltas, start, clip)
+        local, weight, _, _ = aggregation_round(down, start.astype(np.float64), strategy, while_children_work=work)
+        assert down.report()["clip"] == clip  # the edge row's C: the cloud's
+        if weight > 0:
+            up.add(e, weight, local - start)
+        up.send()
+
+
+def test_adaptive_clipping_with_noise_at_the_cloud_over_edges_is_the_papers_server_over_all_clients():
+    """noise_at: cloud over two edges (devices with 2 + 1 and 3 clients): the cloud keeps C, it goes
+    cloud -> edges -> devices after the parameters, each device clips to it and sends Σ(b_c − ½),
+    each edge passes its devices' sum on after its update, and the cloud adds N(0, σ_b²) once and
+    moves C over all the round's clients. Against the paper written out in numpy from the clients'
+    norms: Σ clipped Δ_c + N(0, (σ_Δ C)²) over n, b̄ = (Σ b_c + N(0, σ_b²))/n, C <- C·exp(−η(b̄ − γ)),
+    n the clients of all edges; each edge's count is its clients' Σ(b_c − ½), and the cloud's is
+    their sum. In round 3 the second edge has no sampled client (it sends 0). The extra float64s
+    are counted: 8 bytes a child each way per round on the cloud's link."""
+    seed, dim = 11, 6
+    cfg = _cfg(**{**ADAPTIVE, "privacy.noise_at": "cloud", "schedule.tau2": 1, "seed": seed})
+    placement = load_topology("default").placement()
+    check_privacy(placement, cfg)
+    p, a = cfg.privacy, cfg.privacy.adaptive_clip
+    ident = parse_codec("identity")
+    layout = [[[0, 1], [2]], [[3, 4, 5]]]  # edge -> its devices -> their clients
+    cloud_wire = _Wire(len(layout))
+    noisy = wrap_strategy(build_strategy(cfg.aggregation.cloud), cfg, "cloud", False, 0)
+    assert isinstance(noisy, NoisySum) and noisy.clip == p.clip
+    cloud = wrap_parent(Parent(cloud_wire.end(), ident, ident, dim), cfg, placement, None, 1, noisy)
+    edges = []
+    for e, devices in enumerate(layout):
+        wire = _Wire(len(devices))
+        up, relay = wrap_up(Child(cloud_wire.end(e), ident, ident, dim, False), cfg, placement)
+        assert relay is not None
+        down = wrap_parent(Parent(wire.end(), ident, ident, dim), cfg, placement, e, 1, relay)
+        strategy = wrap_strategy(build_strategy(cfg.aggregation.edge), cfg, "edge", False, 1 + e)
+        links = [wrap_child(Child(wire.end(d), ident, ident, dim, False), cfg, placement, e, 1, lambda t: 0)
+                 for d in range(len(devices))]
+        edges.append((up, down, strategy, devices, links))
+
+    rng = np.random.default_rng(0)
+    params, clip = np.zeros(dim), p.clip
+    for t in range(1, 5):
+        sampled = {0, 1, 2} if t == 3 else {0, 1, 2, 3, 4, 5}
+        norms = {c: clip * rng.uniform(0.3, 2.0) for c in sampled}
+        deltas = {c: (v / np.linalg.norm(v) * norms[c]).astype(np.float32) for c in sampled for v in [rng.normal(size=dim)]}
+        work = partial(_edge_rounds, edges, sampled, deltas, clip)  # the edges and their devices, while the cloud waits
+        before, start = [len(s) for s in cloud_wire.sent], params.copy()
+        params, weight, _, _ = aggregation_round(cloud, params, noisy, while_children_work=work)
+        assert cloud.report()["clip"] == clip
+        # each edge's Reduce to the cloud: its update, then its devices' count
+        counts = [float(cloud_wire.sent[e][before[e] + 1][0]) for e in range(len(layout))]
+        for e, devices in enumerate(layout):
+            mine = [c for d in devices for c in d if c in sampled]
+            assert counts[e] == sum((norms[c] <= clip) - 0.5 for c in mine)
+
+        # the paper's server, written out: the noise drawn from (seed, cloud rank 0, aggregation t − 1)
+        n = len(sampled)
+        assert weight == n  # uniform weights: n counts the clients of both edges
+        value_noise = np.random.default_rng([seed, 0, t - 1, 0xD1FF]).standard_normal(dim) * p.value_noise_multiplier * clip
+        count_noise = np.random.default_rng([seed, 0, t - 1, 0xB17, 0xD1FF]).standard_normal(1)[0] * a.count_stddev
+        clipped = sum(deltas[c].astype(np.float64) * min(1.0, clip / norms[c]) for c in sampled)
+        np.testing.assert_allclose(params, start + (clipped + value_noise) / n, rtol=1e-5, atol=1e-6)
+        b = sum(norms[c] <= clip for c in sampled)
+        frac = (b + count_noise) / n
+        assert noisy.report()["unclipped"] == pytest.approx(frac, rel=1e-12)
+        assert n * (frac - 0.5) - count_noise == pytest.approx(sum(counts), abs=1e-12)  # the cloud's count: the edges' sum
+        clip = clip * math.exp(-a.lr * (frac - a.quantile))
+        assert noisy.clip == pytest.approx(clip, rel=1e-12)
+        clip = noisy.clip
+    assert cloud_wire.bytes == {"down": 4 * (4 * dim + 8) * 2, "up": 4 * (4 * (dim + 1) + 8) * 2}
+
+
+def test_an_edge_relays_nothing_without_adaptive_clipping_at_the_cloud():
+    """wrap_up wraps an edge's uplink only when the cloud keeps C: noise at the edges (the edge keeps
+    its own), or no adaptive clipping, leave it as it is."""
+    placement = load_topology("default").placement()
+    for sets in (ADAPTIVE, {"privacy.clip": 1.0, "privacy.noise_multiplier": 1.0, "privacy.noise_at": "cloud", "schedule.tau2": 1}):
+        link = object()
+        assert wrap_up(link, _cfg(**sets), placement) == (link, None)
