@@ -27,11 +27,13 @@ within FIXED_TOL of the plain run's (see `FIXED_TOL`); the int8 run's are within
 plain run's last cloud round moved them (int8's quantisation error, as tests/mpi/test_privacy.py
 checks at n = 2).
 
-Then the cost model for larger n: bytes per client from the measured D and the ring's words
-(hierfed.privacy.ring, so the ring width switches as hierfed's would) plus SecAgg's keys and shares,
-a + b·n fitted to the measured `bytes_secagg` per client; SecAgg's seconds per edge round a + b·n
-fitted (least squares) to the measured medians, b being the per-peer time on this machine, where all
-n clients share its cores (on separate devices they would mask in parallel).
+Then the cost model for larger n, at the measured D and at --model-dims (default 75,268, the default
+MiniLM + LoRA job's update): bytes per client = the ring's words (hierfed.privacy.ring, so the ring
+width switches where hierfed's would) plus SecAgg's keys and shares, a + b·n fitted to the measured
+`bytes_secagg` per client (exactly linear in n: one advert and one sealed share per peer); SecAgg's
+seconds per edge round a + b·n fitted (least squares) to the measured medians, b being the time per
+client on this machine, where all n clients share its cores (on separate devices they would do
+their protocol work in parallel).
 """
 
 from __future__ import annotations
@@ -197,30 +199,36 @@ def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
     return float(a), float(b)
 
 
-def cost_model(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per SecAgg setting: fitted bytes_secagg up/down per client and SecAgg seconds against n, and
-    their extrapolation to MODEL_N with the ring payload the encoding would have there."""
+def cost_model(results: list[dict[str, Any]], dims: list[int]) -> dict[str, Any]:
+    """Per SecAgg setting: bytes_secagg up/down per client and SecAgg seconds per edge round fitted
+    against n (a + b·n, least squares), and per update size D in `dims` and n in MODEL_N the bytes
+    per client they predict: the ring words the encoding would use there (hierfed.privacy.ring, so
+    int8 moves to Z_2^32 past 258 clients) plus the fitted keys and shares up; plain's downlink
+    (measured, its parameter vector rescaled to D) plus the fitted keys and shares down."""
     from hierfed.privacy.ring import FixedPoint, SharedGrid
 
-    model: dict[str, Any] = {}
+    plain = [r for r in results if r["setting"] == "plain"]
+    measured_dim = plain[0]["dim"]
+    down_overhead = statistics.median(r["down"] for r in plain) - 4 * measured_dim  # plain's downlink beyond 4 bytes a parameter
+    fits: dict[str, Any] = {}
+    points = []
     for setting in ("fixed", "int8"):
         rows = [r for r in results if r["setting"] == setting]
         if not rows:
             continue
         ns = [float(r["n"]) for r in rows]
-        dim = rows[0]["dim"]
-        up, down, secs = fit_line(ns, [r["secagg_up"] for r in rows]), fit_line(ns, [r["secagg_down"] for r in rows]), \
-            fit_line(ns, [r["secagg_s"] for r in rows])
-        plain_down = statistics.median(r["down"] for r in results if r["setting"] == "plain") if any(
-            r["setting"] == "plain" for r in results) else None
-        points = []
-        for n in MODEL_N:
-            enc = FixedPoint(BOUND, n) if setting == "fixed" else SharedGrid(BOUND, 8, fan_out=n)
-            payload = enc.words(dim) * np.dtype(enc.dtype).itemsize  # the ring words, as the ledger counts them
-            points.append({"n": n, "ring": enc.ring, "up": payload + up[0] + up[1] * n, "down": (plain_down or 0.0) + down[0] + down[1] * n,
-                           "secagg_up": up[0] + up[1] * n, "secagg_down": down[0] + down[1] * n, "secagg_s": secs[0] + secs[1] * n})
-        model[setting] = {"dim": dim, "secagg_up": up, "secagg_down": down, "secagg_s": secs, "points": points}
-    return model
+        up, down = fit_line(ns, [r["secagg_up"] for r in rows]), fit_line(ns, [r["secagg_down"] for r in rows])
+        secs = fit_line(ns, [r["secagg_s"] for r in rows])
+        fits[setting] = {"secagg_up": up, "secagg_down": down, "secagg_s": secs}
+        for dim in dims:
+            for n in MODEL_N:
+                enc = FixedPoint(BOUND, n) if setting == "fixed" else SharedGrid(BOUND, 8, fan_out=n)
+                payload = enc.words(dim) * np.dtype(enc.dtype).itemsize  # the ring words, as the ledger counts them
+                sa_up, sa_down = up[0] + up[1] * n, down[0] + down[1] * n
+                points.append({"dim": dim, "n": n, "setting": setting, "ring": enc.ring, "up": payload + sa_up, "plain_up": 4 * (dim + 1),
+                               "secagg_up": sa_up, "down": down_overhead + 4 * dim + sa_down, "plain_down": down_overhead + 4 * dim,
+                               "secagg_down": sa_down, "secagg_s": secs[0] + secs[1] * n})
+    return {"measured_dim": measured_dim, "fits": fits, "points": points}
 
 
 def _ratio(a: float | None, b: float | None) -> str:
@@ -247,21 +255,18 @@ def table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def model_table(model: dict[str, Any], results: list[dict[str, Any]]) -> str:
-    plain_up = {r["n"]: r["up"] for r in results if r["setting"] == "plain"}
-    ref = statistics.median(plain_up.values()) if plain_up else None  # plain's up per client does not depend on n
+def model_table(model: dict[str, Any]) -> str:
     lines = []
-    for setting, m in model.items():
+    for setting, m in model["fits"].items():
         (ua, ub), (da, db), (sa, sb) = m["secagg_up"], m["secagg_down"], m["secagg_s"]
         lines.append(f"{setting}: bytes_secagg per client ≈ {ua:,.0f} + {ub:,.1f}·n up, {da:,.0f} + {db:,.1f}·n down; "
                      f"SecAgg s per edge round ≈ {sa * 1e3:.0f} ms + {sb * 1e3:.1f} ms·n (least squares over the measured n)")
-    lines += ["", "| n | setting | ring | up / client | vs plain | of which SecAgg | down / client | SecAgg s / edge round (this machine's fit) |",
-              "|--:|---|--:|--:|--:|--:|--:|--:|"]
-    for n in MODEL_N:
-        for setting, m in model.items():
-            p = next(q for q in m["points"] if q["n"] == n)
-            lines.append(f"| {n} | {setting} | Z_2^{p['ring']} | {fmt_bytes(p['up'])} | {_ratio(p['up'], ref)} | {fmt_bytes(p['secagg_up'])}"
-                         f" | {fmt_bytes(p['down'])} | {p['secagg_s']:.2f} s |")
+    lines += ["", "| D | n | setting | ring | up / client | vs plain fp32 | of which SecAgg | down / client | vs plain"
+              " | SecAgg s / edge round (this machine's line) |",
+              "|--:|--:|---|--:|--:|--:|--:|--:|--:|--:|"]
+    for p in model["points"]:
+        lines.append(f"| {p['dim']:,} | {p['n']} | {p['setting']} | Z_2^{p['ring']} | {fmt_bytes(p['up'])} | {_ratio(p['up'], p['plain_up'])}"
+                     f" | {fmt_bytes(p['secagg_up'])} | {fmt_bytes(p['down'])} | {_ratio(p['down'], p['plain_down'])} | {p['secagg_s']:.2f} s |")
     return "\n".join(lines)
 
 
@@ -273,6 +278,16 @@ def _devices(text: str) -> list[int]:
     if not ns or min(ns) < 2:
         raise argparse.ArgumentTypeError(f"devices per edge must be >= 2 (SecAgg needs at least 2 clients): {text!r}")
     return ns
+
+
+def _dims(text: str) -> list[int]:
+    try:
+        dims = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of integers: {text!r}") from None
+    if min(dims, default=0) < 1:
+        raise argparse.ArgumentTypeError(f"update sizes must be >= 1: {text!r}")
+    return dims
 
 
 def _positive(text: str) -> int:
@@ -293,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tau2", type=_positive, default=6, help="edge rounds per cloud round (default 6; the first edge round is skipped)")
     p.add_argument("--runs", default=str(ROOT / "runs" / "secagg_jobs"), help="where the jobs write (default runs/secagg_jobs)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per job (default 1800)")
+    p.add_argument("--model-dims", type=_dims, default=[75268],
+                   help="update sizes D for the cost model besides the measured one (default 75268: the default MiniLM + LoRA job's)")
     p.add_argument("--reuse", action="store_true", help="do not run; read the jobs already in --runs")
     p.add_argument("--json", help="write the results here (e.g. bench/results/secagg_jobs.json)")
     a = p.parse_args(argv)
@@ -314,10 +331,10 @@ def main(argv: list[str] | None = None) -> int:
         check_against_plain(n, runs, rows)
         results += rows.values()
     print(table(results))
-    model = cost_model(results)
-    if model:
+    model = cost_model(results, sorted({results[0]["dim"], *a.model_dims}))
+    if model["fits"]:
         print()
-        print(model_table(model, results))
+        print(model_table(model))
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         commits = sorted({r.get("commit", "unknown") for r in results})
