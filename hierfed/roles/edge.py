@@ -93,6 +93,7 @@ def run(rt, cfg) -> None:
                 "work": [x for d in telemetry for x in d.get("work", ())],  # per trained client: steps, FLOPs, seconds, uplink bytes
                 "bytes": merge([d["bytes"] for d in telemetry] + [rt.ledger.take_round()]),
                 "seconds": {"wall": time.perf_counter() - started, "compute": max(d["compute_s"] for d in telemetry), "aggregate": agg_s,
+                            **getattr(down, "row_seconds", dict)(),  # secure aggregation: the protocol's time
                             **(trainer.row_seconds(telemetry) if trainer else {})},
                 **schedule.row(t, s, sampled),  # sampled, available, dropped, late, ...; span_s for the simulated clock
             })

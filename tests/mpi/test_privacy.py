@@ -64,6 +64,9 @@ def test_secagg_of_int8_codes_at_the_edges_matches_the_plain_run(plain, tmp_path
     assert 0 < off < 0.1 * moved, (off, moved)  # quantised (not equal), and well within what one round moves
     edge = [r for r in rows(out) if r["tier"] == "edge"]
     assert all(r["secagg"] == {"members": 2, "survivors": 2, "t": 2, "failed": None, "saturated": 0, "ring": 16} for r in edge)
+    # the protocol's time at the edge (adverts in to unmasked sum): inside the edge round; plain edges have none
+    assert all(0 < r["seconds"]["secagg"] < r["seconds"]["wall"] for r in edge)
+    assert all("secagg" not in r["seconds"] for r in rows(plain) if r["tier"] == "edge")
     ranks = out / "checkpoints" / "ranks" / "round-0002"
     with np.load(ranks / "rank-00003.npz") as z:  # a device of edge0: its clients' residuals, float64, bounded by a step
         res = [z[k] for k in z.files if k.startswith("residual/")]
