@@ -9,7 +9,9 @@ updates back up to the cloud. Training is skipped: every device's delta is a fix
   hierfed (poll)   hierfed's own path: Channels from `build_runtime`, wrapped in the uncompressed
   hierfed (block)  links (comm.links.Parent/Child), with the calls the roles make: Parent.send /
                    Child.receive / Child.add / Child.send / Parent.receive / FedAvg.aggregate on
-                   float64 master copies (cloud and edges), without telemetry (gather_obj); once
+                   float64 master copies (cloud and edges), in roles/edge.py's order (the edge
+                   forwards the float32 vector it received and makes its master copy while the
+                   devices work; Child.add(base=) forms its update), without telemetry (gather_obj); once
                    with runtime.wait `poll` (what `auto` picks when ranks outnumber cores), once
                    with `block`.
   floor            the bare MPI collectives on the same communicators and buffers: blocking
@@ -108,10 +110,10 @@ class Rank:
         if self.kind == "edge":
             up.receive(self.params)
             local = self.local
-            np.copyto(local, self.params)  # the edge's master copy
-            down.send(local)
+            down.send(self.params)  # the edge's first round sends the vector it received ...
+            np.copyto(local, self.params)  # ... and makes its master copy while the devices work
             local, weight = self.strategy.aggregate(local, down.receive(), out=local)
-            up.add(0, weight, np.subtract(local, self.params, out=local))
+            up.add(0, weight, local, base=self.params)  # local - params, scaled into the sum, block by block
             up.send()
             return None
         up.receive(self.params)

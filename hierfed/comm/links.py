@@ -96,17 +96,23 @@ class Parent:
             self._resync = True
 
     def send(self, params: np.ndarray, receivers: int | None = None, rng: np.random.Generator | None = None) -> None:
+        """The parameters to the children: the parent's float64 master copy, or float32 values equal
+        to it (an edge's first round sends the vector it received, before it makes its master copy)."""
         if self._resync:  # resumed: first put the children back on the held copy, then carry on
             assert self.held is not None  # _resync is set only with held (load_state_dict)
             self.channel.bcast(self.held, receivers)
             self._resync = False
+        if self.down.is_identity and params.dtype == np.float32 and params.flags.c_contiguous:
+            self.channel.bcast(params, receivers)  # already what the children get (an edge's first round): no copy
+            return
         if self.down.is_identity or self.held is None:
             buf = self._buf32
             np.copyto(buf[: self.dim], params, casting="same_kind")
             self.channel.bcast(buf[: self.dim], receivers)
             self.held = None if self.down.is_identity else buf[: self.dim].copy()
             return
-        payload = self.down.encode(np.subtract(params, self.held, out=self._scratch.get(np.result_type(params, self.held))), rng)
+        work = np.result_type(params, self.held, np.float64)  # float32 params: the difference their float64 master copy gives
+        payload = self.down.encode(np.subtract(params, self.held, out=self._scratch.get(work), dtype=work), rng)
         self.channel.bcast(payload, receivers, raw=self.dim * 4)
         self.held += self.down.decode(payload, self.dim)
 
@@ -173,18 +179,27 @@ class Child:
         out[:] = self.held
 
     def add(self, sender: int, weight: float, delta: np.ndarray, rng: np.random.Generator | None = None,
-            extras: np.ndarray | None = None) -> None:
+            extras: np.ndarray | None = None, base: np.ndarray | None = None) -> None:
         """Queue one sender's update (a client's, or an edge's) for this round's send. `extras`: a
-        client algorithm's extra values (hierfed.strategy.client), summed as they are."""
+        client algorithm's extra values (hierfed.strategy.client), summed as they are.
+
+        `base`: the update is `delta - base` (an edge: its new master copy minus the parameters it
+        received). Uncompressed, the difference is formed, scaled and summed block by block
+        (`Strategy.accumulate_difference`); on the other paths it is written into `delta`."""
         self._senders += 1
         if self.summed:
             acc = self._acc if not self.extra else self._acc[: self.dim + 1]
-            Strategy.accumulate(acc, delta, weight, self._scratch.get(Strategy.scratch_dtype(delta, weight)))
+            if base is not None:
+                Strategy.accumulate_difference(acc, delta, base, weight)
+            else:
+                Strategy.accumulate(acc, delta, weight, self._scratch.get(Strategy.scratch_dtype(delta, weight)))
             if extras is not None:
                 self._acc[self.dim + 1 :] += extras
             return
         if extras is not None:
             raise ValueError("extra values travel on uncompressed uplinks only (hierfed.cluster.preflight.check_client)")
+        if base is not None:
+            delta = np.subtract(delta, base, out=delta)
         if self.feedback is not None:
             ef = self.feedback.setdefault(sender, ErrorFeedback(self.up, self.dim))
             payload = ef.encode(delta, rng)

@@ -61,7 +61,6 @@ def run(rt, cfg) -> None:
             rt.up.bcast(from_cloud)
             tier.set_down(from_cloud)
         up.receive(params)
-        np.copyto(local, params)
         sampled = my_clients.intersection(round_clients(cfg, rt.placement.num_clients, t))
         tier.fraction = len(sampled) / max(1, len(my_clients))
         weight_sum, rows = 0.0, []
@@ -70,10 +69,15 @@ def run(rt, cfg) -> None:
             rng = codec_rng(cfg.seed, t, s, rt.role.rank, 1)
             # the edge's own client gets no message, nor do clients that are unreachable (hierfed.sim.behaviour)
             receivers = len(sampled - set(me.clients)) - schedule.unreachable(t, s, sampled)
-            if trainer is None:
+            if trainer is None and s == 1:  # the devices get `params` as received; the master copy is made while they train
                 local, weight, telemetry, agg_s = aggregation_round(down, local, strategy, receivers=receivers, rng=rng, tier=tier,
-                                                                    send_down=s == 1)
+                                                                    sent=params, while_children_work=partial(np.copyto, local, params))
+            elif trainer is None:
+                local, weight, telemetry, agg_s = aggregation_round(down, local, strategy, receivers=receivers, rng=rng, tier=tier,
+                                                                    send_down=False)
             else:  # the edge trains while its devices do, and adds its own update to theirs
+                if s == 1:
+                    np.copyto(local, params)
                 start = local.astype(np.float32)
                 local, weight, telemetry, agg_s = aggregation_round(
                     down, local, strategy, receivers=receivers, rng=rng,
@@ -98,13 +102,9 @@ def run(rt, cfg) -> None:
                 **schedule.row(t, s, sampled),  # sampled, available, dropped, late, ...; span_s for the simulated clock
             })
         # Up to the cloud: the edge's whole change this cloud round, weighted by the samples behind it.
-        if weight_sum > 0:
-            delta = np.subtract(local, params, out=local)  # the master copy is spent until the next round
+        if weight_sum > 0:  # the update is local - params; the master copy is spent until the next round
             extras = tier.up_extras(weight_sum) if algo.up_size(plan.dim, False) else None
-            if extras is None:
-                up.add(rt.role.edge, weight_sum, delta, codec_rng(cfg.seed, t, 0, rt.role.rank, 2))
-            else:
-                up.add(rt.role.edge, weight_sum, delta, codec_rng(cfg.seed, t, 0, rt.role.rank, 2), extras)
+            up.add(rt.role.edge, weight_sum, local, codec_rng(cfg.seed, t, 0, rt.role.rank, 2), extras, base=params)
         up.send()
         rt.up.gather_obj({"rows": rows, "bytes": rt.ledger.take_round()})  # telemetry: small, pickled
         if t % cfg.checkpoint.every == 0 or t == cfg.schedule.rounds:

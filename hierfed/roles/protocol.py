@@ -136,6 +136,7 @@ def aggregation_round(
     add_own: Callable[[np.ndarray], None] | None = None,
     tier: Tier | None = None,
     send_down: bool = True,
+    sent: np.ndarray | None = None,
 ) -> tuple[np.ndarray, float, list[Any], float]:
     """Parent side of one round. Returns (new params, total weight, children's telemetry, aggregate s).
 
@@ -150,6 +151,9 @@ def aggregation_round(
     is broadcast before the parameters when `send_down` (once per cloud round), the contributions
     carry its `extra` values after [w*delta, w], Σ w*delta is divided by its `divisor` and the
     summed extras go to its `absorb`. None, or a tier without extras: FedAvg's path, unchanged.
+    `sent`: float32 values equal to `params` to broadcast instead (an edge's first round: the vector
+    it received). `params` is then read only after `while_children_work`, which may fill it (the
+    edge makes its master copy there, off the critical path).
 
     A rule that is not reducible (`strategy.reducible` False: median, Krum, ...) gets every child's
     update instead of the sum (`link.receive_updates`, the gathered path); the parent's own
@@ -158,7 +162,7 @@ def aggregation_round(
     down = tier.down() if tier is not None and send_down else None
     if down is not None:
         link.channel.bcast(down, receivers)
-    link.send(params, receivers, rng)
+    link.send(params if sent is None else sent, receivers, rng)
     if while_children_work is not None:
         while_children_work()
     if not strategy.reducible:

@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+BLOCK = 16384  # values per block of the blockwise passes: a few float64 blocks stay in a core's L2
+
 
 def weighted_mean(vectors: list[np.ndarray], weights: list[float]) -> np.ndarray:
     """Reference FedAvg mean: sum_i w_i v_i / sum_i w_i (float64). Used by tests and by strategies."""
@@ -59,6 +61,9 @@ class Strategy(ABC):
 
     name: str = "strategy"
     reducible: bool = True
+    # `step` works value by value (FedAvg, FedAvgM): `aggregate(out=...)` then divides and steps one
+    # block of BLOCK values at a time (`step_block`), so the mean delta never goes through memory.
+    blockwise: bool = False
 
     @classmethod
     def from_config(cls, cfg: Any) -> Strategy:
@@ -92,6 +97,23 @@ class Strategy(ABC):
         acc[-1] += weight
 
     @staticmethod
+    def accumulate_difference(acc: np.ndarray, new: np.ndarray, base: np.ndarray, weight: float) -> None:
+        """acc += contribution(new - base, weight), with the same numbers as `accumulate` on the
+        difference, but one block at a time: the difference and its weighted form stay in cache
+        and no array of the model's size is written besides `acc` (an edge's whole chain: its new
+        master copy minus the parameters it started from, scaled, into the sum it sends up)."""
+        diff_t = np.result_type(new, base)
+        prod_t = np.result_type(np.empty(0, dtype=diff_t), weight)
+        diff = np.empty(min(BLOCK, new.size), dtype=diff_t)
+        prod = diff if prod_t == diff_t else np.empty(diff.size, dtype=prod_t)
+        sums = acc[:-1]
+        for i in range(0, new.size, BLOCK):
+            j = min(i + BLOCK, new.size)
+            d = np.subtract(new[i:j], base[i:j], out=diff[: j - i])
+            np.add(sums[i:j], np.multiply(d, weight, out=prod[: j - i]), out=sums[i:j])
+        acc[-1] += weight
+
+    @staticmethod
     def scratch_dtype(delta: np.ndarray, weight: float) -> np.dtype:
         """The dtype of weight * delta, i.e. of the `scratch` that `accumulate` takes."""
         return np.result_type(delta, weight)
@@ -113,6 +135,8 @@ class Strategy(ABC):
         are written there and no full-size array is allocated: the mean delta goes into a buffer the
         strategy keeps from round to round. Without it they are a new array and params is untouched.
         """
+        if out is not None and self.blockwise:
+            return self._aggregate_blocks(params, reduced, out)
         delta, total = self.mean_delta(reduced, out=self._mean_buffer(params.size) if out is not None else None)
         if delta is None:
             if out is None or out is params:
@@ -142,6 +166,28 @@ class Strategy(ABC):
                 mean += float(w) * row.astype(np.float64, copy=False)  # one row's temporaries: O(dim)
         mean /= total
         return self.step(params, mean, out), total
+
+    def _aggregate_blocks(self, params: np.ndarray, reduced: np.ndarray, out: np.ndarray) -> tuple[np.ndarray, float]:
+        """`aggregate(out=...)` of a blockwise rule: per block, the float64 mean (as `mean_delta`)
+        and `step_block`; the same numbers as dividing and stepping whole arrays."""
+        total = float(reduced[-1])
+        if total <= 0:
+            return unchanged(params, out), 0.0
+        self.begin_blocks(params.size)
+        mean = self._mean_buffer(min(BLOCK, params.size))
+        for i in range(0, params.size, BLOCK):
+            j = min(i + BLOCK, params.size)
+            part = slice(i, j)
+            self.step_block(params[part], np.divide(reduced[part], total, out=mean[: j - i], dtype=np.float64), out[part], part)
+        return out, total
+
+    def begin_blocks(self, dim: int) -> None:  # noqa: B027 (stateless rules need not override)
+        """Before the blocks of one blockwise step: make the model-sized state (FedAvgM's velocity)."""
+
+    def step_block(self, params: np.ndarray, mean_delta: np.ndarray, out: np.ndarray, part: slice) -> None:
+        """`step` on the values `part` of the model (blockwise rules): `params`, `mean_delta` and
+        `out` are those values; the rule's own state is indexed with `part`."""
+        raise NotImplementedError(f"{self.name} does not step block by block")
 
     def _mean_buffer(self, dim: int) -> np.ndarray:
         """The float64 mean delta of `aggregate(out=...)`, reused across rounds."""

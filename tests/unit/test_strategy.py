@@ -156,6 +156,49 @@ def test_aggregate_in_place_equals_the_allocating_formula(make) -> None:
             np.testing.assert_array_equal(fast.state_dict()[k], v)
 
 
+@pytest.mark.parametrize("make", [FedAvg, lambda: FedAvg(server_lr=0.5), FedAvgM, lambda: FedAvgM(server_lr=2.0, momentum=0.5)])
+def test_blockwise_aggregate_over_many_blocks_equals_the_allocating_formula(make) -> None:
+    """FedAvg and FedAvgM step block by block (`blockwise`): over several blocks and a ragged last
+    one, the same bits as whole arrays, signed zeros included, momentum state too."""
+    from hierfed.strategy.base import BLOCK
+
+    rng = np.random.default_rng(5)
+    dim = 2 * BLOCK + 17
+    ref, fast = make(), make()
+    assert fast.blockwise
+    ref_params = rng.standard_normal(dim)
+    ref_params[:2] = [0.0, -0.0]
+    params = ref_params.copy()
+    for r in range(3):
+        reduced = np.append(rng.standard_normal(dim).astype(np.float32), np.float32(3 + r))
+        reduced[:3] = [-0.0, 0.0, -0.0]
+        ref_params, _ = ref.aggregate(ref_params, reduced)
+        new, _ = fast.aggregate(params, reduced, out=params)
+        assert new is params
+        np.testing.assert_array_equal(params.view(np.uint64), ref_params.view(np.uint64))
+        for k, v in ref.state_dict().items():
+            np.testing.assert_array_equal(fast.state_dict()[k].view(np.uint64), v.view(np.uint64))
+
+
+@pytest.mark.parametrize(("new_t", "base_t", "weight"),
+                         [(np.float64, np.float32, 17.0), (np.float32, np.float32, 0.1), (np.float64, np.float32, np.float64(3))])
+def test_accumulate_difference_equals_subtract_then_accumulate(new_t, base_t, weight) -> None:
+    """An edge's update (new master - received params), formed and summed block by block, is what
+    subtracting whole arrays and `accumulate` give, into a zero sum and into a non-zero one."""
+    from hierfed.strategy.base import BLOCK
+
+    rng = np.random.default_rng(9)
+    dim = BLOCK + 5
+    base = rng.standard_normal(dim).astype(base_t)
+    new = (base + rng.standard_normal(dim) * 1e-3).astype(new_t)
+    new[:2], base[:2] = 0.0, -0.0  # 0 - (-0) and the sign of zero sums
+    for start in (np.zeros(dim + 1, dtype=np.float32), rng.standard_normal(dim + 1).astype(np.float32)):
+        plain, fast = start.copy(), start.copy()
+        Strategy.accumulate(plain, np.subtract(new, base), weight)
+        Strategy.accumulate_difference(fast, new, base, weight)
+        np.testing.assert_array_equal(fast.view(np.uint32), plain.view(np.uint32))
+
+
 def test_aggregate_into_another_buffer_leaves_params_alone() -> None:
     params, out = PARAMS.copy(), np.full(3, np.nan)
     new, _ = FedAvg().aggregate(params, summed(DELTAS, WEIGHTS), out=out)
