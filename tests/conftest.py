@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hierfed.cluster.mpi import mpiexec_command
+from hierfed.cluster.mpi import mpiexec_command, rank_env
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -32,7 +32,9 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(torch_extensions_dir()))
 
 
 def job_env() -> dict[str, str]:
-    env = dict(os.environ)
+    """The ranks' environment as hierfed's launcher sets it (rank_env: MPICH's reduce algorithm,
+    one thread per rank), plus the tests' own."""
+    env = rank_env()
     env.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     env.pop("HIERFED_INJECT_FAILURE", None)
     env.pop("HIERFED_INJECT_ATTACK", None)

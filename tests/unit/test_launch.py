@@ -90,6 +90,15 @@ def test_rank_env_defaults_threads(monkeypatch: pytest.MonkeyPatch) -> None:
     assert env["OMP_NUM_THREADS"] == "1" and env["MKL_NUM_THREADS"] == "4"
 
 
+def test_rank_env_picks_mpichs_tree_reduce_unless_the_user_chose(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ranks hierfed launches get MPICH's pipelined-tree MPI_Ireduce (BENCHMARKS.md,
+    "Aggregation"); a value the user exported is kept."""
+    monkeypatch.delenv("MPIR_CVAR_IREDUCE_INTRA_ALGORITHM", raising=False)
+    assert launch.rank_env()["MPIR_CVAR_IREDUCE_INTRA_ALGORITHM"] == "tsp_tree"
+    monkeypatch.setenv("MPIR_CVAR_IREDUCE_INTRA_ALGORITHM", "sched_auto")
+    assert launch.rank_env()["MPIR_CVAR_IREDUCE_INTRA_ALGORITHM"] == "sched_auto"
+
+
 
 def test_the_first_rank_to_end_is_named_even_when_the_rest_end_right_after(tmp_path: Path) -> None:
     """Three stand-in ranks (sleeping processes of this host, listed like rank 0's table): the one
