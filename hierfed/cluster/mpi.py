@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import select
 import shutil
 import socket
@@ -84,17 +85,38 @@ def mpiexec_command(nprocs: int, argv: list[str], mpiexec: str | None = None) ->
 # hierfed's aggregation 1.4-1.6x the blocking collectives at D = 1M on 7 ranks on 2 cores; the
 # pipelined tree brings it to 0.86-0.88x (BENCHMARKS.md, "Aggregation"). A tree sums in its own
 # fixed order: runs stay deterministic, and bits differ from the default's only where a parent has
-# 3 or more children. Other MPIs ignore the variable; a value already in the environment wins.
+# 3 or more children. Set only for MPICH 4 or later (where `tsp_tree` exists: MPICH aborts at
+# MPI_Init on a value it does not know), never over a value already in the environment.
 MPICH_TUNING = {"MPIR_CVAR_IREDUCE_INTRA_ALGORITHM": "tsp_tree"}
+
+
+@cache
+def mpi_library() -> str:
+    """The first line of MPI_Get_library_version() of the MPI that mpi4py loads in this Python (so
+    in the ranks), read in a child process without initialising MPI; '' when it cannot be read."""
+    code = ("import mpi4py; mpi4py.rc.initialize = mpi4py.rc.finalize = False; from mpi4py import MPI; "
+            "print(MPI.Get_library_version().splitlines()[0])")
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return out.stdout.strip() if out.returncode == 0 else ""
+
+
+def mpich_tuning(library: str) -> dict[str, str]:
+    """MPICH_TUNING for MPICH 4 or later (`library`: mpi_library()), else nothing (Open MPI, Intel
+    MPI, Cray MPICH, MVAPICH and older MPICH keep their own choices)."""
+    m = re.match(r"MPICH Version:\s*(\d+)\.", library)
+    return dict(MPICH_TUNING) if m and int(m.group(1)) >= 4 else {}
 
 
 def rank_env() -> dict[str, str]:
     """Environment for the ranks: one BLAS/OpenMP thread each (ranks usually outnumber cores), and
-    MPICH's tree algorithm for the non-blocking reduce every aggregation uses (MPICH_TUNING)."""
+    on MPICH 4+ its tree algorithm for the non-blocking reduce every aggregation uses (MPICH_TUNING)."""
     env = dict(os.environ)
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         env.setdefault(var, "1")
-    for var, value in MPICH_TUNING.items():
+    for var, value in mpich_tuning(mpi_library()).items():
         env.setdefault(var, value)
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -92,12 +92,17 @@ def test_rank_env_defaults_threads(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_rank_env_picks_mpichs_tree_reduce_unless_the_user_chose(monkeypatch: pytest.MonkeyPatch) -> None:
     """The ranks hierfed launches get MPICH's pipelined-tree MPI_Ireduce (BENCHMARKS.md,
-    "Aggregation"); a value the user exported is kept."""
+    "Aggregation") — on this venv's MPICH wheel, read from the library itself; a value the user
+    exported is kept; other MPIs and MPICH before 4 (no `tsp_tree`: MPI_Init would abort) get nothing."""
     monkeypatch.delenv("MPIR_CVAR_IREDUCE_INTRA_ALGORITHM", raising=False)
+    assert launch.mpi_library().startswith("MPICH Version:")
     assert launch.rank_env()["MPIR_CVAR_IREDUCE_INTRA_ALGORITHM"] == "tsp_tree"
-    monkeypatch.setenv("MPIR_CVAR_IREDUCE_INTRA_ALGORITHM", "sched_auto")
-    assert launch.rank_env()["MPIR_CVAR_IREDUCE_INTRA_ALGORITHM"] == "sched_auto"
-
+    monkeypatch.setenv("MPIR_CVAR_IREDUCE_INTRA_ALGORITHM", "auto")
+    assert launch.rank_env()["MPIR_CVAR_IREDUCE_INTRA_ALGORITHM"] == "auto"
+    assert launch.mpich_tuning("MPICH Version:      4.1.2") == {"MPIR_CVAR_IREDUCE_INTRA_ALGORITHM": "tsp_tree"}
+    for other in ("MPICH Version:      3.4.3", "Open MPI v5.0.11, package: Open MPI", "Intel(R) MPI Library 2021.10",
+                  "MVAPICH2 Version      :\t2.3.7", ""):
+        assert launch.mpich_tuning(other) == {}
 
 
 def test_the_first_rank_to_end_is_named_even_when_the_rest_end_right_after(tmp_path: Path) -> None:
