@@ -270,24 +270,21 @@ def model_table(model: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _devices(text: str) -> list[int]:
-    try:
-        ns = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a comma-separated list of integers: {text!r}") from None
-    if not ns or min(ns) < 2:
-        raise argparse.ArgumentTypeError(f"devices per edge must be >= 2 (SecAgg needs at least 2 clients): {text!r}")
-    return ns
+def _ints(minimum: int, why: str):
+    """An argparse type: a comma-separated list of integers, each >= `minimum` (`why` says so)."""
+    def parse(text: str) -> list[int]:
+        try:
+            values = [int(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a comma-separated list of integers: {text!r}") from None
+        if min(values, default=minimum - 1) < minimum:
+            raise argparse.ArgumentTypeError(f"{why}: {text!r}")
+        return values
+    return parse
 
 
-def _dims(text: str) -> list[int]:
-    try:
-        dims = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a comma-separated list of integers: {text!r}") from None
-    if min(dims, default=0) < 1:
-        raise argparse.ArgumentTypeError(f"update sizes must be >= 1: {text!r}")
-    return dims
+_devices = _ints(2, "devices per edge must be >= 2 (SecAgg needs at least 2 clients)")
+_dims = _ints(1, "update sizes must be >= 1")
 
 
 def _positive(text: str) -> int:
