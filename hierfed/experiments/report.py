@@ -1,6 +1,8 @@
 """A sweep's report: results.csv (a row per finished point and cloud round), summary.md (a table per
 condition, over its seeds: final quality, worst/mean/best group, time and bytes to the target) and the plots,
-from the points' own metrics.jsonl replayed through the simulated clock (hierfed.sim.clock).
+from the points' own metrics.jsonl replayed through the simulated clock (hierfed.sim.clock). Points with
+differential privacy add their ε (at the run's δ) after the last round to the table, and a plot of final
+quality against it.
 
 A condition is a point's labels without `seed`: the points of a `seed` axis are repeats of one
 condition, and every number in summary.md is their mean ± standard deviation (with the range). The
@@ -62,6 +64,8 @@ def collect(sweep: Sweep, resolved: list[Resolved]) -> list[dict[str, Any]]:
                                    "topology": r.placement.topology.name, "world_size": r.placement.world_size,
                                    "clients": r.placement.num_clients, "round": m["round"], "train_loss": m.get("loss")}
             row.update({k: m.get(k) for k in ("eval_accuracy", "eval_loss", "eval_perplexity")})
+            if m.get("epsilon") is not None:
+                row["epsilon"] = m["epsilon"]
             for group, gm in (m.get("groups") or {}).items():
                 row.update({f"group:{group}:{k}": v for k, v in gm.items()})
             for link in LINKS:
@@ -186,9 +190,14 @@ def _write_summary(sweep: Sweep, resolved: list[Resolved], conditions: dict[str,
     if target is not None:
         lines += [f"- target {short} for time-to-target: {target:.4g} ({how})"]
     worst = any(_groups(next(iter(pts.values())), metric) for pts in conditions.values())
-    head = f"| condition | seeds | {short} final |" + (f" worst group {short} | mean group {short} | best group {short} |" if worst else "")
+    private = _private(conditions)
+    if private:
+        lines += ["- ε: the privacy accountant's ε after the last round, at the run's δ (`privacy.delta`); "
+                  "\"no DP\" for points without noise"]
+    head = f"| condition | seeds | {short} final |" + (" ε |" if private else "")
+    head += f" worst group {short} | mean group {short} | best group {short} |" if worst else ""
     head += " reached | rounds to target | sim s to target | cloud MB to target | sim s total | cloud MB total |"
-    lines += ["", head, "|---|---:|---|" + ("---|---|---|" if worst else "") + "---:|---|---|---|---|---|"]
+    lines += ["", head, "|---|---:|---|" + ("---:|" if private else "") + ("---|---|---|" if worst else "") + "---:|---|---|---|---|---|"]
     listed = set()
     for r in resolved:
         cond = ",".join(f"{k}={v}" for k, v in r.point.labels.items() if k != SEED_AXIS) or "base"
@@ -197,11 +206,14 @@ def _write_summary(sweep: Sweep, resolved: list[Resolved], conditions: dict[str,
         listed.add(cond)
         pts = conditions.get(cond)
         if not pts:
-            lines.append(f"| {cond} | 0 | not finished |" + (" | | |" if worst else "") + "  |  |  |  |  |  |")
+            lines.append(f"| {cond} | 0 | not finished |" + (" |" if private else "") + (" | | |" if worst else "") + "  |  |  |  |  |  |")
             continue
         finals = [rs[-1] for rs in pts.values()]
         hits = [h for h in (_hit(rs, metric, target) for rs in pts.values()) if h is not None]
         cells = [cond, str(len(pts)), str(Stat([f[metric] for f in finals if f.get(metric) is not None]))]
+        if private:
+            eps = _epsilon(pts)
+            cells.append("no DP" if eps is None else f"{eps:.3g}")
         if worst:  # each seed's worst, mean and best group, then those over the seeds
             spreads = [sp for sp in (_group_spread(f, metric) for f in finals) if sp is not None]
             cells += [str(Stat([sp[i] for sp in spreads])) for i in range(3)]
@@ -269,8 +281,48 @@ def _plots(out: Path, conditions: dict[str, dict[str, list[dict[str, Any]]]], me
         plt.close(fig)
         files.append(out / fname)
     files += _group_plot(plt, out, conditions, metric, short)
+    files += _epsilon_plot(plt, out, conditions, metric, short)
     files.append(_bytes_plot(plt, out, conditions))
     return files
+
+
+def _epsilon(pts: dict[str, list[dict[str, Any]]]) -> float | None:
+    """A condition's ε after its last round (mean over its seeds: the accountant's ε depends on the
+    noise, sampling and rounds, not on the seed); None when its points have no DP."""
+    values = [rs[-1]["epsilon"] for rs in pts.values() if rs[-1].get("epsilon") is not None]
+    return statistics.fmean(values) if values else None
+
+
+def _private(conditions: dict[str, dict[str, list[dict[str, Any]]]]) -> bool:
+    return any(_epsilon(pts) is not None for pts in conditions.values())
+
+
+def _epsilon_plot(plt, out: Path, conditions: dict[str, dict[str, list[dict[str, Any]]]], metric: str, short: str) -> list[Path]:
+    """Final quality against ε: a point per condition with DP (error bars: the standard deviation over
+    its seeds), conditions without DP as horizontal lines."""
+    if not _private(conditions):
+        return []
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for cond, pts in conditions.items():
+        finals = Stat([rs[-1][metric] for rs in pts.values() if rs[-1].get(metric) is not None])
+        eps = _epsilon(pts)
+        if finals.mean is None:
+            continue
+        if eps is None:
+            ax.axhline(finals.mean, linestyle="--", linewidth=1, color="grey", label=f"{cond} (no DP, n={len(pts)})")
+            continue
+        sd = statistics.stdev(finals.values) if len(finals.values) > 1 else 0.0
+        ax.errorbar([eps], [finals.mean], yerr=[sd], marker="o", capsize=3, label=f"{cond} (n={len(pts)})")
+    ax.set_xscale("log")
+    ax.set_xlabel("ε after the last round (log scale)")
+    ax.set_ylabel(f"final {metric.replace('_', ' ')}" + (" (mean ± sd over seeds)" if any(len(p) > 1 for p in conditions.values()) else ""))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out / f"{short}_vs_epsilon.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return [path]
 
 
 def _group_plot(plt, out: Path, conditions: dict[str, dict[str, list[dict[str, Any]]]], metric: str, short: str) -> list[Path]:

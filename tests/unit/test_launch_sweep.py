@@ -86,9 +86,11 @@ def test_status_follows_the_point_directory(tmp_path: Path) -> None:
     assert changed.fingerprint != r.fingerprint and sw.status(changed) == "stale"
 
 
-def fake_run(r: sw.Resolved, accs: list[float], groups: dict[str, list[float]] | None = None) -> None:
+def fake_run(r: sw.Resolved, accs: list[float], groups: dict[str, list[float]] | None = None,
+             epsilon: list[float] | None = None) -> None:
     """What a finished run leaves behind, for the report (default topology: 2 edges of clients 0-1, 2-3).
-    Each edge round, every client does 1 TFLOP of work; client 3 (edge1) twice that."""
+    Each edge round, every client does 1 TFLOP of work; client 3 (edge1) twice that. `epsilon`: a DP
+    run's ε after each round (the cloud rows' `epsilon`)."""
     d = r.point.dir
     d.mkdir(parents=True, exist_ok=True)
     (d / "point.json").write_text(json.dumps({"fingerprint": r.fingerprint}))
@@ -104,6 +106,8 @@ def fake_run(r: sw.Resolved, accs: list[float], groups: dict[str, list[float]] |
                "bytes": {"device-edge": {"up": 160_000 * (t > 0), "down": 160_000 * (t > 0)}, "edge-cloud": {"up": 40_000, "down": 40_000}}}
         if groups:
             row["groups"] = {g: {"eval_accuracy": v[t]} for g, v in groups.items()}
+        if epsilon:
+            row["epsilon"] = epsilon[t]
         rows.append(row)
     (d / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in rows))
     (d / "summary.json").write_text(json.dumps({"trainable_params": 1000}))
@@ -156,6 +160,35 @@ def test_report_averages_seeds_and_reports_groups(tmp_path: Path) -> None:
     s2 = sw.load_sweep(spec(tmp_path, name="seeds", grid={"schedule.tau2": [1, 2], "seed": [0, 1]}), out=str(tmp_path / "o"))
     sweep_report.report(s2, sw.plan(s2))
     assert "fallback: 0.9 × the best final mean" in (s2.out / "summary.md").read_text()
+
+
+def test_report_gives_epsilon_of_private_points(tmp_path: Path) -> None:
+    """Points with DP: their ε after the last round in the table (the same for every seed), "no DP" for
+    the others, and a plot of final accuracy against ε; without DP points neither appears."""
+    s = sw.load_sweep(spec(tmp_path, name="dp", grid={"schedule.tau2": [1, 2, 3], "seed": [0, 1]}, target=0.5),
+                      out=str(tmp_path / "o"))
+    a0, a1, b0, b1, c0, c1 = sw.plan(s)
+    fake_run(a0, [0.2, 0.6, 0.8])
+    fake_run(a1, [0.2, 0.7, 0.9])
+    for r, accs in ((b0, [0.2, 0.4, 0.5]), (b1, [0.2, 0.4, 0.7])):
+        fake_run(r, accs, epsilon=[0.0, 3.25, 4.75])
+    for r, accs in ((c0, [0.2, 0.3, 0.3]), (c1, [0.2, 0.3, 0.4])):
+        fake_run(r, accs, epsilon=[0.0, 0.5, 0.75])
+    files = {f.name for f in sweep_report.report(s, [a0, a1, b0, b1, c0, c1])}
+    assert "accuracy_vs_epsilon.png" in files
+    md = (s.out / "summary.md").read_text()
+    assert "| condition | seeds | accuracy final | ε | reached |" in md
+    rows = {line.split(" | ")[0][2:]: line for line in md.splitlines() if line.startswith("| tau2=")}
+    assert "| 2 | 0.850 ± 0.071 (0.800–0.900) | no DP | 2/2 |" in rows["tau2=1"]
+    assert "| 2 | 0.600 ± 0.141 (0.500–0.700) | 4.75 | 2/2 |" in rows["tau2=2"]
+    assert "| 2 | 0.350 ± 0.071 (0.300–0.400) | 0.75 | 0/2 |" in rows["tau2=3"]
+    csv_rows = list(csv.DictReader((s.out / "results.csv").open()))
+    assert [r["epsilon"] for r in csv_rows if r["point"] == b0.point.slug] == ["0.0", "3.25", "4.75"]
+    plain = sw.load_sweep(spec(tmp_path, name="plain", grid={"schedule.tau2": [1]}), out=str(tmp_path / "p"))
+    (p0,) = sw.plan(plain)
+    fake_run(p0, [0.2, 0.6])
+    assert "accuracy_vs_epsilon.png" not in {f.name for f in sweep_report.report(plain, [p0])}
+    assert "| ε |" not in (plain.out / "summary.md").read_text()
 
 
 @pytest.mark.parametrize("path", sorted(p for p in (Path(__file__).resolve().parents[2] / "launch" / "sweeps").glob("*.yaml")
