@@ -110,7 +110,10 @@ def run(rt, cfg) -> None:
                 nonlocal loss_sum
                 weight = len(data[c])  # FedAvg weights a client by its local data size
                 delta = attack(c, delta)
-                delta, extras = algo.payload(c, delta if scale == 1.0 else delta * np.float32(scale), weight, done["steps"])
+                if scale != 1.0:
+                    delta = delta * np.float32(scale)
+                done["norm"] = float(np.linalg.norm(delta))  # the update as the client sends it: before DP clipping and codecs
+                delta, extras = algo.payload(c, delta, weight, done["steps"])
                 rng = codec_rng(cfg.seed, t, s, *key[: 1 + bool(key[1])])
                 if extras is None:
                     link.add(c, weight, delta, rng)

@@ -1,6 +1,8 @@
 """What each trained client did in an edge round, for the simulated clock (hierfed.sim.clock): its
 local steps, their modelled FLOPs (hierfed.sim.flops), its measured seconds and its share of its
-rank's uplink bytes. Devices put these in their telemetry; edges (and a flat cloud) in their rows."""
+rank's uplink bytes; a device's clients also the L2 norm of the update they sent (before DP clipping
+and codecs: what `privacy.clip` or a normclip rule's `clip_norm` is chosen from). Devices put these
+in their telemetry; edges (and a flat cloud) in their rows."""
 
 from __future__ import annotations
 

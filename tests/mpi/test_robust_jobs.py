@@ -81,6 +81,23 @@ def test_gathered_updates_are_counted_in_the_ledger(attacked):
     assert "aggregation" not in next(x for x in rows(fout) if x["tier"] == "edge")
 
 
+def test_each_client_reports_the_norm_of_the_update_it_sent(attacked):
+    """Every device client's `work` entry carries the L2 norm of the update it sent (after the
+    injected attack, before codecs): client 0's is its own update times 100, so about 100 times the
+    honest clients' (AdamW's steps give every honest client a similar norm), in both jobs."""
+    for out, _ in attacked.values():
+        edge = [x for x in rows(out) if x["tier"] == "edge"]
+        for x in edge:
+            norms = {w["client"]: w["norm"] for w in x["work"]}
+            assert len(norms) == 3 and all(np.isfinite(v) and v > 0 for v in norms.values())
+        for t in {x["round"] for x in edge}:
+            norms = {w["client"]: w["norm"] for x in edge if x["round"] == t for w in x["work"]}
+            assert sorted(norms) == list(range(6))
+            honest = [norms[c] for c in range(1, 6)]
+            assert max(honest) < 3 * min(honest)
+            assert 30 * max(honest) < norms[0] < 300 * min(honest)
+
+
 def test_exact_lora_aggregation_at_the_cloud_reports_its_residual_energy(attacked):
     """Two edges' rank-r products sum to rank <= 2r: the truncation to r drops a small, positive
     fraction of ||ΔW||_F² (reported per round), and the checkpointed factors are the re-factorised
