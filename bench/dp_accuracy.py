@@ -9,8 +9,8 @@ launch/sweeps/privacy.yaml.
 This script adds what explains the accuracy: the noise on the global mean update per coordinate, from
 each point's run config and topology — σC/n with the noise at the cloud (one draw of std σC on the sum
 of all n clients' clipped updates), sqrt(E)·σC/n with the noise at E edges (each edge's sum of its
-clients gets its own draw), 0 without noise — against C/sqrt(d), the largest a clipped update's
-average coordinate can be (d trainable values); the final and the best accuracy (this workload's
+clients gets its own draw), 0 without noise — against C/sqrt(d), the root-mean-square coordinate of
+an update of norm C (d trainable values); the final and the best accuracy (this workload's
 curves are noisy: one round alone can mislead) and the final eval loss (smoother). Values are mean ±
 standard deviation over the seeds. It prints one markdown table and writes it, with the numbers as
 JSON, to SWEEP_DIR/dp_accuracy.md and dp_accuracy.json.
@@ -67,8 +67,8 @@ def table(spec: str, out: str | None, sets: list[str] | None = None) -> tuple[li
             "reached": f"{len(per.get('rounds_to_target', []))}/{len(pts)}", **per,
         })
     lines = [f"Sweep `{sweep.name}` ({sweep.out}); target accuracy {target}; ε at δ = {result[0]['delta']:g} after the last "
-             "round; noise: std per coordinate of the global mean update per round (C/sqrt(d): a clipped update's "
-             "largest mean coordinate).", "",
+             "round; noise: std per coordinate of the global mean update per round (C/sqrt(d): the root-mean-square "
+             "coordinate of an update of norm C).", "",
              "| condition | seeds | noise at | σ | ε | noise / coordinate | C/sqrt(d) | accuracy final | accuracy best | "
              "eval loss final | reached | rounds to target |",
              "|---|---:|---|---:|---:|---:|---:|---|---|---|---:|---|"]
