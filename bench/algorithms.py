@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from common import mean_sd, sweep_points, sweep_table_main
+from common import mean_sd, sweep_points, sweep_table_main, write_table
 
 
 def findings(point_dir: Path) -> dict[str, list[float]]:
@@ -91,10 +91,7 @@ def table(spec: str, out: str | None, sets: list[str] | None = None) -> tuple[li
                      f"{r['bytes_device_edge_up'] / 1e3:.1f} | {r['bytes_device_edge_down'] / 1e3:.1f} | "
                      f"{r['bytes_edge_cloud_up'] / 1e3:.1f} | {r['bytes_edge_cloud_down'] / 1e3:.1f} | "
                      f"{'–' if ratio is None else f'{ratio:.2f}'} | {'; '.join(notes)} |")
-    md = "\n".join(lines) + "\n"
-    (sweep.out / "algorithms.md").write_text(md)
-    (sweep.out / "algorithms.json").write_text(json.dumps(result, indent=1))
-    return result, md
+    return write_table(sweep, "algorithms", result, lines)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -99,6 +99,14 @@ def sweep_points(spec: str, out: str | None, sets: list[str] | None, script: str
     return sweep, resolved, conditions, target
 
 
+def write_table(sweep, name: str, result: list[dict[str, Any]], lines: list[str]) -> tuple[list[dict[str, Any]], str]:
+    """A sweep table's markdown and numbers written to SWEEP_DIR/<name>.md and <name>.json; returns both."""
+    md = "\n".join(lines) + "\n"
+    (sweep.out / f"{name}.md").write_text(md)
+    (sweep.out / f"{name}.json").write_text(json.dumps(result, indent=1))
+    return result, md
+
+
 def sweep_table_main(doc: str, spec: str, table, argv: list[str] | None = None) -> int:
     """The command line of a script that tabulates a sweep: [SPEC] [--out DIR] [--set KEY=VALUE]."""
     import argparse

@@ -24,7 +24,7 @@ import statistics
 import sys
 from typing import Any
 
-from common import mean_sd, sweep_points, sweep_table_main
+from common import mean_sd, sweep_points, sweep_table_main, write_table
 
 
 def noise_per_coordinate(cfg: Any, placement: Any) -> float:
@@ -79,10 +79,7 @@ def table(spec: str, out: str | None, sets: list[str] | None = None) -> tuple[li
                      f"{r['noise_per_coordinate']:.4f} | {sig} | {mean_sd(r['accuracy_final'])} (R = {r['rounds']}) | "
                      f"{mean_sd(r['accuracy_best'])} | {mean_sd(r['loss_final'])} | {r['reached']} | "
                      f"{mean_sd(r['rounds_to_target'], 1) if r.get('rounds_to_target') else 'not reached'} |")
-    md = "\n".join(lines) + "\n"
-    (sweep.out / "dp_accuracy.md").write_text(md)
-    (sweep.out / "dp_accuracy.json").write_text(json.dumps(result, indent=1))
-    return result, md
+    return write_table(sweep, "dp_accuracy", result, lines)
 
 
 def main(argv: list[str] | None = None) -> int:

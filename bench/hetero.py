@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from common import mean_sd, sweep_points, sweep_table_main
+from common import mean_sd, sweep_points, sweep_table_main, write_table
 
 
 def participation(point_dir: Path) -> dict[str, float]:
@@ -77,10 +77,7 @@ def table(spec: str, out: str | None, sets: list[str] | None = None) -> tuple[li
                  f"{mean('discarded'):.1f}" if fedbuff else "–",
                  f"{mean('staleness_mean'):.2f}" if mean("staleness_mean") is not None else "–"]
         lines.append("| " + " | ".join(cells) + " |")
-    md = "\n".join(lines) + "\n"
-    (sweep.out / "hetero.md").write_text(md)
-    (sweep.out / "hetero.json").write_text(json.dumps(result, indent=1))
-    return result, md
+    return write_table(sweep, "hetero", result, lines)
 
 
 def main(argv: list[str] | None = None) -> int:
