@@ -9,7 +9,8 @@ launch/sweeps/privacy.yaml.
 This script adds what explains the accuracy: the noise on the global mean update per coordinate, from
 each point's run config and topology — σC/n with the noise at the cloud (one draw of std σC on the sum
 of all n clients' clipped updates), sqrt(E)·σC/n with the noise at E edges (each edge's sum of its
-clients gets its own draw), 0 without noise — against C/sqrt(d), the root-mean-square coordinate of
+clients gets its own draw; distributed noise too: each client adds std σC/sqrt(n_e), so each edge's
+sum carries σC; one draw of σC over a flat topology's clients), 0 without noise — against C/sqrt(d), the root-mean-square coordinate of
 an update of norm C (d trainable values); the final and the best accuracy (this workload's
 curves are noisy: one round alone can mislead) and the final eval loss (smoother). Values are mean ±
 standard deviation over the seeds. It prints one markdown table and writes it, with the numbers as
@@ -20,11 +21,11 @@ from __future__ import annotations
 
 import json
 import math
-import statistics
 import sys
 from typing import Any
 
 from common import mean_sd, sweep_points, sweep_table_main, write_table
+from hierfed.experiments.report import condition_epsilon
 
 
 def noise_per_coordinate(cfg: Any, placement: Any) -> float:
@@ -34,7 +35,7 @@ def noise_per_coordinate(cfg: Any, placement: Any) -> float:
     if not p.noise_multiplier or p.clip is None:
         return 0.0
     n = placement.num_clients
-    draws = 1 if placement.flat or p.noise_at in ("cloud", "distributed") else len(placement.edges)
+    draws = 1 if placement.flat or p.noise_at == "cloud" else len(placement.edges)  # edge or distributed: σC per edge sum
     return math.sqrt(draws) * p.noise_multiplier * p.clip / n
 
 
@@ -55,12 +56,12 @@ def table(spec: str, out: str | None, sets: list[str] | None = None) -> tuple[li
             hit = next((r["round"] for r in rs if target is not None and (r.get("eval_accuracy") or 0) >= target), None)
             if hit is not None:
                 per.setdefault("rounds_to_target", []).append(hit)
-        eps = [rs[-1]["epsilon"] for rs in pts.values() if rs[-1].get("epsilon") is not None]
+        eps = condition_epsilon(pts)
         p = first.cfg.privacy
         result.append({
             "condition": cond, "seeds": len(pts), "rounds": max(rs[-1]["round"] for rs in pts.values()),
             "noise_at": p.noise_at if p.noise_multiplier else None, "sigma": p.noise_multiplier, "clip": p.clip,
-            "delta": p.delta, "epsilon": statistics.fmean(eps) if eps else None,
+            "delta": p.delta, "epsilon": eps,
             "clients": first.placement.num_clients, "trainable": summary.get("trainable_params"),
             "noise_per_coordinate": noise_per_coordinate(first.cfg, first.placement),
             "signal_per_coordinate": p.clip / math.sqrt(summary["trainable_params"]) if p.clip and summary.get("trainable_params") else None,

@@ -212,7 +212,7 @@ def _write_summary(sweep: Sweep, resolved: list[Resolved], conditions: dict[str,
         hits = [h for h in (_hit(rs, metric, target) for rs in pts.values()) if h is not None]
         cells = [cond, str(len(pts)), str(Stat([f[metric] for f in finals if f.get(metric) is not None]))]
         if private:
-            eps = _epsilon(pts)
+            eps = condition_epsilon(pts)
             cells.append("no DP" if eps is None else f"{eps:.3g}")
         if worst:  # each seed's worst, mean and best group, then those over the seeds
             spreads = [sp for sp in (_group_spread(f, metric) for f in finals) if sp is not None]
@@ -286,7 +286,7 @@ def _plots(out: Path, conditions: dict[str, dict[str, list[dict[str, Any]]]], me
     return files
 
 
-def _epsilon(pts: dict[str, list[dict[str, Any]]]) -> float | None:
+def condition_epsilon(pts: dict[str, list[dict[str, Any]]]) -> float | None:
     """A condition's ε after its last round (mean over its seeds: the accountant's ε depends on the
     noise, sampling and rounds, not on the seed); None when its points have no DP."""
     values = [rs[-1]["epsilon"] for rs in pts.values() if rs[-1].get("epsilon") is not None]
@@ -294,7 +294,7 @@ def _epsilon(pts: dict[str, list[dict[str, Any]]]) -> float | None:
 
 
 def _private(conditions: dict[str, dict[str, list[dict[str, Any]]]]) -> bool:
-    return any(_epsilon(pts) is not None for pts in conditions.values())
+    return any(condition_epsilon(pts) is not None for pts in conditions.values())
 
 
 def _epsilon_plot(plt, out: Path, conditions: dict[str, dict[str, list[dict[str, Any]]]], metric: str, short: str) -> list[Path]:
@@ -305,7 +305,7 @@ def _epsilon_plot(plt, out: Path, conditions: dict[str, dict[str, list[dict[str,
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for cond, pts in conditions.items():
         finals = Stat([rs[-1][metric] for rs in pts.values() if rs[-1].get(metric) is not None])
-        eps = _epsilon(pts)
+        eps = condition_epsilon(pts)
         if finals.mean is None:
             continue
         if eps is None:
