@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import traceback
 from collections.abc import Callable
 
@@ -16,6 +17,12 @@ from hierfed.errors import HierfedError
 # The rank that prints an error every rank found identically (bad input found before any message
 # is exchanged). This is about not printing a message N times, not about roles.
 REPORTING_RANK = 0
+
+# How long a failing rank waits between printing its line and MPI_Abort. The launcher forwards a
+# rank's stderr and handles its abort request on separate channels; an abort handled first kills
+# the job before the line is forwarded (seen once in CI: rc 1, no error line; a known MPI launcher
+# race, e.g. pmodels/mpich#518, flux-core#3894). Half a second lets the line drain first.
+ABORT_GRACE_S = 0.5
 
 
 def report_once(message: str) -> None:
@@ -39,4 +46,6 @@ def guarded(role_name: str, body: Callable[[], None]) -> None:
         print(f"hierfed: error: rank {rank} ({role_name}): {line}", file=sys.stderr, flush=True)
         if os.environ.get("HIERFED_DEBUG"):
             traceback.print_exc()
+        sys.stderr.flush()
+        time.sleep(ABORT_GRACE_S)
         MPI.COMM_WORLD.Abort(getattr(e, "exit_code", 1))
