@@ -326,7 +326,7 @@ class DeepSpeedServer(SplitServer):
     def _clip(self, devices: dict[int, int], shares: dict[int, float]) -> None:
         """After the step's last backward, before engine.step(): clip the shared stage's gradient and
         every active device's blocks by one factor, from `shared_squared_norm` of the shared stage's
-        squared gradient norm (gathered from the shards) and the devices' squared partial norms
+        squared gradient norm (under ZeRO-3 summed over the ranks' own partitions, never assembled) and the devices' squared partial norms
         (each device sends its own to its edge rank; this number goes back to it: 8 bytes each way,
         `clip_norm`). The leader's number is every rank's, so the shards scale alike."""
         from deepspeed.utils import safe_get_full_grad, safe_get_local_grad, safe_set_full_grad, safe_set_local_grad
@@ -335,21 +335,33 @@ class DeepSpeedServer(SplitServer):
         wait_all([self.comm.Irecv(got[d], source=d, tag=TAG_NORM) for d in got], self.poll)
         parts = {d: v for mine in self.group.allgather({d: float(g[0]) for d, g in got.items()}) for d, v in mine.items()}
         params = [p for _, p in self.flat.params]
-        full = [safe_get_full_grad(p) for p in params]  # collective: every rank of the group, in the same order
-        stage = float(sum(float(g.double().pow(2).sum()) for g in full if g is not None))
+        zero3 = any(hasattr(p, "ds_id") for p in params)
+        if zero3:  # each rank's own partitions, summed over the group: no rank assembles the full gradient
+            r, mine = self.group.Get_rank(), 0.0
+            for p in params:
+                g = safe_get_local_grad(p)
+                if g is not None:  # the last partitions' padding is not the parameter's: leave it out
+                    numel: int = p.ds_numel  # type: ignore[attr-defined]  # ZeRO-3's attribute
+                    valid = max(0, min(g.numel(), numel - r * g.numel()))
+                    mine += float(g.flatten()[:valid].double().pow(2).sum())
+            stage, full = self.group.allreduce(mine), []
+        else:  # ZeRO-1/2 replicate the parameters, so a full gradient each is within what a rank holds
+            full = [safe_get_full_grad(p) for p in params]  # collective: every rank of the group, in the same order
+            stage = float(sum(float(g.double().pow(2).sum()) for g in full if g is not None))
         total = self.group.bcast(shared_squared_norm(stage, parts, shares) if self.leader else None, root=0)
         out = {d: np.array([total], dtype=np.float64) for d in got}
         for d in out:
             self.ledger.record(LINK, "down", out[d].nbytes, kind="clip_norm")
         requests = [self.comm.Isend(out[d], dest=d, tag=TAG_NORM) for d in out]
         coef = clip_coefficient((total, 0.0), self.cfg.train.max_grad_norm)
-        if coef < 1.0:
+        if coef < 1.0 and zero3:  # this rank's partition (safe_set_full_grad mis-cuts a padded one)
+            for p in params:
+                g = safe_get_local_grad(p)
+                if g is not None:
+                    safe_set_local_grad(p, g * coef)
+        elif coef < 1.0:
             for p, g in zip(params, full):
-                if g is None:
-                    continue
-                if hasattr(p, "ds_id"):  # ZeRO-3: this rank's partition (safe_set_full_grad mis-cuts a padded one)
-                    safe_set_local_grad(p, safe_get_local_grad(p) * coef)
-                else:
+                if g is not None:
                     safe_set_full_grad(p, g * coef)  # ZeRO-1/2: writes this rank's shard
         wait_all(requests, self.poll)
 
