@@ -326,9 +326,10 @@ class DeepSpeedServer(SplitServer):
     def _clip(self, devices: dict[int, int], shares: dict[int, float]) -> None:
         """After the step's last backward, before engine.step(): clip the shared stage's gradient and
         every active device's blocks by one factor, from `shared_squared_norm` of the shared stage's
-        squared gradient norm (under ZeRO-3 summed over the ranks' own partitions, never assembled) and the devices' squared partial norms
-        (each device sends its own to its edge rank; this number goes back to it: 8 bytes each way,
-        `clip_norm`). The leader's number is every rank's, so the shards scale alike."""
+        squared gradient norm (under ZeRO-3 summed over the ranks' own partitions, never assembled)
+        and the devices' squared partial norms (each device sends its own to its edge rank; this
+        number goes back to it: 8 bytes each way, `clip_norm`). The leader's number is every rank's,
+        so the shards scale alike."""
         from deepspeed.utils import safe_get_full_grad, safe_get_local_grad, safe_set_full_grad, safe_set_local_grad
 
         got = {d: np.zeros(1, dtype=np.float64) for d in sorted(devices)}
