@@ -338,32 +338,29 @@ class DeepSpeedServer(SplitServer):
         params = [p for _, p in self.flat.params]
         zero3 = any(hasattr(p, "ds_id") for p in params)
         if zero3:  # each rank's own partitions, summed over the group: no rank assembles the full gradient
-            r, mine = self.group.Get_rank(), 0.0
-            for p in params:
-                g = safe_get_local_grad(p)
+            r = self.group.Get_rank()
+            grads = [safe_get_local_grad(p) for p in params]
+            mine = 0.0
+            for p, g in zip(params, grads):
                 if g is not None:  # the last partitions' padding is not the parameter's: leave it out
                     numel: int = p.ds_numel  # type: ignore[attr-defined]  # ZeRO-3's attribute
                     valid = max(0, min(g.numel(), numel - r * g.numel()))
                     mine += float(g.flatten()[:valid].double().pow(2).sum())
-            stage, full = self.group.allreduce(mine), []
+            stage = self.group.allreduce(mine)
         else:  # ZeRO-1/2 replicate the parameters, so a full gradient each is within what a rank holds
-            full = [safe_get_full_grad(p) for p in params]  # collective: every rank of the group, in the same order
-            stage = float(sum(float(g.double().pow(2).sum()) for g in full if g is not None))
+            grads = [safe_get_full_grad(p) for p in params]  # collective: every rank of the group, in the same order
+            stage = float(sum(float(g.double().pow(2).sum()) for g in grads if g is not None))
         total = self.group.bcast(shared_squared_norm(stage, parts, shares) if self.leader else None, root=0)
         out = {d: np.array([total], dtype=np.float64) for d in got}
         for d in out:
             self.ledger.record(LINK, "down", out[d].nbytes, kind="clip_norm")
         requests = [self.comm.Isend(out[d], dest=d, tag=TAG_NORM) for d in out]
         coef = clip_coefficient((total, 0.0), self.cfg.train.max_grad_norm)
-        if coef < 1.0 and zero3:  # this rank's partition (safe_set_full_grad mis-cuts a padded one)
-            for p in params:
-                g = safe_get_local_grad(p)
+        if coef < 1.0:  # each rank writes its own shard (ZeRO-3: safe_set_full_grad mis-cuts a padded partition)
+            put = safe_set_local_grad if zero3 else safe_set_full_grad
+            for p, g in zip(params, grads):
                 if g is not None:
-                    safe_set_local_grad(p, g * coef)
-        elif coef < 1.0:
-            for p, g in zip(params, full):
-                if g is not None:
-                    safe_set_full_grad(p, g * coef)  # ZeRO-1/2: writes this rank's shard
+                    put(p, g * coef)
         wait_all(requests, self.poll)
 
     def _dummy(self) -> None:
