@@ -9,9 +9,10 @@ launch/sweeps/privacy.yaml.
 This script adds what explains the accuracy: the noise on the global mean update per coordinate, from
 each point's run config and topology — σC/n with the noise at the cloud (one draw of std σC on the sum
 of all n clients' clipped updates), sqrt(E)·σC/n with the noise at E edges (each edge's sum of its
-clients gets its own draw; distributed noise too: each client adds std σC/sqrt(n_e), so each edge's
-sum carries σC; one draw of σC over a flat topology's clients), 0 without noise — against C/sqrt(d), the root-mean-square coordinate of
-an update of norm C (d trainable values); the final and the best accuracy (this workload's
+clients gets its own draw; distributed noise too: each client adds std σC/sqrt(n_e), so each
+edge's sum carries σC; one draw of σC over a flat topology's clients), 0 without noise — against
+C/sqrt(d), the root-mean-square coordinate of an update of norm C (d trainable values); the final
+and the best accuracy (this workload's
 curves are noisy: one round alone can mislead) and the final eval loss (smoother). Values are mean ±
 standard deviation over the seeds. It prints one markdown table and writes it, with the numbers as
 JSON, to SWEEP_DIR/dp_accuracy.md and dp_accuracy.json.
